@@ -1,1 +1,15 @@
-//! placeholder
+//! A typed async client of one tern site, used by the CLI, the mirror daemon
+//! and the tests. It reads the cluster config and keyring (like ceph.conf and
+//! a Ceph keyring), connects over TLS pinned to the site's certificate
+//! fingerprint, and sends the caller's identity with every call.
+
+pub mod config;
+pub mod connect;
+mod error;
+mod site;
+pub mod transfer;
+
+pub use config::{ClusterConfig, Keyring};
+pub use error::ClientError;
+pub use site::{SiteClient, image_ref};
+pub use tern_proto::v1 as pb;

@@ -1,1 +1,529 @@
-//! placeholder
+//! The on-disk site store: pools, images and their data, synchronously.
+//!
+//! # On-disk layout
+//!
+//! ```text
+//! <dir>/meta.redb                         metadata (redb), see `meta`
+//! <dir>/objects/<image id>/<object no>    one sparse file per object,
+//!                                         object no as 16 lowercase hex
+//! ```
+//!
+//! * `meta.redb` holds every table (pools, images, site/users/config
+//!   key-values) and a `format` version; a store written by a newer format
+//!   is refused with [`StoreError::FormatTooNew`]. Records are JSON so new
+//!   fields can be added compatibly. Each change is one durable transaction.
+//! * An image's data directory is named by its id, so renames never touch
+//!   data. It is created on the first write, and each object file on the
+//!   first write to that object: a missing directory or file reads as zeros,
+//!   as do holes inside files.
+//! * Every object file starts with a 4096-byte header page (magic, version,
+//!   feature bits, object number, image id, crc32c: see [`header`]); data
+//!   byte `k` of the object is at file offset `4096 + k`.
+//!
+//! # Crash behaviour
+//!
+//! * A new image exists once its metadata commit returns; its data directory
+//!   appears later, so a crash leaves nothing to clean.
+//! * Removal deletes the metadata first (one transaction), then the data
+//!   directory. A crash in between leaves an orphan directory, which
+//!   [`Store::open`] deletes. Open does nothing else.
+//! * Data follows the disk contract: a write is durable once a later
+//!   [`Image::flush`] returns, or at once with FUA.
+
+pub mod error;
+mod extent;
+pub mod header;
+mod image;
+mod meta;
+mod object;
+
+pub use error::StoreError;
+pub use image::Image;
+pub use meta::FORMAT_VERSION;
+
+use image::Shared;
+use meta::{ImageRecord, Meta};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Weak};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tern_types::{Features, ImageId, Layout};
+
+/// Largest image size: 2^60 bytes, so every offset arithmetic fits in u64
+/// with room to spare.
+pub const MAX_IMAGE_SIZE: u64 = 1 << 60;
+/// Default cap on object-file descriptors held open by one store.
+pub const DEFAULT_FD_CAP: usize = 4096;
+
+/// Small tables whose meaning belongs to the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum KvTable {
+    Site,
+    Users,
+    Config,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateOpts {
+    pub size: u64,
+    pub layout: Layout,
+    pub features: Features,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolInfo {
+    pub id: u64,
+    pub name: String,
+    #[serde(default)]
+    pub application: Option<String>,
+    /// Unix seconds.
+    #[serde(default)]
+    pub created: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStats {
+    /// Visible images (hidden `.name` images are not counted here, but their
+    /// bytes and objects are).
+    pub images: u64,
+    pub provisioned_bytes: u64,
+    pub used_bytes: u64,
+    pub objects: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub id: ImageId,
+    pub pool: String,
+    pub name: String,
+    pub size: u64,
+    pub layout: Layout,
+    pub features: Features,
+    /// Unix seconds.
+    pub created: u64,
+    pub modified: u64,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn info_of(pool: &str, r: ImageRecord) -> ImageInfo {
+    ImageInfo {
+        id: r.id,
+        pool: pool.to_string(),
+        name: r.name,
+        size: r.size,
+        layout: r.layout,
+        features: r.features,
+        created: r.created,
+        modified: r.modified,
+    }
+}
+
+/// The store only guards what would break its own keys; the daemon
+/// validates names properly (and may use `.`-names for hidden images).
+fn check_name(what: &'static str, name: &str) -> Result<(), StoreError> {
+    let reason = if name.is_empty() {
+        "names must not be empty"
+    } else if name.len() > 250 {
+        "names are at most 250 bytes"
+    } else if name.contains('/') || name.contains('\0') {
+        "names may not contain '/' or NUL"
+    } else {
+        return Ok(());
+    };
+    Err(StoreError::InvalidName {
+        what,
+        name: name.to_string(),
+        reason,
+    })
+}
+
+pub struct Store {
+    dir: PathBuf,
+    meta: Meta,
+    shared: Arc<Shared>,
+    /// Serialises metadata changes that also touch data (resize, remove,
+    /// rename, pool removal) so two of them never interleave on one image.
+    admin: Mutex<()>,
+    /// Strong handles of every image opened since the store was opened.
+    /// Callers open per request; without this, each request would get a
+    /// fresh handle with a cold fd cache (the map in `Shared` is weak to
+    /// avoid a cycle through `Image::shared`).
+    keep: Mutex<HashMap<ImageId, Arc<Image>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("dir", &self.dir).finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating if absent) the store in `dir`, and deletes data
+    /// directories left by an image removal that a crash interrupted.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Self::open_with_fd_cap(dir, DEFAULT_FD_CAP)
+    }
+
+    /// [`open`](Self::open) with a different cap on open object files.
+    pub fn open_with_fd_cap(dir: &Path, fd_cap: usize) -> Result<Store, StoreError> {
+        let objects = dir.join("objects");
+        std::fs::create_dir_all(&objects).map_err(|source| StoreError::CreateDir {
+            path: objects.clone(),
+            source,
+        })?;
+        let meta = Meta::open(&dir.join("meta.redb"))?;
+        // redb syncs its file but not the directory entries that name it
+        // and objects/; a new store must not lose them to a power cut.
+        for d in [Some(dir), dir.parent()].into_iter().flatten() {
+            if !d.as_os_str().is_empty() {
+                object::fsync_dir(d).map_err(|source| StoreError::CreateDir {
+                    path: d.to_path_buf(),
+                    source,
+                })?;
+            }
+        }
+        let known = meta.image_ids()?;
+        let rd = std::fs::read_dir(&objects).map_err(|source| StoreError::RemoveOrphan {
+            path: objects.clone(),
+            source,
+        })?;
+        for entry in rd {
+            let entry = entry.map_err(|source| StoreError::RemoveOrphan {
+                path: objects.clone(),
+                source,
+            })?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+            if is_dir && !known.contains(&name) {
+                std::fs::remove_dir_all(entry.path()).map_err(|source| {
+                    StoreError::RemoveOrphan {
+                        path: entry.path(),
+                        source,
+                    }
+                })?;
+            }
+        }
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            meta,
+            shared: Arc::new(Shared {
+                objects_dir: objects,
+                open_fds: Arc::new(AtomicUsize::new(0)),
+                fd_cap: fd_cap.max(1),
+                images: Mutex::new(HashMap::new()),
+                dirty: Mutex::new(HashMap::new()),
+            }),
+            admin: Mutex::new(()),
+            keep: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Object files currently held open by this store.
+    pub fn open_fds(&self) -> usize {
+        self.shared
+            .open_fds
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    // ---- key-value tables ----
+
+    pub fn kv_get(&self, table: KvTable, key: &str) -> Result<Option<String>, StoreError> {
+        self.meta.kv_get(table, key)
+    }
+
+    pub fn kv_put(&self, table: KvTable, key: &str, value: &str) -> Result<(), StoreError> {
+        self.meta.kv_put(table, key, value)
+    }
+
+    pub fn kv_delete(&self, table: KvTable, key: &str) -> Result<bool, StoreError> {
+        self.meta.kv_delete(table, key)
+    }
+
+    /// Entries whose key starts with `prefix`, sorted by key.
+    pub fn kv_list(
+        &self,
+        table: KvTable,
+        prefix: &str,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        self.meta.kv_list(table, prefix)
+    }
+
+    // ---- pools ----
+
+    pub fn pool_create(&self, name: &str) -> Result<PoolInfo, StoreError> {
+        check_name("pool", name)?;
+        self.meta.pool_create(name, now_secs())
+    }
+
+    /// Tags the pool with its application (e.g. "rbd"); idempotent.
+    pub fn pool_init(&self, name: &str, application: &str) -> Result<PoolInfo, StoreError> {
+        self.meta.pool_set_application(name, application)
+    }
+
+    /// All pools, sorted by name.
+    pub fn pool_list(&self) -> Result<Vec<PoolInfo>, StoreError> {
+        self.meta.pool_list()
+    }
+
+    pub fn pool_get(&self, name: &str) -> Result<PoolInfo, StoreError> {
+        self.meta.pool_get(name)
+    }
+
+    /// Removes an empty pool; with `force`, its images and their data too.
+    pub fn pool_remove(&self, name: &str, force: bool) -> Result<(), StoreError> {
+        let _admin = self.admin.lock();
+        let removed = self.meta.pool_remove(name, force)?;
+        for r in removed {
+            self.drop_image_data(&format!("{name}/{}", r.name), &r.id)?;
+        }
+        Ok(())
+    }
+
+    pub fn pool_stats(&self, name: &str) -> Result<PoolStats, StoreError> {
+        let p = self.meta.pool_get(name)?;
+        let mut st = PoolStats {
+            images: 0,
+            provisioned_bytes: 0,
+            used_bytes: 0,
+            objects: 0,
+        };
+        for r in self.meta.image_list(p.id)? {
+            if !r.name.starts_with('.') {
+                st.images += 1;
+            }
+            st.provisioned_bytes += r.size;
+            let dir = self.shared.objects_dir.join(r.id.as_str());
+            let (bytes, count) = object::dir_usage(&dir).map_err(|source| StoreError::Scan {
+                spec: format!("{name}/{}", r.name),
+                path: dir.clone(),
+                source,
+            })?;
+            st.used_bytes += bytes;
+            st.objects += count;
+        }
+        Ok(st)
+    }
+
+    // ---- images ----
+
+    pub fn image_create(
+        &self,
+        pool: &str,
+        name: &str,
+        opts: &CreateOpts,
+    ) -> Result<ImageInfo, StoreError> {
+        check_name("image", name)?;
+        let spec = format!("{pool}/{name}");
+        image::check_size(&spec, opts.size)?;
+        let l = opts.layout;
+        let layout = Layout::new(l.object_size, Some(l.stripe_unit), Some(l.stripe_count))
+            .map_err(|source| StoreError::InvalidLayout {
+                spec: spec.clone(),
+                source,
+            })?;
+        let mut features = opts.features;
+        features
+            .validate()
+            .map_err(|source| StoreError::InvalidFeatures { spec, source })?;
+        if layout.is_striped() {
+            // As rbd does: non-default striping is recorded as a feature.
+            features.0 |= Features::STRIPING;
+        }
+        let now = now_secs();
+        let (p, rec) = self
+            .meta
+            .image_create(pool, name, |id, pool_id| ImageRecord {
+                id,
+                pool_id,
+                name: name.to_string(),
+                size: opts.size,
+                layout,
+                features,
+                created: now,
+                modified: now,
+            })?;
+        Ok(info_of(&p.name, rec))
+    }
+
+    /// Visible images of the pool, sorted by name; `.`-names are hidden.
+    pub fn image_list(&self, pool: &str) -> Result<Vec<ImageInfo>, StoreError> {
+        let p = self.meta.pool_get(pool)?;
+        Ok(self
+            .meta
+            .image_list(p.id)?
+            .into_iter()
+            .filter(|r| !r.name.starts_with('.'))
+            .map(|r| info_of(&p.name, r))
+            .collect())
+    }
+
+    pub fn image_info(&self, pool: &str, name: &str) -> Result<ImageInfo, StoreError> {
+        let (p, r) = self.meta.image_get(pool, name)?;
+        Ok(info_of(&p.name, r))
+    }
+
+    pub fn image_resize(
+        &self,
+        pool: &str,
+        name: &str,
+        new_size: u64,
+        allow_shrink: bool,
+    ) -> Result<ImageInfo, StoreError> {
+        let _admin = self.admin.lock();
+        let img = self.open_image(pool, name)?;
+        img.resize(new_size, allow_shrink, || {
+            let now = now_secs();
+            let (p, r) = self.meta.image_update(pool, name, |r| {
+                r.size = new_size;
+                r.modified = now;
+            })?;
+            Ok(info_of(&p.name, r))
+        })
+    }
+
+    /// Renames within the pool. Data stays where it is (named by image id).
+    pub fn image_rename(&self, pool: &str, old: &str, new: &str) -> Result<(), StoreError> {
+        check_name("image", new)?;
+        let _admin = self.admin.lock();
+        let rec = self.meta.image_rename(pool, old, new, now_secs())?;
+        if let Some(img) = self.live_image(&rec.id) {
+            img.set_name(&rec.name, rec.modified);
+        }
+        Ok(())
+    }
+
+    /// Removes the image and its data. Open handles fail with NotFound from
+    /// then on.
+    pub fn image_remove(&self, pool: &str, name: &str) -> Result<(), StoreError> {
+        let _admin = self.admin.lock();
+        let rec = self.meta.image_remove(pool, name)?;
+        self.drop_image_data(&format!("{pool}/{name}"), &rec.id)
+    }
+
+    /// Names of the hidden (`.`-prefixed) images of a pool: imports in
+    /// progress, or left by a crash.
+    pub fn hidden_images(&self, pool: &str) -> Result<Vec<String>, StoreError> {
+        let p = self.meta.pool_get(pool)?;
+        Ok(self
+            .meta
+            .image_list(p.id)?
+            .into_iter()
+            .filter(|r| r.name.starts_with('.'))
+            .map(|r| r.name)
+            .collect())
+    }
+
+    /// Flushes every image, for a clean shutdown. Returns the first error
+    /// after trying all of them.
+    pub fn flush_all(&self) -> Result<(), StoreError> {
+        let mut first = None;
+        for p in self.meta.pool_list()? {
+            for r in self.meta.image_list(p.id)? {
+                let res = self
+                    .open_image(&p.name, &r.name)
+                    .and_then(|img| img.flush());
+                if let Err(e) = res {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// The shared handle of an image: the same `Arc` while any is alive.
+    pub fn open_image(&self, pool: &str, name: &str) -> Result<Arc<Image>, StoreError> {
+        // The map lock is held across the metadata read so that a removal
+        // (metadata commit, then map cleanup) cannot slip between the read
+        // and the insert and leave a live handle to a removed image.
+        let mut map = self.shared.images.lock();
+        let (p, rec) = self.meta.image_get(pool, name)?;
+        if let Some(img) = map.get(&rec.id).and_then(Weak::upgrade)
+            && !img.is_removed()
+        {
+            return Ok(img);
+        }
+        map.retain(|_, w| w.strong_count() > 0);
+        let img = Arc::new(Image::new(self.shared.clone(), info_of(&p.name, rec)));
+        map.insert(img.id().clone(), Arc::downgrade(&img));
+        self.keep.lock().insert(img.id().clone(), img.clone());
+        Ok(img)
+    }
+
+    /// On-disk bytes of all object data.
+    pub fn used_bytes(&self) -> Result<u64, StoreError> {
+        let objects = &self.shared.objects_dir;
+        let scan = |path: &Path, source| StoreError::Scan {
+            spec: "(all images)".to_string(),
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut total = 0;
+        for entry in std::fs::read_dir(objects).map_err(|e| scan(objects, e))? {
+            let entry = entry.map_err(|e| scan(objects, e))?;
+            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                let (bytes, _) =
+                    object::dir_usage(&entry.path()).map_err(|e| scan(&entry.path(), e))?;
+                total += bytes;
+            }
+        }
+        Ok(total)
+    }
+
+    fn live_image(&self, id: &ImageId) -> Option<Arc<Image>> {
+        // The guard is a tail temporary, dropped before the caller takes
+        // any image lock: image locks are never taken while holding the map.
+        self.shared.images.lock().get(id).and_then(Weak::upgrade)
+    }
+
+    /// After the metadata is gone: fences open handles, then deletes data.
+    fn drop_image_data(&self, spec: &str, id: &ImageId) -> Result<(), StoreError> {
+        self.keep.lock().remove(id);
+        let img = self
+            .shared
+            .images
+            .lock()
+            .remove(id)
+            .and_then(|w| w.upgrade());
+        if let Some(img) = img {
+            img.mark_removed();
+        }
+        self.shared.dirty.lock().remove(id);
+        let dir = self.shared.objects_dir.join(id.as_str());
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StoreError::RemoveData {
+                spec: spec.to_string(),
+                path: dir,
+                source,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_across_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Store>();
+        send_sync::<Image>();
+        send_sync::<Arc<Image>>();
+        send_sync::<StoreError>();
+    }
+}

@@ -1,1 +1,298 @@
-//! placeholder
+//! Spawns real tern processes for tests: each [`Site`] is a `ternd` on a
+//! loopback port with its own data and config directories under a temp dir,
+//! in its own process group, killed when the test ends (also on panic).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tern_client::{ClusterConfig, SiteClient};
+
+/// Path of a workspace binary next to the running test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/test-xxxx → target/<profile>/<name>
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace` (nextest builds it)",
+        p.display()
+    );
+    p
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Site {
+    pub name: String,
+    pub root: tempfile::TempDir,
+    pub data: PathBuf,
+    pub conf_dir: PathBuf,
+    pub addr: String,
+    listen: String,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl Site {
+    /// Starts a new site named `name` on a free loopback port.
+    pub fn start(name: &str) -> Site {
+        Self::start_with(name, &[])
+    }
+
+    pub fn start_with(name: &str, extra: &[&str]) -> Site {
+        let root = tempfile::Builder::new()
+            .prefix(&format!("tern-{name}-"))
+            .tempdir()
+            .expect("tempdir");
+        let data = root.path().join("data");
+        let conf_dir = root.path().join("conf");
+        let mut s = Site {
+            name: name.to_string(),
+            data,
+            conf_dir,
+            root,
+            addr: String::new(),
+            listen: "127.0.0.1:0".into(),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        s.spawn();
+        // Restarts reuse the port so configs and tokens stay valid.
+        s.listen = s.addr.clone();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let addr_file = self.data.join("ternd.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.path().join("ternd.log"))
+            .expect("log file");
+        let mut cmd = Command::new(bin("ternd"));
+        cmd.args(["--data"])
+            .arg(&self.data)
+            .args([
+                "--cluster",
+                &self.name,
+                "--listen",
+                &self.listen,
+                "--conf-dir",
+            ])
+            .arg(&self.conf_dir)
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().expect("spawn ternd");
+        self.child = Some(child);
+        let ok = wait_until(Duration::from_secs(20), || {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                panic!("ternd exited early ({st}):\n{}", self.log());
+            }
+            std::fs::read_to_string(&addr_file)
+                .map(|s| s.ends_with('\n'))
+                .unwrap_or(false)
+        });
+        assert!(ok, "ternd did not start within 20 s:\n{}", self.log());
+        self.addr = std::fs::read_to_string(&addr_file)
+            .expect("addr")
+            .trim()
+            .to_string();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.root.path().join("ternd.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// `kill -9` of ternd.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns its exit status success.
+    pub fn stop(&mut self) -> bool {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let end = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(st)) = c.try_wait() {
+                    return st.success();
+                }
+                if Instant::now() > end {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        true
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn conf_path(&self) -> PathBuf {
+        self.conf_dir.join(format!("{}.conf", self.name))
+    }
+
+    /// A `tern` command aimed at this site.
+    pub fn tern_cmd(&self) -> Command {
+        let mut c = Command::new(bin("tern"));
+        c.env("TERN_CONF_DIR", &self.conf_dir)
+            .env_remove("TERN_CLUSTER")
+            .arg("--cluster")
+            .arg(&self.name);
+        c.stdin(Stdio::null());
+        c
+    }
+
+    pub fn tern(&self, args: &[&str]) -> Output {
+        self.tern_cmd().args(args).output().expect("run tern")
+    }
+
+    /// Runs `tern ARGS`, panics unless it succeeds; returns stdout.
+    pub fn tern_ok(&self, args: &[&str]) -> String {
+        let o = self.tern(args);
+        assert!(
+            o.status.success(),
+            "tern {args:?} failed ({}):\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).expect("utf8")
+    }
+
+    /// Runs `tern ARGS`, panics if it succeeds; returns (exit code, stderr).
+    pub fn tern_err(&self, args: &[&str]) -> (i32, String) {
+        let o = self.tern(args);
+        assert!(
+            !o.status.success(),
+            "tern {args:?} unexpectedly succeeded:\n{}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    }
+
+    pub fn tern_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["--format", "json"]);
+        let out = self.tern_ok(&a);
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("tern {args:?}: bad json ({e}): {out}"))
+    }
+
+    pub fn config(&self) -> ClusterConfig {
+        ClusterConfig::load(Some(&self.name), Some(&self.conf_path())).expect("cluster config")
+    }
+
+    /// An API client acting as client.admin, bound to `rt`.
+    pub fn client(&self, rt: &tokio::runtime::Runtime) -> SiteClient {
+        let _guard = rt.enter();
+        let conf = self.config();
+        let ring = self
+            .conf_dir
+            .join(format!("{}.client.admin.keyring", self.name));
+        SiteClient::connect(&conf, "client.admin", Some(&ring)).expect("client")
+    }
+
+    /// Bytes allocated on disk under the site's object directory.
+    pub fn object_bytes(&self) -> u64 {
+        du(&self.data.join("objects"))
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            // SAFETY: the child leads its own process group.
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+        }
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("---- ternd log of site {} ----\n{}", self.name, self.log());
+        }
+    }
+}
+
+/// Allocated bytes (st_blocks) of every file below `dir`.
+pub fn du(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    for e in rd.flatten() {
+        let Ok(m) = e.metadata() else { continue };
+        if m.is_dir() {
+            total += du(&e.path());
+        } else {
+            total += m.blocks() * 512;
+        }
+    }
+    total
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut v = vec![0u8; len];
+    rand_chacha::ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).expect("open");
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// A tokio runtime for tests that use the async client.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}

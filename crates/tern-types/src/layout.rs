@@ -53,7 +53,7 @@ impl Layout {
         }
         let su = stripe_unit.unwrap_or(object_size);
         let sc = stripe_count.unwrap_or(1);
-        if su == 0 || su > object_size || object_size % su != 0 {
+        if su == 0 || su > object_size || !object_size.is_multiple_of(su) {
             return Err(Error::invalid(format!(
                 "stripe unit {su} must divide the object size {object_size}"
             )));

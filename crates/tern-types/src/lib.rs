@@ -9,6 +9,7 @@ pub mod ids;
 pub mod layout;
 pub mod size;
 pub mod spec;
+pub mod time;
 
 pub use error::ErrorKind;
 pub use features::Features;

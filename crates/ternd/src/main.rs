@@ -1,1 +1,78 @@
-fn main() {}
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The tern site daemon: keeps a site's pools and images and serves them
+/// over an authenticated TLS API. On first start it initialises the site
+/// (site id, TLS certificate, client.admin) and writes a client config so
+/// `tern --cluster NAME` can reach it.
+#[derive(Parser)]
+#[command(name = "ternd", version)]
+struct Args {
+    /// The site's data directory (created on first start).
+    #[arg(long, env = "TERN_DATA")]
+    data: PathBuf,
+    /// Cluster name: names the client config `<conf-dir>/<cluster>.conf`.
+    #[arg(long, default_value = tern_client::config::DEFAULT_CLUSTER)]
+    cluster: String,
+    /// Site name recorded at initialisation (default: the cluster name).
+    #[arg(long)]
+    site_name: Option<String>,
+    /// API listen address; port 0 picks a free port (see <data>/ternd.addr).
+    #[arg(long, default_value = "127.0.0.1:6789")]
+    listen: SocketAddr,
+    /// Where to write the client config and admin keyring
+    /// (default: $TERN_CONF_DIR, else ~/.config/tern).
+    #[arg(long)]
+    conf_dir: Option<PathBuf>,
+    /// Serve plaintext (loopback addresses only; for throwaway labs).
+    #[arg(long)]
+    insecure: bool,
+}
+
+fn raise_fd_limit() {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 && rl.rlim_cur < rl.rlim_max {
+            rl.rlim_cur = rl.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    raise_fd_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(64)
+        .thread_name("ternd")
+        .build()
+        .expect("tokio runtime");
+    let opts = ternd::Options {
+        data: args.data,
+        cluster: args.cluster,
+        site_name: args.site_name,
+        listen: args.listen,
+        conf_dir: args.conf_dir.unwrap_or_else(tern_client::config::conf_dir),
+        insecure: args.insecure,
+    };
+    match rt.block_on(ternd::run(opts)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ternd: {e}");
+            std::process::ExitCode::from(e.kind.exit_code() as u8)
+        }
+    }
+}

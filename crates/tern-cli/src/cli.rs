@@ -1,0 +1,267 @@
+//! The command grammar (DESIGN §8): rbd's and ceph's words.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "Block storage with built-in cross-site disaster recovery"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+pub struct Global {
+    /// Cluster name: reads <conf dir>/<NAME>.conf (default: $TERN_CLUSTER or "tern").
+    #[arg(long, global = true)]
+    pub cluster: Option<String>,
+    /// Cluster config file (instead of --cluster).
+    #[arg(short = 'c', long, global = true)]
+    pub conf: Option<PathBuf>,
+    /// Client id: acts as client.ID (default admin).
+    #[arg(long, global = true)]
+    pub id: Option<String>,
+    /// Full entity name, e.g. client.admin.
+    #[arg(short = 'n', long = "name", global = true)]
+    pub client_name: Option<String>,
+    /// Keyring file (default <conf dir>/<cluster>.<entity>.keyring).
+    #[arg(short = 'k', long, global = true)]
+    pub keyring: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Plain)]
+    pub format: Format,
+    /// Indent JSON output.
+    #[arg(long, global = true)]
+    pub pretty_format: bool,
+    /// Never draw progress bars.
+    #[arg(long, global = true)]
+    pub no_progress: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Plain,
+    Json,
+    #[value(name = "json-pretty")]
+    JsonPretty,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Pools: create, init, ls, stats, rm.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+    /// Ceph's `ceph osd …` words (only `osd pool …`).
+    #[command(subcommand)]
+    Osd(OsdCmd),
+    /// Create an image.
+    Create(CreateArgs),
+    /// List images in a pool.
+    #[command(visible_alias = "list")]
+    Ls {
+        /// Pool (default rbd).
+        pool: Option<String>,
+        #[arg(short = 'p', long = "pool", hide = true)]
+        pool_opt: Option<String>,
+        /// Long listing (size, format).
+        #[arg(short = 'l', long)]
+        long: bool,
+    },
+    /// Show an image.
+    Info { spec: String },
+    /// Grow or shrink an image.
+    Resize {
+        spec: String,
+        #[arg(short = 's', long, allow_hyphen_values = true)]
+        size: String,
+        #[arg(long)]
+        allow_shrink: bool,
+    },
+    /// Rename an image inside its pool.
+    #[command(visible_alias = "mv")]
+    Rename { src: String, dst: String },
+    /// Remove an image and its data.
+    #[command(visible_alias = "remove")]
+    Rm { spec: String },
+    /// Import a raw file (or - for stdin) as a new image.
+    Import(ImportArgs),
+    /// Export an image to a raw file (or - for stdout); holes stay holes.
+    Export { spec: String, path: String },
+    /// Measure I/O against an image, like `rbd bench`.
+    Bench(BenchArgs),
+    /// Site health and usage, like `ceph status`.
+    Status,
+    /// Central configuration, like `ceph config`.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Users and keys, like `ceph auth`.
+    #[command(subcommand)]
+    Auth(AuthCmd),
+}
+
+#[derive(Subcommand)]
+pub enum OsdCmd {
+    #[command(subcommand)]
+    Pool(PoolCmd),
+}
+
+#[derive(Subcommand)]
+pub enum PoolCmd {
+    /// Create a pool (Ceph's pg numbers are accepted and ignored).
+    Create {
+        pool: String,
+        pg_num: Option<u32>,
+        pgp_num: Option<u32>,
+    },
+    /// Mark a pool for rbd use (`rbd pool init`).
+    Init {
+        pool: String,
+        #[arg(long, default_value = "rbd")]
+        application: String,
+    },
+    /// List pools.
+    #[command(visible_alias = "list")]
+    Ls {
+        #[arg(long)]
+        detail: bool,
+    },
+    /// Usage and I/O counters of a pool.
+    Stats { pool: Option<String> },
+    /// Remove a pool; refuses one that holds images unless --force.
+    #[command(visible_aliases = ["delete", "remove"])]
+    Rm {
+        pool: String,
+        /// Ceph's repeated pool name, accepted.
+        pool_again: Option<String>,
+        #[arg(long = "yes-i-really-really-mean-it")]
+        yes: bool,
+        /// Also remove every image in the pool.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct LayoutArgs {
+    /// Object size (e.g. 4M); default 4 MiB.
+    #[arg(long)]
+    pub object_size: Option<String>,
+    /// Object size as a power of two (12..30).
+    #[arg(long, conflicts_with = "object_size")]
+    pub order: Option<u32>,
+    /// Image features (rbd names), comma separated or repeated.
+    #[arg(long = "image-feature")]
+    pub features: Vec<String>,
+    #[arg(long)]
+    pub stripe_unit: Option<String>,
+    #[arg(long)]
+    pub stripe_count: Option<u64>,
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    pub spec: String,
+    /// Size with suffix K, M, G, T (a plain number is MiB, as in rbd).
+    #[arg(short = 's', long, allow_hyphen_values = true)]
+    pub size: String,
+    #[command(flatten)]
+    pub layout: LayoutArgs,
+}
+
+#[derive(Args)]
+pub struct ImportArgs {
+    /// Source file, or - for stdin.
+    pub path: String,
+    /// Target image spec (default: the file's name in pool rbd).
+    pub spec: Option<String>,
+    #[command(flatten)]
+    pub layout: LayoutArgs,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    pub spec: String,
+    #[arg(long, value_enum)]
+    pub io_type: IoType,
+    #[arg(long, default_value = "4K")]
+    pub io_size: String,
+    #[arg(long, default_value_t = 16)]
+    pub io_threads: usize,
+    #[arg(long, default_value = "1G")]
+    pub io_total: String,
+    #[arg(long, value_enum, default_value_t = IoPattern::Seq)]
+    pub io_pattern: IoPattern,
+    /// Percentage of reads for readwrite.
+    #[arg(long, default_value_t = 50)]
+    pub rw_mix_read: u32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IoType {
+    Read,
+    Write,
+    #[value(alias = "rw")]
+    Readwrite,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IoPattern {
+    Seq,
+    #[value(alias = "random")]
+    Rand,
+}
+
+#[derive(Subcommand)]
+#[command(disable_help_subcommand = true)]
+pub enum ConfigCmd {
+    /// Set an option for a section (global, client, client.NAME).
+    Set {
+        who: String,
+        key: String,
+        value: String,
+    },
+    /// The effective value(s) for a section.
+    Get { who: String, key: Option<String> },
+    /// Remove a set value.
+    #[command(visible_alias = "remove")]
+    Rm { who: String, key: String },
+    /// Every value set.
+    Dump,
+    /// Known options and their defaults.
+    Help { key: Option<String> },
+}
+
+#[derive(Subcommand)]
+pub enum AuthCmd {
+    /// Create an entity with caps, or return it if it exists with the same caps.
+    #[command(name = "get-or-create", visible_alias = "get-or-create-key")]
+    GetOrCreate {
+        entity: String,
+        /// Pairs of service and cap: mon 'profile rbd' osd 'profile rbd pool=P'.
+        caps: Vec<String>,
+        /// Write the keyring to FILE instead of stdout.
+        #[arg(short = 'o', long = "out-file")]
+        out: Option<PathBuf>,
+    },
+    /// Show an entity and its key.
+    Get {
+        entity: String,
+        #[arg(short = 'o', long = "out-file")]
+        out: Option<PathBuf>,
+    },
+    /// Print just the key.
+    #[command(name = "print-key", visible_alias = "get-key")]
+    PrintKey { entity: String },
+    /// List entities.
+    #[command(visible_alias = "list")]
+    Ls,
+    /// Remove an entity: its key stops working at once.
+    #[command(visible_alias = "del")]
+    Rm { entity: String },
+}

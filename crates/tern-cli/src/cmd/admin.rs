@@ -1,0 +1,228 @@
+use crate::cli::{AuthCmd, ConfigCmd};
+use crate::ctx::{Ctx, Result, invalid};
+use crate::out::table;
+use serde_json::json;
+use std::collections::HashMap;
+use tern_client::config::{Keyring, KeyringEntry, write_private};
+use tern_client::pb;
+use tern_types::format_size;
+
+pub async fn status(ctx: &Ctx) -> Result<()> {
+    let c = ctx.connect().await?;
+    let s = c.status(pb::StatusRequest {}).await?;
+    if ctx.json() {
+        ctx.print_json(&json!({
+            "fsid": s.site_id,
+            "site_name": s.site_name,
+            "health": {"status": s.health, "checks": s.health_checks},
+            "version": s.version,
+            "uptime_secs": s.uptime_secs,
+            "endpoints": s.endpoints,
+            "pools": s.pools,
+            "images": s.images,
+            "usage": {"provisioned_bytes": s.provisioned_bytes, "used_bytes": s.used_bytes,
+                      "avail_bytes": s.avail_bytes, "total_bytes": s.total_bytes},
+        }));
+        return Ok(());
+    }
+    println!("  site:");
+    println!("    id:     {}", s.site_id);
+    println!("    name:   {}", s.site_name);
+    println!("    health: {}", s.health);
+    for chk in &s.health_checks {
+        println!("            {chk}");
+    }
+    println!();
+    println!("  services:");
+    println!(
+        "    ternd: up {}s, version {}, listening on {}",
+        s.uptime_secs,
+        s.version,
+        s.endpoints.join(", ")
+    );
+    println!();
+    println!("  data:");
+    println!("    pools:  {} pools, {} images", s.pools, s.images);
+    println!(
+        "    usage:  {} used, {} provisioned, {} / {} avail",
+        format_size(s.used_bytes),
+        format_size(s.provisioned_bytes),
+        format_size(s.avail_bytes),
+        format_size(s.total_bytes)
+    );
+    Ok(())
+}
+
+pub async fn config(ctx: &Ctx, cmd: ConfigCmd) -> Result<()> {
+    if let ConfigCmd::Help { key } = &cmd {
+        // Help is local knowledge of the options; ask the site so it is never stale.
+        let c = ctx.connect().await?;
+        let all = c
+            .config_get(pb::ConfigGetRequest {
+                who: "global".into(),
+                key: key.clone().unwrap_or_default(),
+            })
+            .await?;
+        for e in all.entries {
+            println!("{} (default/effective: {})", e.key, e.value);
+        }
+        return Ok(());
+    }
+    let c = ctx.connect().await?;
+    match cmd {
+        ConfigCmd::Set { who, key, value } => {
+            c.config_set(pb::ConfigSetRequest { who, key, value })
+                .await?;
+        }
+        ConfigCmd::Get { who, key } => {
+            let single = key.is_some();
+            let r = c
+                .config_get(pb::ConfigGetRequest {
+                    who,
+                    key: key.unwrap_or_default(),
+                })
+                .await?;
+            if ctx.json() {
+                if single {
+                    ctx.print_json(&json!(
+                        r.entries
+                            .first()
+                            .map(|e| e.value.clone())
+                            .unwrap_or_default()
+                    ));
+                } else {
+                    let m: HashMap<_, _> = r
+                        .entries
+                        .iter()
+                        .map(|e| (e.key.clone(), e.value.clone()))
+                        .collect();
+                    ctx.print_json(&json!(m));
+                }
+            } else if single {
+                println!(
+                    "{}",
+                    r.entries.first().map(|e| e.value.as_str()).unwrap_or("")
+                );
+            } else {
+                let rows: Vec<Vec<String>> = r
+                    .entries
+                    .iter()
+                    .map(|e| vec![e.key.clone(), e.value.clone()])
+                    .collect();
+                print!("{}", table(&["OPTION", "VALUE"], &rows));
+            }
+        }
+        ConfigCmd::Rm { who, key } => {
+            c.config_remove(pb::ConfigGetRequest { who, key }).await?;
+        }
+        ConfigCmd::Dump => {
+            let r = c.config_dump(pb::Empty {}).await?;
+            if ctx.json() {
+                let v: Vec<_> = r
+                    .entries
+                    .iter()
+                    .map(|e| json!({"section": e.who, "name": e.key, "value": e.value}))
+                    .collect();
+                ctx.print_json(&json!(v));
+            } else {
+                let rows: Vec<Vec<String>> = r
+                    .entries
+                    .iter()
+                    .map(|e| vec![e.who.clone(), e.key.clone(), e.value.clone()])
+                    .collect();
+                print!("{}", table(&["WHO", "OPTION", "VALUE"], &rows));
+            }
+        }
+        ConfigCmd::Help { .. } => unreachable!(),
+    }
+    Ok(())
+}
+
+fn entity_keyring(e: &pb::AuthEntity) -> Keyring {
+    let mut caps: Vec<(String, String)> =
+        e.caps.iter().map(|(a, b)| (a.clone(), b.clone())).collect();
+    caps.sort();
+    Keyring {
+        entries: vec![KeyringEntry {
+            entity: e.entity.clone(),
+            key: e.key.clone(),
+            caps,
+        }],
+    }
+}
+
+fn emit_entity(ctx: &Ctx, e: &pb::AuthEntity, out: Option<&std::path::Path>) -> Result<()> {
+    let ring = entity_keyring(e);
+    if let Some(path) = out {
+        write_private(path, &ring.render())
+            .map_err(|err| invalid(format!("cannot write keyring {}: {err}", path.display())))?;
+        return Ok(());
+    }
+    if ctx.json() {
+        ctx.print_json(
+            &json!([{"entity": e.entity, "key": e.key, "caps": e.caps, "profile": e.profile}]),
+        );
+    } else {
+        print!("{}", ring.render());
+    }
+    Ok(())
+}
+
+pub async fn auth(ctx: &Ctx, cmd: AuthCmd) -> Result<()> {
+    let c = ctx.connect().await?;
+    match cmd {
+        AuthCmd::GetOrCreate { entity, caps, out } => {
+            if caps.len() % 2 != 0 {
+                return Err(invalid(
+                    "caps come in pairs: SERVICE 'CAP' (e.g. mon 'profile rbd' osd 'profile rbd')",
+                ));
+            }
+            let caps = caps
+                .chunks(2)
+                .map(|p| (p[0].clone(), p[1].clone()))
+                .collect();
+            let e = c
+                .auth_get_or_create(pb::AuthGetOrCreateRequest { entity, caps })
+                .await?;
+            emit_entity(ctx, &e, out.as_deref())?;
+        }
+        AuthCmd::Get { entity, out } => {
+            let e = c.auth_get(pb::AuthName { entity }).await?;
+            emit_entity(ctx, &e, out.as_deref())?;
+        }
+        AuthCmd::PrintKey { entity } => {
+            let e = c.auth_get(pb::AuthName { entity }).await?;
+            println!("{}", e.key);
+        }
+        AuthCmd::Ls => {
+            let l = c.auth_list(pb::Empty {}).await?;
+            if ctx.json() {
+                let v: Vec<_> = l
+                    .entities
+                    .iter()
+                    .map(|e| json!({"entity": e.entity, "caps": e.caps, "profile": e.profile}))
+                    .collect();
+                ctx.print_json(&json!({"auth_dump": v}));
+            } else {
+                for e in &l.entities {
+                    println!("{}", e.entity);
+                    let mut caps: Vec<_> = e.caps.iter().collect();
+                    caps.sort();
+                    for (svc, cap) in caps {
+                        println!("\tcaps: [{svc}] {cap}");
+                    }
+                }
+            }
+        }
+        AuthCmd::Rm { entity } => {
+            c.auth_remove(pb::AuthName {
+                entity: entity.clone(),
+            })
+            .await?;
+            if !ctx.json() {
+                eprintln!("removed {entity}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,208 @@
+use super::image_spec;
+use crate::cli::{CreateArgs, LayoutArgs};
+use crate::ctx::{Ctx, Result, invalid};
+use crate::out::table;
+use serde_json::json;
+use tern_client::{image_ref, pb};
+use tern_types::size::{parse_size, parse_size_default_unit};
+use tern_types::time::ctime;
+use tern_types::{format_size, validate_name};
+
+/// Fills the layout and feature fields of a create request.
+pub fn apply_layout(req: &mut pb::ImageCreateRequest, l: &LayoutArgs) -> Result<()> {
+    if let Some(os) = &l.object_size {
+        req.object_size = parse_size_default_unit(os, 1)?;
+    }
+    if let Some(order) = l.order {
+        if !(12..=30).contains(&order) {
+            return Err(invalid(format!("order {order} must be between 12 and 30")));
+        }
+        req.object_size = 1 << order;
+    }
+    if let Some(su) = &l.stripe_unit {
+        req.stripe_unit = parse_size_default_unit(su, 1)?;
+    }
+    req.stripe_count = l.stripe_count.unwrap_or(0);
+    if l.stripe_count == Some(0) {
+        return Err(invalid("stripe count must be at least 1"));
+    }
+    if !l.features.is_empty() {
+        let f = tern_types::Features::parse_list(&l.features)?;
+        f.validate()?;
+        req.features = l.features.clone();
+    }
+    Ok(())
+}
+
+pub fn image_json(i: &pb::ImageInfo) -> serde_json::Value {
+    let mut v = json!({
+        "name": i.name,
+        "id": i.id,
+        "size": i.size,
+        "objects": i.objects,
+        "order": i.object_size.trailing_zeros(),
+        "object_size": i.object_size,
+        "snapshot_count": 0,
+        "block_name_prefix": format!("rbd_data.{}", i.id),
+        "format": 2,
+        "features": i.feature_names,
+        "op_features": [],
+        "flags": [],
+        "create_timestamp": ctime(i.created),
+        "modify_timestamp": ctime(i.modified),
+    });
+    if i.stripe_unit != i.object_size || i.stripe_count != 1 {
+        v["stripe_unit"] = json!(i.stripe_unit);
+        v["stripe_count"] = json!(i.stripe_count);
+    }
+    v
+}
+
+pub async fn create(ctx: &Ctx, a: CreateArgs) -> Result<()> {
+    let spec = image_spec(&a.spec)?;
+    let size = parse_size(&a.size)?;
+    if size == 0 {
+        return Err(invalid(
+            "image size must be greater than 0 (e.g. --size 10G)",
+        ));
+    }
+    let mut req = pb::ImageCreateRequest {
+        pool: spec.pool,
+        image: spec.image,
+        size,
+        ..Default::default()
+    };
+    apply_layout(&mut req, &a.layout)?;
+    let c = ctx.connect().await?;
+    let info = c.image_create(req).await?;
+    if ctx.json() {
+        ctx.print_json(&image_json(&info));
+    }
+    Ok(())
+}
+
+pub async fn ls(ctx: &Ctx, pool: String, long: bool) -> Result<()> {
+    validate_name("pool", &pool)?;
+    let c = ctx.connect().await?;
+    let images = c.image_list(pb::PoolRequest { pool }).await?.images;
+    match (ctx.json(), long) {
+        (true, false) => ctx.print_json(&json!(images.iter().map(|i| &i.name).collect::<Vec<_>>())),
+        (true, true) => ctx.print_json(&json!(
+            images
+                .iter()
+                .map(|i| json!({"image": i.name, "id": i.id, "size": i.size, "format": 2}))
+                .collect::<Vec<_>>()
+        )),
+        (false, false) => images.iter().for_each(|i| println!("{}", i.name)),
+        (false, true) => {
+            let rows: Vec<Vec<String>> = images
+                .iter()
+                .map(|i| {
+                    vec![
+                        i.name.clone(),
+                        format_size(i.size),
+                        String::new(),
+                        "2".into(),
+                        String::new(),
+                        String::new(),
+                    ]
+                })
+                .collect();
+            if !rows.is_empty() {
+                print!(
+                    "{}",
+                    table(&["NAME", "SIZE", "PARENT", "FMT", "PROT", "LOCK"], &rows)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn info(ctx: &Ctx, spec: &str) -> Result<()> {
+    let spec = image_spec(spec)?;
+    let c = ctx.connect().await?;
+    let i = c.image_get(image_ref(&spec.pool, &spec.image)).await?;
+    if ctx.json() {
+        ctx.print_json(&image_json(&i));
+        return Ok(());
+    }
+    println!("rbd image '{}':", i.name);
+    println!("\tsize {} in {} objects", format_size(i.size), i.objects);
+    println!(
+        "\torder {} ({} objects)",
+        i.object_size.trailing_zeros(),
+        format_size(i.object_size)
+    );
+    println!("\tsnapshot_count: 0");
+    println!("\tid: {}", i.id);
+    println!("\tblock_name_prefix: rbd_data.{}", i.id);
+    println!("\tformat: 2");
+    println!("\tfeatures: {}", i.feature_names.join(", "));
+    println!("\top_features: ");
+    println!("\tflags: ");
+    if i.stripe_unit != i.object_size || i.stripe_count != 1 {
+        println!("\tstripe unit: {}", format_size(i.stripe_unit));
+        println!("\tstripe count: {}", i.stripe_count);
+    }
+    println!("\tcreate_timestamp: {}", ctime(i.created));
+    println!("\tmodify_timestamp: {}", ctime(i.modified));
+    println!("\tused: {}", format_size(i.used_bytes));
+    Ok(())
+}
+
+pub async fn resize(ctx: &Ctx, spec: &str, size: &str, allow_shrink: bool) -> Result<()> {
+    let spec = image_spec(spec)?;
+    let size = parse_size(size)?;
+    if size == 0 {
+        return Err(invalid("image size must be greater than 0"));
+    }
+    let c = ctx.connect().await?;
+    let info = c
+        .image_resize(pb::ImageResizeRequest {
+            image: Some(image_ref(&spec.pool, &spec.image)),
+            size,
+            allow_shrink,
+        })
+        .await?;
+    if ctx.json() {
+        ctx.print_json(&image_json(&info));
+    } else {
+        eprintln!("Resizing image: 100% complete...done.");
+    }
+    Ok(())
+}
+
+pub async fn rename(ctx: &Ctx, src: &str, dst: &str) -> Result<()> {
+    let s = image_spec(src)?;
+    // rbd accepts a bare destination name meaning "same pool".
+    let d = if dst.contains('/') {
+        image_spec(dst)?
+    } else {
+        tern_types::ImageSpec::new(&s.pool, dst)
+    };
+    validate_name("image", &d.image)?;
+    if d.pool != s.pool {
+        return Err(invalid(format!(
+            "cannot rename across pools ('{}' to '{}')",
+            s.pool, d.pool
+        )));
+    }
+    let c = ctx.connect().await?;
+    c.image_rename(pb::ImageRenameRequest {
+        image: Some(image_ref(&s.pool, &s.image)),
+        new_name: d.image,
+    })
+    .await?;
+    Ok(())
+}
+
+pub async fn rm(ctx: &Ctx, spec: &str) -> Result<()> {
+    let spec = image_spec(spec)?;
+    let c = ctx.connect().await?;
+    c.image_remove(image_ref(&spec.pool, &spec.image)).await?;
+    if !ctx.json() {
+        eprintln!("Removing image: 100% complete...done.");
+    }
+    Ok(())
+}

@@ -1,0 +1,136 @@
+use super::image_spec;
+use crate::cli::ImportArgs;
+use crate::ctx::{Ctx, Result, invalid};
+use serde_json::json;
+use tern_client::transfer::{self, ExportSink, ImportTarget};
+use tern_client::{ClientError, image_ref, pb};
+use tern_types::ErrorKind;
+
+fn io_error(what: &str, path: &str, e: std::io::Error) -> ClientError {
+    let kind = if e.kind() == std::io::ErrorKind::NotFound {
+        ErrorKind::NotFound
+    } else {
+        ErrorKind::InvalidArgument
+    };
+    ClientError::new(kind, format!("{what} '{path}': {e}"))
+}
+
+pub async fn import(ctx: &Ctx, a: ImportArgs) -> Result<()> {
+    let spec_text = match &a.spec {
+        Some(s) => s.clone(),
+        None if a.path == "-" => {
+            return Err(invalid("importing from stdin needs a target image spec"));
+        }
+        None => std::path::Path::new(&a.path)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| invalid(format!("cannot derive an image name from '{}'", a.path)))?
+            .to_string(),
+    };
+    let spec = image_spec(&spec_text)?;
+    let mut req = pb::ImageCreateRequest {
+        pool: spec.pool.clone(),
+        image: spec.image.clone(),
+        ..Default::default()
+    };
+    super::image::apply_layout(&mut req, &a.layout)?;
+    let c = ctx.connect().await?;
+    let (reply, total) = if a.path == "-" {
+        let bar = ctx.progress(0, "Importing image");
+        let p = |n: u64| {
+            if let Some(b) = &bar {
+                b.set_position(n)
+            }
+        };
+        let r = transfer::import(&c, tokio::io::stdin(), ImportTarget::Create(req), &p).await;
+        if let Some(b) = bar {
+            b.finish_and_clear()
+        }
+        (r?, 0)
+    } else {
+        let f = tokio::fs::File::open(&a.path)
+            .await
+            .map_err(|e| io_error("cannot open", &a.path, e))?;
+        let len = f
+            .metadata()
+            .await
+            .map_err(|e| io_error("cannot stat", &a.path, e))?
+            .len();
+        if len == 0 {
+            return Err(invalid(format!(
+                "'{}' is empty: an image needs a size > 0",
+                a.path
+            )));
+        }
+        req.size = len;
+        let bar = ctx.progress(len, "Importing image");
+        let p = |n: u64| {
+            if let Some(b) = &bar {
+                b.set_position(n)
+            }
+        };
+        let r = transfer::import(
+            &c,
+            tokio::io::BufReader::with_capacity(1 << 20, f),
+            ImportTarget::Create(req),
+            &p,
+        )
+        .await;
+        if let Some(b) = bar {
+            b.finish_and_clear()
+        }
+        (r?, len)
+    };
+    let _ = total;
+    if ctx.json() {
+        ctx.print_json(&json!({"image": spec.to_string(), "bytes_written": reply.bytes_written, "bytes_zero": reply.bytes_zero}));
+    } else {
+        eprintln!("Importing image: 100% complete...done.");
+    }
+    Ok(())
+}
+
+pub async fn export(ctx: &Ctx, spec: &str, path: &str) -> Result<()> {
+    let spec = image_spec(spec)?;
+    let c = ctx.connect().await?;
+    let r = image_ref(&spec.pool, &spec.image);
+    let info = c.image_get(r.clone()).await?;
+    let bar = if path == "-" {
+        None
+    } else {
+        ctx.progress(info.size, "Exporting image")
+    };
+    let p = |n: u64| {
+        if let Some(b) = &bar {
+            b.set_position(n)
+        }
+    };
+    let res = if path == "-" {
+        transfer::export(&c, r, ExportSink::Stream(tokio::io::stdout()), &p).await
+    } else {
+        if std::path::Path::new(path).exists() {
+            return Err(ClientError::new(
+                ErrorKind::AlreadyExists,
+                format!("'{path}' exists: remove it or choose another path"),
+            ));
+        }
+        let f = tokio::fs::File::create(path)
+            .await
+            .map_err(|e| io_error("cannot create", path, e))?;
+        let r = transfer::export(&c, r, ExportSink::<tokio::io::Stdout>::File(f), &p).await;
+        if r.is_err() {
+            let _ = std::fs::remove_file(path);
+        }
+        r
+    };
+    if let Some(b) = bar {
+        b.finish_and_clear()
+    }
+    let (data, zero) = res?;
+    if ctx.json() && path != "-" {
+        ctx.print_json(&json!({"image": spec.to_string(), "bytes_data": data, "bytes_zero": zero}));
+    } else if path != "-" {
+        eprintln!("Exporting image: 100% complete...done.");
+    }
+    Ok(())
+}

@@ -1,0 +1,54 @@
+mod admin;
+mod bench;
+mod image;
+mod io;
+mod pool;
+
+use crate::cli::{Cli, Cmd, OsdCmd};
+use crate::ctx::{Ctx, Result};
+use tern_types::ImageSpec;
+
+pub async fn run(cli: Cli) -> Result<()> {
+    let ctx = Ctx { g: cli.global };
+    match cli.cmd {
+        Cmd::Pool(c) | Cmd::Osd(OsdCmd::Pool(c)) => pool::run(&ctx, c).await,
+        Cmd::Create(a) => image::create(&ctx, a).await,
+        Cmd::Ls {
+            pool,
+            pool_opt,
+            long,
+        } => {
+            image::ls(
+                &ctx,
+                pool.or(pool_opt).unwrap_or_else(|| "rbd".into()),
+                long,
+            )
+            .await
+        }
+        Cmd::Info { spec } => image::info(&ctx, &spec).await,
+        Cmd::Resize {
+            spec,
+            size,
+            allow_shrink,
+        } => image::resize(&ctx, &spec, &size, allow_shrink).await,
+        Cmd::Rename { src, dst } => image::rename(&ctx, &src, &dst).await,
+        Cmd::Rm { spec } => image::rm(&ctx, &spec).await,
+        Cmd::Import(a) => io::import(&ctx, a).await,
+        Cmd::Export { spec, path } => io::export(&ctx, &spec, &path).await,
+        Cmd::Bench(a) => bench::run(&ctx, a).await,
+        Cmd::Status => admin::status(&ctx).await,
+        Cmd::Config(c) => admin::config(&ctx, c).await,
+        Cmd::Auth(c) => admin::auth(&ctx, c).await,
+    }
+}
+
+/// Parses an image spec (no snapshot allowed here).
+pub fn image_spec(s: &str) -> Result<ImageSpec> {
+    let spec = ImageSpec::parse(s)?;
+    if spec.snap.is_some() {
+        return Err(crate::ctx::invalid(format!(
+            "'{s}': this command takes an image, not a snapshot"
+        )));
+    }
+    Ok(spec)
+}

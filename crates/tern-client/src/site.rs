@@ -1,0 +1,184 @@
+use crate::config::{ClusterConfig, Keyring, TlsMode};
+use crate::{ClientError, connect};
+use std::path::Path;
+use tern_proto::headers;
+use tern_proto::v1 as pb;
+use tern_proto::v1::site_client::SiteClient as RawClient;
+use tern_types::{API_VERSION, ErrorKind};
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// Adds the caller's identity and API version to every request.
+#[derive(Clone)]
+pub struct Identity {
+    entity: MetadataValue<tonic::metadata::Ascii>,
+    key: MetadataValue<tonic::metadata::Ascii>,
+    version: MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl Interceptor for Identity {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let md = req.metadata_mut();
+        md.insert(headers::ENTITY, self.entity.clone());
+        md.insert(headers::KEY, self.key.clone());
+        md.insert(headers::API_VERSION, self.version.clone());
+        Ok(req)
+    }
+}
+
+pub type Raw = RawClient<InterceptedService<Channel, Identity>>;
+
+/// A connection to one site as one entity.
+#[derive(Clone)]
+pub struct SiteClient {
+    raw: Raw,
+    endpoint: String,
+    entity: String,
+}
+
+impl SiteClient {
+    /// Connects to the first endpoint of `conf` as `entity` with `key`.
+    pub fn connect_with(
+        endpoint: &str,
+        tls: &TlsMode,
+        entity: &str,
+        key: &str,
+    ) -> Result<SiteClient, ClientError> {
+        let channel = connect::channel(endpoint, tls)?;
+        let val = |s: &str, what: &str| {
+            s.parse().map_err(|_| {
+                ClientError::new(
+                    ErrorKind::InvalidArgument,
+                    format!("{what} '{s}' is not valid ASCII"),
+                )
+            })
+        };
+        let ident = Identity {
+            entity: val(entity, "entity")?,
+            key: val(key, "key")?,
+            version: API_VERSION.to_string().parse().expect("digits"),
+        };
+        let raw = RawClient::with_interceptor(channel, ident)
+            .max_decoding_message_size(tern_proto::MAX_MESSAGE)
+            .max_encoding_message_size(tern_proto::MAX_MESSAGE);
+        Ok(SiteClient {
+            raw,
+            endpoint: endpoint.to_string(),
+            entity: entity.to_string(),
+        })
+    }
+
+    /// Connects using a cluster config; the key comes from `keyring` or the
+    /// config's default keyring for `entity`.
+    pub fn connect(
+        conf: &ClusterConfig,
+        entity: &str,
+        keyring: Option<&Path>,
+    ) -> Result<SiteClient, ClientError> {
+        let path = keyring
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| conf.keyring_path(entity));
+        let ring = Keyring::load(&path)?;
+        let key = ring.key_for(entity).ok_or_else(|| {
+            ClientError::new(
+                ErrorKind::Unauthenticated,
+                format!("keyring {} has no key for {entity}", path.display()),
+            )
+        })?;
+        let endpoint = conf.endpoints.first().ok_or_else(|| {
+            ClientError::new(
+                ErrorKind::InvalidArgument,
+                "the cluster config names no mon_host",
+            )
+        })?;
+        Self::connect_with(endpoint, &conf.tls, entity, key)
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    pub fn entity(&self) -> &str {
+        &self.entity
+    }
+
+    /// The generated client, for calls without a wrapper here.
+    pub fn raw(&self) -> Raw {
+        self.raw.clone()
+    }
+
+    pub fn err(&self, s: tonic::Status) -> ClientError {
+        ClientError::from_status(s, &self.endpoint)
+    }
+
+    /// Checks that the site speaks our API version and accepts our key.
+    pub async fn hello(&self) -> Result<pb::HelloReply, ClientError> {
+        let r = self
+            .raw()
+            .hello(pb::HelloRequest {
+                api_version: API_VERSION,
+            })
+            .await
+            .map_err(|s| self.err(s))?
+            .into_inner();
+        if r.api_version != API_VERSION {
+            return Err(ClientError::new(
+                ErrorKind::VersionMismatch,
+                format!(
+                    "site {} speaks API version {}, this client {API_VERSION}: upgrade the older side",
+                    self.endpoint, r.api_version
+                ),
+            ));
+        }
+        Ok(r)
+    }
+}
+
+macro_rules! rpc {
+    ($($name:ident($req:ty) -> $resp:ty;)*) => {
+        impl SiteClient {
+            $(
+                pub async fn $name(&self, req: $req) -> Result<$resp, ClientError> {
+                    self.raw().$name(req).await.map(|r| r.into_inner()).map_err(|s| self.err(s))
+                }
+            )*
+        }
+    };
+}
+
+rpc! {
+    status(pb::StatusRequest) -> pb::StatusReply;
+    pool_create(pb::PoolRequest) -> pb::PoolInfo;
+    pool_init(pb::PoolInitRequest) -> pb::PoolInfo;
+    pool_list(pb::Empty) -> pb::PoolListReply;
+    pool_stats(pb::PoolRequest) -> pb::PoolStatsReply;
+    pool_remove(pb::PoolRemoveRequest) -> pb::Empty;
+    image_create(pb::ImageCreateRequest) -> pb::ImageInfo;
+    image_list(pb::PoolRequest) -> pb::ImageListReply;
+    image_get(pb::ImageRef) -> pb::ImageInfo;
+    image_resize(pb::ImageResizeRequest) -> pb::ImageInfo;
+    image_rename(pb::ImageRenameRequest) -> pb::Empty;
+    image_remove(pb::ImageRef) -> pb::Empty;
+    read(pb::ReadRequest) -> pb::ReadReply;
+    write(pb::WriteRequest) -> pb::Empty;
+    discard(pb::RangeRequest) -> pb::Empty;
+    write_zeroes(pb::RangeRequest) -> pb::Empty;
+    flush(pb::ImageRef) -> pb::Empty;
+    auth_get_or_create(pb::AuthGetOrCreateRequest) -> pb::AuthEntity;
+    auth_get(pb::AuthName) -> pb::AuthEntity;
+    auth_list(pb::Empty) -> pb::AuthListReply;
+    auth_remove(pb::AuthName) -> pb::Empty;
+    config_set(pb::ConfigSetRequest) -> pb::Empty;
+    config_get(pb::ConfigGetRequest) -> pb::ConfigListReply;
+    config_remove(pb::ConfigGetRequest) -> pb::Empty;
+    config_dump(pb::Empty) -> pb::ConfigListReply;
+}
+
+pub fn image_ref(pool: &str, image: &str) -> pb::ImageRef {
+    pb::ImageRef {
+        pool: pool.to_string(),
+        image: image.to_string(),
+    }
+}

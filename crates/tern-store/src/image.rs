@@ -1,0 +1,602 @@
+//! An open image: the data path (read, write, discard, flush) over its
+//! object files, with an fd cache and the dirty set that makes `flush` keep
+//! the durability contract.
+//!
+//! Locks, in the order they may be taken:
+//! 1. `state` (RwLock): readers are I/O, the writer is resize/remove, so an
+//!    operation never sees the size change or the data vanish under it.
+//! 2. `open_lock` (Mutex): serialises creating, opening and deleting object
+//!    files of this image, so nobody sees a half-written header or keeps
+//!    using a file another thread just unlinked.
+//! 3. `slots` (Mutex): the fd-cache map, held only for lookups.
+//! 4. `dirty.files` (Mutex): the dirty set, held only to insert or swap.
+//!
+//! The store's open-image map may be taken while holding `state`, never the
+//! other way round; the removal flag is an atomic so the map's holder needs
+//! no image lock.
+
+use crate::error::{StoreError, data_io};
+use crate::extent::{
+    ObjectSpan, ObjectSpans, merge_ranges, object_prefix_below, object_range_to_image, object_span,
+};
+use crate::header::HEADER_SIZE;
+use crate::object::{self, ObjectFile, OpenError};
+use crate::{ImageInfo, MAX_IMAGE_SIZE};
+use parking_lot::{Mutex, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use tern_types::{ImageId, Layout};
+
+/// Beyond this many objects a range operation lists the image directory
+/// instead of probing each object: a discard of a whole 1 TiB image should
+/// cost what its data costs, not 262,144 failed opens.
+const PROBE_LIMIT: usize = 256;
+/// Negative cache entries are dropped past this many slots.
+const MAX_SLOTS: usize = 65536;
+
+/// Per-store state shared with every open image.
+pub(crate) struct Shared {
+    pub objects_dir: PathBuf,
+    pub open_fds: Arc<AtomicUsize>,
+    pub fd_cap: usize,
+    /// Open images, so `open_image` hands out one `Arc` per image.
+    pub images: Mutex<HashMap<ImageId, Weak<Image>>>,
+    /// Dirty sets outlive any one `Image` value: writes made through a
+    /// handle that was dropped unflushed are still synced by the next
+    /// handle's flush.
+    pub dirty: Mutex<HashMap<ImageId, Arc<DirtySet>>>,
+}
+
+impl Shared {
+    pub fn dirty_set(&self, id: &ImageId) -> Arc<DirtySet> {
+        self.dirty.lock().entry(id.clone()).or_default().clone()
+    }
+
+    /// Closes idle cached fds across all open images until the total is
+    /// comfortably under the cap. Dirty fds stay open through the dirty
+    /// set until a flush syncs them.
+    fn shed(&self) {
+        let images: Vec<Arc<Image>> = self
+            .images
+            .lock()
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for img in images {
+            img.shed_idle();
+            if self.open_fds.load(Ordering::Relaxed) <= self.fd_cap * 3 / 4 {
+                break;
+            }
+        }
+    }
+}
+
+/// Object files written (or created, punched) since the last flush. Keyed
+/// by the `ObjectFile`'s address, not the object number: a file deleted and
+/// recreated while a write to the old one is in flight gives two entries,
+/// and both are synced.
+#[derive(Default)]
+pub(crate) struct DirtySet {
+    files: Mutex<HashMap<usize, Arc<ObjectFile>>>,
+    /// Entries were created or deleted in the image directory.
+    dir: AtomicBool,
+    /// A sync failed. Linux may drop the dirty pages after reporting such
+    /// an error once, so a retry could "succeed" without the data: every
+    /// later flush fails instead.
+    failed: AtomicBool,
+}
+
+impl DirtySet {
+    fn add(&self, f: &Arc<ObjectFile>) {
+        self.files
+            .lock()
+            .entry(Arc::as_ptr(f) as usize)
+            .or_insert_with(|| f.clone());
+    }
+}
+
+enum Slot {
+    /// Known not to exist (all zeros).
+    Absent,
+    Open(Arc<ObjectFile>),
+}
+
+struct State {
+    info: ImageInfo,
+}
+
+pub struct Image {
+    shared: Arc<Shared>,
+    id: ImageId,
+    dir: PathBuf,
+    layout: Layout,
+    state: RwLock<State>,
+    removed: AtomicBool,
+    open_lock: Mutex<()>,
+    slots: Mutex<HashMap<u64, Slot>>,
+    dirty: Arc<DirtySet>,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.state.read();
+        f.debug_struct("Image")
+            .field("id", &self.id)
+            .field("spec", &spec_of(&st.info))
+            .field("size", &st.info.size)
+            .field("removed", &self.is_removed())
+            .finish()
+    }
+}
+
+fn spec_of(info: &ImageInfo) -> String {
+    format!("{}/{}", info.pool, info.name)
+}
+
+impl Image {
+    pub(crate) fn new(shared: Arc<Shared>, info: ImageInfo) -> Image {
+        let dirty = shared.dirty_set(&info.id);
+        Image {
+            dir: shared.objects_dir.join(info.id.as_str()),
+            id: info.id.clone(),
+            layout: info.layout,
+            shared,
+            state: RwLock::new(State { info }),
+            removed: AtomicBool::new(false),
+            open_lock: Mutex::new(()),
+            slots: Mutex::new(HashMap::new()),
+            dirty,
+        }
+    }
+
+    pub fn info(&self) -> ImageInfo {
+        self.state.read().info.clone()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.state.read().info.size
+    }
+
+    pub fn id(&self) -> &ImageId {
+        &self.id
+    }
+
+    /// The directory holding this image's object files.
+    pub fn data_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(crate) fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_name(&self, name: &str, modified: u64) {
+        let mut st = self.state.write();
+        st.info.name = name.to_string();
+        st.info.modified = modified;
+    }
+
+    /// Marks the image removed. Waits for in-flight I/O (it holds `state`),
+    /// after which every call on this handle fails with NotFound.
+    pub(crate) fn mark_removed(&self) {
+        let _st = self.state.write();
+        self.removed.store(true, Ordering::SeqCst);
+        self.slots.lock().clear();
+        self.dirty.files.lock().clear();
+    }
+
+    fn check(&self, st: &State, op: &'static str, off: u64, len: u64) -> Result<(), StoreError> {
+        if self.is_removed() {
+            return Err(StoreError::ImageRemoved {
+                spec: spec_of(&st.info),
+            });
+        }
+        match off.checked_add(len) {
+            Some(end) if end <= st.info.size => Ok(()),
+            _ => Err(StoreError::OutOfRange {
+                op,
+                spec: spec_of(&st.info),
+                off,
+                len,
+                size: st.info.size,
+            }),
+        }
+    }
+
+    /// The cached file for object `no`, opening (or with `create`, creating)
+    /// it on a miss. `None`: the object does not exist and reads as zeros.
+    fn object(
+        &self,
+        spec: &str,
+        no: u64,
+        create: bool,
+    ) -> Result<Option<Arc<ObjectFile>>, StoreError> {
+        if let Some(hit) = self.lookup(no, create) {
+            return Ok(hit);
+        }
+        let guard = self.open_lock.lock();
+        if let Some(hit) = self.lookup(no, create) {
+            return Ok(hit);
+        }
+        let path = object::object_path(&self.dir, no);
+        let opened = object::open_object(&self.dir, &self.id, no, create).map_err(|e| match e {
+            OpenError::Header(source) => StoreError::CorruptObject {
+                spec: spec.to_string(),
+                path: path.clone(),
+                source,
+            },
+            OpenError::Io(e) => data_io("writing", spec, path.clone(), e, |spec, path, source| {
+                StoreError::OpenObject { spec, path, source }
+            }),
+        })?;
+        let Some(opened) = opened else {
+            let mut slots = self.slots.lock();
+            if slots.len() >= MAX_SLOTS {
+                slots.retain(|_, s| matches!(s, Slot::Open(_)));
+            }
+            slots.insert(no, Slot::Absent);
+            return Ok(None);
+        };
+        let f = Arc::new(ObjectFile::new(
+            opened.file,
+            no,
+            self.shared.open_fds.clone(),
+        ));
+        if opened.initialised {
+            // The header and the directory entry need a flush like data.
+            self.dirty.dir.store(true, Ordering::SeqCst);
+            self.dirty.add(&f);
+        }
+        self.slots.lock().insert(no, Slot::Open(f.clone()));
+        drop(guard);
+        if self.shared.open_fds.load(Ordering::Relaxed) > self.shared.fd_cap {
+            self.shared.shed();
+        }
+        Ok(Some(f))
+    }
+
+    /// `Some(answer)` if the cache decides it; `None` to go to the disk.
+    fn lookup(&self, no: u64, create: bool) -> Option<Option<Arc<ObjectFile>>> {
+        match self.slots.lock().get(&no) {
+            Some(Slot::Open(f)) => Some(Some(f.clone())),
+            Some(Slot::Absent) if !create => Some(None),
+            _ => None,
+        }
+    }
+
+    fn shed_idle(&self) {
+        // strong_count 1: only the cache holds it, so it is neither dirty
+        // (the dirty set would hold it) nor in use by an I/O.
+        self.slots.lock().retain(|_, s| match s {
+            Slot::Open(f) => Arc::strong_count(f) > 1,
+            Slot::Absent => false,
+        });
+    }
+
+    /// Unlinks object `no`; the cache forgets it first so no later I/O
+    /// reaches the unlinked file.
+    fn delete_object(&self, no: u64) -> io::Result<bool> {
+        let _g = self.open_lock.lock();
+        self.slots.lock().insert(no, Slot::Absent);
+        match std::fs::remove_file(object::object_path(&self.dir, no)) {
+            Ok(()) => {
+                self.dirty.dir.store(true, Ordering::SeqCst);
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Objects touched by `[off, off+len)` with their spans; may include
+    /// objects that do not exist.
+    fn spans(&self, spec: &str, off: u64, len: u64) -> Result<Vec<ObjectSpan>, StoreError> {
+        let mut v = Vec::new();
+        for s in ObjectSpans::new(&self.layout, off, len) {
+            v.push(s);
+            if v.len() > PROBE_LIMIT {
+                let existing =
+                    object::list_objects(&self.dir).map_err(|source| StoreError::Scan {
+                        spec: spec.to_string(),
+                        path: self.dir.clone(),
+                        source,
+                    })?;
+                let end = off + len;
+                return Ok(existing
+                    .into_iter()
+                    .filter_map(|o| {
+                        let (lo, hi) = object_span(&self.layout, o, off, end);
+                        (lo < hi).then_some((o, lo, hi))
+                    })
+                    .collect());
+            }
+        }
+        Ok(v)
+    }
+
+    pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        let st = self.state.read();
+        self.check(&st, "read", off, buf.len() as u64)?;
+        let spec = spec_of(&st.info);
+        for e in self.layout.extents(off, buf.len() as u64) {
+            let dst = &mut buf[e.buf_offset as usize..][..e.len as usize];
+            match self.object(&spec, e.object_no, false)? {
+                None => dst.fill(0),
+                Some(f) => {
+                    let n = object::read_full_at(&f.file, dst, HEADER_SIZE + e.offset).map_err(
+                        |source| StoreError::Read {
+                            spec: spec.clone(),
+                            path: object::object_path(&self.dir, e.object_no),
+                            source,
+                        },
+                    )?;
+                    dst[n..].fill(0);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `off`. With `fua` the data is durable on return;
+    /// otherwise once a later [`flush`](Self::flush) returns.
+    pub fn write(&self, off: u64, data: &[u8], fua: bool) -> Result<(), StoreError> {
+        let st = self.state.read();
+        self.check(&st, "write", off, data.len() as u64)?;
+        let spec = spec_of(&st.info);
+        let mut touched: Vec<Arc<ObjectFile>> = Vec::new();
+        let mut seen = HashSet::new();
+        let mut result = Ok(());
+        for e in self.layout.extents(off, data.len() as u64) {
+            let f = match self.object(&spec, e.object_no, true) {
+                Ok(f) => f.expect("created on demand"),
+                Err(err) => {
+                    result = Err(err);
+                    break;
+                }
+            };
+            let src = &data[e.buf_offset as usize..][..e.len as usize];
+            let r = f.file.write_all_at(src, HEADER_SIZE + e.offset);
+            if seen.insert(Arc::as_ptr(&f) as usize) {
+                touched.push(f);
+            }
+            if let Err(source) = r {
+                let path = object::object_path(&self.dir, e.object_no);
+                result = Err(data_io(
+                    "writing",
+                    &spec,
+                    path,
+                    source,
+                    |spec, path, source| StoreError::Write { spec, path, source },
+                ));
+                break;
+            }
+        }
+        // Only after the data is in the file: a flush that swapped the set
+        // before this point did not owe this write anything, and one after
+        // it sees the entry.
+        for f in &touched {
+            self.dirty.add(f);
+        }
+        result?;
+        if fua {
+            for f in &touched {
+                f.file
+                    .sync_data()
+                    .map_err(|source| self.flush_error(&spec, f.no, source))?;
+            }
+            self.sync_dir(&spec)?;
+        }
+        Ok(())
+    }
+
+    fn flush_error(&self, spec: &str, no: u64, source: io::Error) -> StoreError {
+        self.dirty.failed.store(true, Ordering::SeqCst);
+        data_io(
+            "flushing",
+            spec,
+            object::object_path(&self.dir, no),
+            source,
+            |spec, path, source| StoreError::Flush { spec, path, source },
+        )
+    }
+
+    fn sync_dir(&self, spec: &str) -> Result<(), StoreError> {
+        if self.dirty.dir.swap(false, Ordering::SeqCst)
+            && let Err(source) = object::fsync_dir(&self.dir)
+        {
+            self.dirty.dir.store(true, Ordering::SeqCst);
+            return Err(StoreError::Flush {
+                spec: spec.to_string(),
+                path: self.dir.clone(),
+                source,
+            });
+        }
+        Ok(())
+    }
+
+    /// Deallocates the range: it reads as zeros afterwards.
+    pub fn discard(&self, off: u64, len: u64) -> Result<(), StoreError> {
+        self.zero_range("discard", "discarding", off, len)
+    }
+
+    /// Zeroes the range. Same effect as discard here: holes are zeros and
+    /// there are no snapshots whose data must be kept.
+    pub fn write_zeroes(&self, off: u64, len: u64) -> Result<(), StoreError> {
+        self.zero_range("write-zeroes", "zeroing", off, len)
+    }
+
+    fn zero_range(
+        &self,
+        op: &'static str,
+        doing: &'static str,
+        off: u64,
+        len: u64,
+    ) -> Result<(), StoreError> {
+        let st = self.state.read();
+        self.check(&st, op, off, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let spec = spec_of(&st.info);
+        let os = self.layout.object_size;
+        for (no, lo, hi) in self.spans(&spec, off, len)? {
+            let path = || object::object_path(&self.dir, no);
+            let mk = |spec, path, source| StoreError::Discard { spec, path, source };
+            if lo == 0 && hi == os {
+                self.delete_object(no)
+                    .map_err(|e| data_io(doing, &spec, path(), e, mk))?;
+            } else if let Some(f) = self.object(&spec, no, false)? {
+                let r = object::punch_hole(&f.file, HEADER_SIZE + lo, hi - lo);
+                self.dirty.add(&f);
+                r.map_err(|e| data_io(doing, &spec, path(), e, mk))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every write that returned before this call durable: syncs each
+    /// file written since the last flush, then the directory if entries
+    /// were created or deleted.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let st = self.state.read();
+        self.check(&st, "flush", 0, 0)?;
+        let spec = spec_of(&st.info);
+        if self.dirty.failed.load(Ordering::SeqCst) {
+            return Err(StoreError::Flush {
+                spec,
+                path: self.dir.clone(),
+                source: io::Error::other(
+                    "an earlier flush failed and data may have been lost; the image needs checking",
+                ),
+            });
+        }
+        // Swap the set out so writes that land during the syncs are tracked
+        // for the next flush instead of being lost from the set.
+        let files = std::mem::take(&mut *self.dirty.files.lock());
+        for f in files.values() {
+            f.file
+                .sync_data()
+                .map_err(|source| self.flush_error(&spec, f.no, source))?;
+        }
+        self.sync_dir(&spec)
+    }
+
+    /// Data extents `(offset, len)` of the image inside `[off, off+len)`,
+    /// sorted and merged; everything else reads as zeros. Reads no data.
+    pub fn allocated_extents(&self, off: u64, len: u64) -> Result<Vec<(u64, u64)>, StoreError> {
+        let st = self.state.read();
+        self.check(&st, "allocation query", off, len)?;
+        let spec = spec_of(&st.info);
+        let mut out = Vec::new();
+        for (no, lo, hi) in self.spans(&spec, off, len)? {
+            let Some(f) = self.object(&spec, no, false)? else {
+                continue;
+            };
+            let ranges = object::data_ranges(&f.file, HEADER_SIZE + lo, HEADER_SIZE + hi).map_err(
+                |source| StoreError::Scan {
+                    spec: spec.clone(),
+                    path: object::object_path(&self.dir, no),
+                    source,
+                },
+            )?;
+            for (a, b) in ranges {
+                object_range_to_image(&self.layout, no, a - HEADER_SIZE, b - HEADER_SIZE, &mut out);
+            }
+        }
+        Ok(merge_ranges(out))
+    }
+
+    /// On-disk bytes of this image's object files (allocated blocks).
+    pub fn used_bytes(&self) -> Result<u64, StoreError> {
+        let st = self.state.read();
+        self.check(&st, "usage query", 0, 0)?;
+        object::dir_usage(&self.dir)
+            .map(|(bytes, _)| bytes)
+            .map_err(|source| StoreError::Scan {
+                spec: spec_of(&st.info),
+                path: self.dir.clone(),
+                source,
+            })
+    }
+
+    /// Changes the size. `commit` records the new size in the metadata and
+    /// returns the new info; it runs after the data past a new, smaller end
+    /// is gone and that is durable. In that order a crash leaves either the
+    /// old size with its tail zeroed (what the user asked to lose) or the
+    /// new size, never a size whose tail shows stale data after a later
+    /// grow.
+    pub(crate) fn resize(
+        &self,
+        new_size: u64,
+        allow_shrink: bool,
+        commit: impl FnOnce() -> Result<ImageInfo, StoreError>,
+    ) -> Result<ImageInfo, StoreError> {
+        let mut st = self.state.write();
+        self.check(&st, "resize", 0, 0)?;
+        let spec = spec_of(&st.info);
+        check_size(&spec, new_size)?;
+        let old = st.info.size;
+        if new_size < old {
+            if !allow_shrink {
+                return Err(StoreError::ShrinkNotAllowed {
+                    spec,
+                    from: old,
+                    to: new_size,
+                });
+            }
+            self.cut_objects(&spec, new_size)?;
+        }
+        let info = commit()?;
+        st.info = info.clone();
+        Ok(info)
+    }
+
+    /// Deletes objects wholly past `new_size` and truncates the one that
+    /// straddles it (with striping, several), then syncs that. Lists the
+    /// directory, so the cost follows the data, not the size.
+    fn cut_objects(&self, spec: &str, new_size: u64) -> Result<(), StoreError> {
+        let mk = |spec, path, source| StoreError::Resize { spec, path, source };
+        let existing = object::list_objects(&self.dir)
+            .map_err(|e| data_io("resizing", spec, self.dir.clone(), e, mk))?;
+        for no in existing {
+            let keep = object_prefix_below(&self.layout, no, new_size);
+            let path = object::object_path(&self.dir, no);
+            if keep == 0 {
+                self.delete_object(no)
+                    .map_err(|e| data_io("resizing", spec, path, e, mk))?;
+            } else if keep < self.layout.object_size {
+                let Some(f) = self.object(spec, no, false)? else {
+                    continue;
+                };
+                let r = (|| {
+                    if f.file.metadata()?.len() > HEADER_SIZE + keep {
+                        f.file.set_len(HEADER_SIZE + keep)?;
+                        f.file.sync_data()?;
+                    }
+                    Ok(())
+                })();
+                r.map_err(|e| data_io("resizing", spec, path, e, mk))?;
+            }
+        }
+        self.sync_dir(spec)
+    }
+}
+
+pub(crate) fn check_size(spec: &str, size: u64) -> Result<(), StoreError> {
+    let reason = if size == 0 {
+        "an image must have a size greater than 0"
+    } else if size > MAX_IMAGE_SIZE {
+        "the largest image is 2^60 bytes (1 EiB)"
+    } else {
+        return Ok(());
+    };
+    Err(StoreError::InvalidSize {
+        spec: spec.to_string(),
+        size,
+        reason,
+    })
+}

@@ -1,0 +1,149 @@
+//! Central configuration, as `ceph config set WHO KEY VALUE`: values live in
+//! the site database, keyed by who (`global`, `client`, `client.NAME`) and
+//! option. Only known options are accepted, checked against their type, so
+//! a typo fails at `config set`, not silently at run time.
+
+use tern_types::error::Error;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Int,
+    Float,
+    Bool,
+    Size,
+    Str,
+}
+
+pub struct Opt {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+macro_rules! opts {
+    ($($name:literal $kind:ident $default:literal $help:literal;)*) => {
+        pub const OPTIONS: &[Opt] = &[$(Opt { name: $name, kind: Kind::$kind, default: $default, help: $help }),*];
+    };
+}
+
+opts! {
+    "rbd_default_features" Str "layering,exclusive-lock,object-map,fast-diff,deep-flatten" "features of new images when none are given";
+    "rbd_default_order" Int "22" "object size of new images as a power of two";
+    "rbd_default_stripe_unit" Size "0" "stripe unit of new images (0: object size)";
+    "rbd_default_stripe_count" Int "0" "stripe count of new images (0: 1)";
+    "rbd_journal_object_size" Size "16777216" "size of one journal segment";
+    "rbd_journal_splay_width" Int "4" "accepted for compatibility; tern writes one ordered journal";
+    "rbd_journal_max_size" Size "1073741824" "journal size past which a lagging reader is disconnected";
+    "rbd_journal_commit_age" Float "0.005" "how long a journal append may wait to share an fsync";
+    "rbd_mirror_concurrent_image_syncs" Int "5" "images the mirror daemon fully syncs at once";
+    "rbd_mirror_journal_commit_age" Float "5" "seconds between replay-position commits to the primary";
+    "rbd_mirror_sync_point_update_age" Float "30" "seconds between sync-point updates during an initial sync";
+    "rbd_mirror_pool_replayers_refresh_interval" Int "30" "seconds between peer/pool rescans";
+    "rbd_mirror_image_state_check_interval" Int "30" "seconds between image state checks";
+    "rbd_mirror_heartbeat_interval" Float "1" "seconds between mirror daemon heartbeats";
+    "rbd_mirror_memory_target" Size "268435456" "bytes of unapplied replay data a daemon may hold";
+    "rbd_mirror_bandwidth_limit" Size "0" "bytes per second of replication traffic per daemon (0: none)";
+    "rbd_mirror_peer_bandwidth_limit" Size "0" "bytes per second of replication traffic per peer (0: none)";
+    "rbd_mirror_compression" Str "none" "compression of replication traffic: none or zstd";
+    "rbd_mirroring_max_mirroring_snapshots" Int "5" "mirror snapshots kept per image";
+    "nbd_listen" Str "127.0.0.1:10809" "address the NBD server listens on";
+    "log_level" Str "info" "ternd log level";
+}
+
+pub fn find(name: &str) -> Result<&'static Opt, Error> {
+    OPTIONS.iter().find(|o| o.name == name).ok_or_else(|| {
+        let close: Vec<&str> = OPTIONS
+            .iter()
+            .filter(|o| {
+                let tail = name.rsplit('_').next().unwrap_or(name);
+                o.name.contains(tail)
+            })
+            .map(|o| o.name)
+            .take(3)
+            .collect();
+        let hint = if close.is_empty() {
+            String::new()
+        } else {
+            format!(" (did you mean {}?)", close.join(", "))
+        };
+        Error::invalid(format!(
+            "unknown option '{name}'{hint}: `tern config help` lists the options"
+        ))
+    })
+}
+
+pub fn validate_who(who: &str) -> Result<(), Error> {
+    let ok = matches!(who, "global" | "client" | "mon" | "osd" | "mgr")
+        || who.strip_prefix("client.").is_some_and(|n| !n.is_empty());
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "'{who}' is not a config section: use global, client or client.NAME"
+        )))
+    }
+}
+
+/// Checks and normalises a value for its option's type.
+pub fn check_value(opt: &Opt, value: &str) -> Result<String, Error> {
+    let bad = |want: &str| Error::invalid(format!("{}: '{value}' is not {want}", opt.name));
+    Ok(match opt.kind {
+        Kind::Int => value
+            .trim()
+            .parse::<i64>()
+            .map_err(|_| bad("an integer"))?
+            .to_string(),
+        Kind::Float => {
+            let f: f64 = value.trim().parse().map_err(|_| bad("a number"))?;
+            if !f.is_finite() || f < 0.0 {
+                return Err(bad("a non-negative number"));
+            }
+            value.trim().to_string()
+        }
+        Kind::Bool => match value.trim() {
+            "true" | "1" | "yes" | "on" => "true".into(),
+            "false" | "0" | "no" | "off" => "false".into(),
+            _ => return Err(bad("true or false")),
+        },
+        Kind::Size => tern_types::size::parse_size_default_unit(value, 1)
+            .map_err(|_| bad("a size (e.g. 20M)"))?
+            .to_string(),
+        Kind::Str => value.to_string(),
+    })
+}
+
+/// Sections consulted for `who`, most specific first.
+pub fn lookup_chain(who: &str) -> Vec<String> {
+    let mut v = vec![who.to_string()];
+    if who.starts_with("client.") {
+        v.push("client".into());
+    }
+    if who != "global" {
+        v.push("global".into());
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options() {
+        let o = find("rbd_mirror_concurrent_image_syncs").unwrap();
+        assert_eq!(check_value(o, "20").unwrap(), "20");
+        assert!(check_value(o, "x").is_err());
+        assert!(find("rbd_mirror_bogus").is_err());
+        assert_eq!(
+            check_value(find("rbd_mirror_bandwidth_limit").unwrap(), "20M").unwrap(),
+            "20971520"
+        );
+        assert!(validate_who("client.rbd-mirror").is_ok());
+        assert!(validate_who("nobody").is_err());
+        assert_eq!(
+            lookup_chain("client.x"),
+            vec!["client.x", "client", "global"]
+        );
+    }
+}

@@ -1,0 +1,332 @@
+//! A site's identity and its users: what `ternd` creates on first start
+//! (site id, name, TLS key pair, master secret, `client.admin`) and reads on
+//! every later one.
+//!
+//! Data directory:
+//! ```text
+//! meta.redb, objects/   the store (tern-store)
+//! master.key            32 random bytes, 0600: derives every entity key
+//! tls/cert.pem key.pem  the site's self-signed certificate (key 0600)
+//! ternd.addr            the address ternd listens on, written at each start
+//! ```
+
+use crate::auth::{self, Need, Profile, UserRecord};
+use parking_lot::RwLock;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tern_client::config::write_private;
+use tern_store::{KvTable, Store};
+use tern_types::ErrorKind;
+use tern_types::error::Error;
+
+pub const ADMIN: &str = "client.admin";
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::new(
+        ErrorKind::Internal,
+        format!("{what} {}: {e}", path.display()),
+    )
+}
+
+fn store_err(e: tern_store::StoreError) -> Error {
+    Error::new(e.kind(), e.to_string())
+}
+
+pub struct Tls {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub fingerprint: String,
+}
+
+pub struct Site {
+    pub store: Arc<Store>,
+    pub data_dir: PathBuf,
+    pub site_id: String,
+    pub site_name: String,
+    pub tls: Tls,
+    pub started: Instant,
+    master: Vec<u8>,
+    users: RwLock<HashMap<String, UserRecord>>,
+}
+
+impl Site {
+    /// Opens the site in `data_dir`, initialising it on first use.
+    pub fn open_or_init(data_dir: &Path, site_name: &str) -> Result<Site, Error> {
+        std::fs::create_dir_all(data_dir).map_err(|e| io_err("cannot create", data_dir, e))?;
+        let store = Arc::new(Store::open(data_dir).map_err(store_err)?);
+        let master_path = data_dir.join("master.key");
+        let master = match std::fs::read(&master_path) {
+            Ok(m) if m.len() == 32 => m,
+            Ok(_) => {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "{} is not 32 bytes: restore it from backup",
+                        master_path.display()
+                    ),
+                ));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let m: [u8; 32] = rand::random();
+                write_private_bytes(&master_path, &m)?;
+                m.to_vec()
+            }
+            Err(e) => return Err(io_err("cannot read", &master_path, e)),
+        };
+        let site_id = match store.kv_get(KvTable::Site, "site_id").map_err(store_err)? {
+            Some(id) => id,
+            None => {
+                let id = uuid::Uuid::new_v4().to_string();
+                store
+                    .kv_put(KvTable::Site, "site_name", site_name)
+                    .map_err(store_err)?;
+                store
+                    .kv_put(KvTable::Site, "created", &now_secs().to_string())
+                    .map_err(store_err)?;
+                // Written last: its presence means the site is initialised.
+                store
+                    .kv_put(KvTable::Site, "site_id", &id)
+                    .map_err(store_err)?;
+                tracing::info!(site_id = %id, site_name, "initialised a new site");
+                id
+            }
+        };
+        let site_name = store
+            .kv_get(KvTable::Site, "site_name")
+            .map_err(store_err)?
+            .unwrap_or_default();
+        let tls = load_or_make_tls(data_dir)?;
+        let site = Site {
+            store,
+            data_dir: data_dir.to_path_buf(),
+            site_id,
+            site_name,
+            tls,
+            started: Instant::now(),
+            master,
+            users: RwLock::new(HashMap::new()),
+        };
+        site.reload_users()?;
+        if !site.users.read().contains_key(ADMIN) {
+            site.get_or_create_user(ADMIN, &auth::admin_caps())?;
+        }
+        Ok(site)
+    }
+
+    fn reload_users(&self) -> Result<(), Error> {
+        let mut map = HashMap::new();
+        for (k, v) in self.store.kv_list(KvTable::Users, "").map_err(store_err)? {
+            let rec: UserRecord = serde_json::from_str(&v).map_err(|e| {
+                Error::new(
+                    ErrorKind::Corrupt,
+                    format!("user record {k} is damaged: {e}"),
+                )
+            })?;
+            map.insert(k, rec);
+        }
+        *self.users.write() = map;
+        Ok(())
+    }
+
+    pub fn key_of(&self, rec: &UserRecord) -> String {
+        auth::derive_key(&self.master, &rec.entity, rec.generation, rec.created)
+    }
+
+    /// Checks a presented key; returns the entity's record.
+    pub fn authenticate(
+        &self,
+        entity: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<UserRecord, Error> {
+        let (Some(entity), Some(key)) = (entity, key) else {
+            return Err(Error::new(
+                ErrorKind::Unauthenticated,
+                "no credentials: the request carried no entity and key (check the keyring)",
+            ));
+        };
+        let users = self.users.read();
+        let rec = users
+            .get(entity)
+            .filter(|r| auth::same_hash(&r.key_sha256, &auth::key_hash(key)));
+        match rec {
+            Some(r) => Ok(r.clone()),
+            // One message for both cases, so a caller cannot probe which entities exist.
+            None => Err(Error::new(
+                ErrorKind::Unauthenticated,
+                format!("authentication failed for {entity}: unknown entity or wrong key"),
+            )),
+        }
+    }
+
+    pub fn authorize(&self, who: &UserRecord, need: Need<'_>) -> Result<(), Error> {
+        if who.allows(need) {
+            Ok(())
+        } else {
+            Err(who.denial(need))
+        }
+    }
+
+    /// Ceph's get-or-create: returns the existing entity if its caps match,
+    /// refuses if they differ, creates it otherwise. The bool says "created".
+    pub fn get_or_create_user(
+        &self,
+        entity: &str,
+        caps: &BTreeMap<String, String>,
+    ) -> Result<(UserRecord, bool), Error> {
+        auth::validate_entity(entity)?;
+        let (profile, pools) = auth::parse_caps(caps)?;
+        if let Some(existing) = self.users.read().get(entity) {
+            if &existing.caps != caps && !caps.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "key for {entity} exists but its caps differ ({}): remove it first or ask with the same caps",
+                        fmt_caps(&existing.caps)
+                    ),
+                ));
+            }
+            return Ok((existing.clone(), false));
+        }
+        if caps.is_empty() {
+            return Err(Error::invalid(format!(
+                "{entity} does not exist and no caps were given"
+            )));
+        }
+        let created = now_secs();
+        let mut rec = UserRecord {
+            entity: entity.to_string(),
+            generation: 1,
+            created,
+            key_sha256: String::new(),
+            caps: caps.clone(),
+            profile,
+            pools,
+        };
+        rec.key_sha256 = auth::key_hash(&self.key_of(&rec));
+        let json = serde_json::to_string(&rec).expect("serialisable");
+        self.store
+            .kv_put(KvTable::Users, entity, &json)
+            .map_err(store_err)?;
+        self.users.write().insert(entity.to_string(), rec.clone());
+        tracing::info!(entity, profile = profile.as_str(), "created user");
+        Ok((rec, true))
+    }
+
+    pub fn get_user(&self, entity: &str) -> Result<UserRecord, Error> {
+        self.users.read().get(entity).cloned().ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("entity {entity} does not exist"),
+            )
+        })
+    }
+
+    pub fn list_users(&self) -> Vec<UserRecord> {
+        let mut v: Vec<_> = self.users.read().values().cloned().collect();
+        v.sort_by(|a, b| a.entity.cmp(&b.entity));
+        v
+    }
+
+    pub fn remove_user(&self, entity: &str, caller: &str) -> Result<(), Error> {
+        if entity == caller {
+            return Err(Error::invalid(format!(
+                "refusing to remove {entity}: it is the entity making this call"
+            )));
+        }
+        self.get_user(entity)?;
+        self.store
+            .kv_delete(KvTable::Users, entity)
+            .map_err(store_err)?;
+        self.users.write().remove(entity);
+        tracing::info!(entity, "removed user");
+        Ok(())
+    }
+
+    pub fn is_admin_profile(rec: &UserRecord) -> bool {
+        rec.profile == Profile::Admin
+    }
+}
+
+pub fn fmt_caps(caps: &BTreeMap<String, String>) -> String {
+    caps.iter()
+        .map(|(k, v)| format!("{k} '{v}'"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn write_private_bytes(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| io_err("cannot create", path, e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| io_err("cannot write", path, e))
+}
+
+fn load_or_make_tls(data_dir: &Path) -> Result<Tls, Error> {
+    let dir = data_dir.join("tls");
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    if !cert_path.exists() {
+        let mut params = rcgen::CertificateParams::new(vec![
+            "tern-site".to_string(),
+            "localhost".to_string(),
+        ])
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("certificate parameters: {e}")))?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "tern-site");
+        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2124, 1, 1);
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("key generation: {e}")))?;
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("self-signing: {e}")))?;
+        std::fs::create_dir_all(&dir).map_err(|e| io_err("cannot create", &dir, e))?;
+        write_private(&key_path, &key.serialize_pem())
+            .map_err(|e| io_err("cannot write", &key_path, e))?;
+        write_private(&cert_path, &cert.pem())
+            .map_err(|e| io_err("cannot write", &cert_path, e))?;
+    }
+    let cert_pem =
+        std::fs::read_to_string(&cert_path).map_err(|e| io_err("cannot read", &cert_path, e))?;
+    let key_pem =
+        std::fs::read_to_string(&key_path).map_err(|e| io_err("cannot read", &key_path, e))?;
+    let der = pem_to_der(&cert_pem).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!("{} holds no certificate", cert_path.display()),
+        )
+    })?;
+    let fingerprint = tern_client::connect::fingerprint_of(&der);
+    Ok(Tls {
+        cert_pem,
+        key_pem,
+        fingerprint,
+    })
+}
+
+fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let body: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    base64::engine::general_purpose::STANDARD.decode(body).ok()
+}
