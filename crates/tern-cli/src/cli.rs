@@ -91,8 +91,42 @@ pub enum Cmd {
     Rm { spec: String },
     /// Import a raw file (or - for stdin) as a new image.
     Import(ImportArgs),
-    /// Export an image to a raw file (or - for stdout); holes stay holes.
-    Export { spec: String, path: String },
+    /// Export an image or snapshot to a raw file (or - for stdout); holes stay holes.
+    Export {
+        spec: String,
+        path: String,
+        /// 1: raw bytes; 2: rbd's "rbd image v2" format with every snapshot.
+        #[arg(long, default_value_t = 1)]
+        export_format: u8,
+    },
+    /// Snapshots: create, ls, rm, rename, rollback, protect, unprotect, purge.
+    #[command(subcommand)]
+    Snap(SnapCmd),
+    /// List extents changed since a snapshot (or all allocated ones).
+    Diff {
+        spec: String,
+        #[arg(long)]
+        from_snap: Option<String>,
+        #[arg(long)]
+        whole_object: bool,
+    },
+    /// Write the changes between two points as an rbd export-diff stream.
+    ExportDiff {
+        spec: String,
+        path: String,
+        #[arg(long)]
+        from_snap: Option<String>,
+        #[arg(long)]
+        whole_object: bool,
+        /// 1: "rbd diff v1" (rbd's default); 2: "rbd diff v2".
+        #[arg(long, default_value_t = 1)]
+        export_format: u8,
+    },
+    /// Apply an rbd export-diff stream to an image: all of it or nothing.
+    ImportDiff { path: String, spec: String },
+    /// Exclusive locks: ls, rm.
+    #[command(subcommand)]
+    Lock(LockCmd),
     /// Measure I/O against an image, like `rbd bench`.
     Bench(BenchArgs),
     /// Site health and usage, like `ceph status`.
@@ -180,6 +214,9 @@ pub struct ImportArgs {
     pub path: String,
     /// Target image spec (default: the file's name in pool rbd).
     pub spec: Option<String>,
+    /// 1: raw bytes; 2: rbd's "rbd image v2" format (with snapshots).
+    #[arg(long, default_value_t = 1)]
+    pub export_format: u8,
     #[command(flatten)]
     pub layout: LayoutArgs,
 }
@@ -264,4 +301,61 @@ pub enum AuthCmd {
     /// Remove an entity: its key stops working at once.
     #[command(visible_alias = "del")]
     Rm { entity: String },
+}
+
+#[derive(Subcommand)]
+pub enum SnapCmd {
+    /// Take a snapshot: pool/image@snap.
+    #[command(visible_alias = "add")]
+    Create {
+        spec: String,
+    },
+    /// List snapshots (--all: mirror snapshots too).
+    #[command(visible_alias = "list")]
+    Ls {
+        spec: String,
+        #[arg(short = 'a', long)]
+        all: bool,
+    },
+    /// Remove a snapshot.
+    #[command(visible_alias = "remove")]
+    Rm {
+        spec: String,
+    },
+    /// Rename a snapshot.
+    #[command(visible_alias = "mv")]
+    Rename {
+        src: String,
+        dst: String,
+    },
+    /// Return the image to a snapshot.
+    #[command(visible_alias = "revert")]
+    Rollback {
+        spec: String,
+    },
+    /// Keep a snapshot from being removed.
+    Protect {
+        spec: String,
+    },
+    Unprotect {
+        spec: String,
+    },
+    /// Remove every unprotected user snapshot of an image.
+    Purge {
+        spec: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum LockCmd {
+    /// Show the exclusive lock of an image.
+    #[command(visible_alias = "list")]
+    Ls { spec: String },
+    /// Break a lock; its owner is fenced and its writes are refused.
+    #[command(visible_alias = "remove")]
+    Rm {
+        spec: String,
+        lock_id: String,
+        locker: String,
+    },
 }

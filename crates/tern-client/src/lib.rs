@@ -6,10 +6,12 @@
 pub mod config;
 pub mod connect;
 mod error;
+pub mod lock;
+pub mod rbd_diff;
 mod site;
 pub mod transfer;
 
 pub use config::{ClusterConfig, Keyring};
 pub use error::ClientError;
-pub use site::{SiteClient, image_ref};
+pub use site::{SiteClient, image_ref, snap_ref};
 pub use tern_proto::v1 as pb;

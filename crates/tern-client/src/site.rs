@@ -174,11 +174,29 @@ rpc! {
     config_get(pb::ConfigGetRequest) -> pb::ConfigListReply;
     config_remove(pb::ConfigGetRequest) -> pb::Empty;
     config_dump(pb::Empty) -> pb::ConfigListReply;
+    snap_create(pb::SnapRequest) -> pb::SnapInfo;
+    snap_list(pb::SnapListRequest) -> pb::SnapListReply;
+    snap_remove(pb::SnapRequest) -> pb::Empty;
+    snap_rename(pb::SnapRenameRequest) -> pb::Empty;
+    snap_rollback(pb::SnapRequest) -> pb::Empty;
+    snap_protect(pb::SnapProtectRequest) -> pb::Empty;
+    snap_purge(pb::ImageRef) -> pb::SnapPurgeReply;
+    diff(pb::DiffRequest) -> pb::DiffReply;
+    lock_acquire(pb::LockRequest) -> pb::LockInfo;
+    lock_release(pb::LockRequest) -> pb::Empty;
+    lock_list(pb::ImageRef) -> pb::LockListReply;
+    lock_break(pb::LockBreakRequest) -> pb::Empty;
 }
 
 pub fn image_ref(pool: &str, image: &str) -> pb::ImageRef {
+    snap_ref(pool, image, None)
+}
+
+/// A reference to `pool/image@snap` (no snap: the head).
+pub fn snap_ref(pool: &str, image: &str, snap: Option<&str>) -> pb::ImageRef {
     pb::ImageRef {
         pool: pool.to_string(),
         image: image.to_string(),
+        snap: snap.unwrap_or("").to_string(),
     }
 }

@@ -59,11 +59,11 @@ pub async fn import<R: AsyncRead + Unpin>(
     let open = match target {
         ImportTarget::Create(c) => pb::WriteStreamOpen {
             create: Some(c),
-            image: None,
+            ..Default::default()
         },
         ImportTarget::Existing(r) => pb::WriteStreamOpen {
-            create: None,
             image: Some(r),
+            ..Default::default()
         },
     };
     let msg = |m| pb::WriteStreamMessage { msg: Some(m) };
@@ -144,8 +144,7 @@ pub async fn export<W: AsyncWrite + Unpin>(
         .read_stream(pb::ReadStreamRequest {
             image: Some(image),
             offset: 0,
-            length: 0,
-            chunk_size: 0,
+            ..Default::default()
         })
         .await
         .map_err(|s| client.err(s))?

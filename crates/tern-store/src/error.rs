@@ -157,6 +157,33 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    #[error("snapshot '{spec}' does not exist")]
+    SnapNotFound { spec: String },
+    #[error("snapshot '{spec}' already exists")]
+    SnapExists { spec: String },
+    #[error("snapshot '{spec}' is protected: unprotect it first")]
+    SnapProtected { spec: String },
+    #[error("snapshot '{spec}' is a mirror snapshot; it is removed by mirroring, not by hand")]
+    MirrorSnapshot { spec: String },
+    #[error("image '{spec}' has snapshots: remove them with `tern snap purge {spec}` first")]
+    ImageHasSnapshots { spec: String },
+    #[error("image '{spec}' has protected snapshots ({names}): unprotect them first")]
+    ProtectedSnapshots { spec: String, names: String },
+    #[error("diff of image '{spec}' is not valid: {reason}")]
+    InvalidDiff { spec: String, reason: String },
+    #[error("snapshot data of image '{spec}' failed at {path}: {source}")]
+    SnapshotData {
+        spec: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot update the clean-shutdown marker {path}: {source}")]
+    Marker {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot remove data of image '{spec}' at {path}: {source}")]
     RemoveData {
         spec: String,
@@ -170,10 +197,17 @@ impl StoreError {
     pub fn kind(&self) -> ErrorKind {
         use StoreError as E;
         match self {
-            E::PoolNotFound { .. } | E::ImageNotFound { .. } | E::ImageRemoved { .. } => {
-                ErrorKind::NotFound
+            E::PoolNotFound { .. }
+            | E::ImageNotFound { .. }
+            | E::ImageRemoved { .. }
+            | E::SnapNotFound { .. } => ErrorKind::NotFound,
+            E::PoolExists { .. } | E::ImageExists { .. } | E::SnapExists { .. } => {
+                ErrorKind::AlreadyExists
             }
-            E::PoolExists { .. } | E::ImageExists { .. } => ErrorKind::AlreadyExists,
+            E::MirrorSnapshot { .. } | E::InvalidDiff { .. } => ErrorKind::InvalidArgument,
+            E::SnapProtected { .. }
+            | E::ImageHasSnapshots { .. }
+            | E::ProtectedSnapshots { .. } => ErrorKind::Busy,
             E::InvalidName { .. }
             | E::InvalidSize { .. }
             | E::InvalidLayout { .. }
@@ -207,6 +241,8 @@ impl StoreError {
             | E::Flush { .. }
             | E::Resize { .. }
             | E::Scan { .. }
+            | E::SnapshotData { .. }
+            | E::Marker { .. }
             | E::RemoveData { .. } => ErrorKind::Internal,
         }
     }

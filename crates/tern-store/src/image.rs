@@ -11,19 +11,25 @@
 //! 3. `slots` (Mutex): the fd-cache map, held only for lookups.
 //! 4. `dirty.files` (Mutex): the dirty set, held only to insert or swap.
 //!
+//! Then, per object: its header mutex (`ObjectFile::hdr`), then `clones`,
+//! then `clone_files`. Snapshot operations (create, remove, rollback) hold
+//! `state` for writing, so no I/O is in flight while the epoch changes.
+//!
 //! The store's open-image map may be taken while holding `state`, never the
 //! other way round; the removal flag is an atomic so the map's holder needs
 //! no image lock.
 
+use crate::dirty::Chunks;
 use crate::error::{StoreError, data_io};
 use crate::extent::{
     ObjectSpan, ObjectSpans, merge_ranges, object_prefix_below, object_range_to_image, object_span,
 };
 use crate::header::HEADER_SIZE;
-use crate::object::{self, ObjectFile, OpenError};
+use crate::object::{self, ObjMeta, ObjectFile, OpenError};
+use crate::snap::SnapInfo;
 use crate::{ImageInfo, MAX_IMAGE_SIZE};
 use parking_lot::{Mutex, RwLock};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -34,7 +40,7 @@ use tern_types::{ImageId, Layout};
 /// Beyond this many objects a range operation lists the image directory
 /// instead of probing each object: a discard of a whole 1 TiB image should
 /// cost what its data costs, not 262,144 failed opens.
-const PROBE_LIMIT: usize = 256;
+pub(crate) const PROBE_LIMIT: usize = 256;
 /// Negative cache entries are dropped past this many slots.
 const MAX_SLOTS: usize = 65536;
 
@@ -49,6 +55,14 @@ pub(crate) struct Shared {
     /// handle that was dropped unflushed are still synced by the next
     /// handle's flush.
     pub dirty: Mutex<HashMap<ImageId, Arc<DirtySet>>>,
+    /// The store was opened without the clean-shutdown marker: write
+    /// intents left by an earlier generation may cover lost map updates.
+    pub unclean: bool,
+    /// This opening's generation, recorded with every write intent.
+    pub boot: u32,
+    /// Set by every mutation; `flush_all` clears it first and checks it
+    /// last, so "clean" means no mutation since a complete flush.
+    pub mutated: AtomicBool,
 }
 
 impl Shared {
@@ -81,7 +95,7 @@ impl Shared {
 /// and both are synced.
 #[derive(Default)]
 pub(crate) struct DirtySet {
-    files: Mutex<HashMap<usize, Arc<ObjectFile>>>,
+    pub(crate) files: Mutex<HashMap<usize, Arc<ObjectFile>>>,
     /// Entries were created or deleted in the image directory.
     dir: AtomicBool,
     /// A sync failed. Linux may drop the dirty pages after reporting such
@@ -91,7 +105,7 @@ pub(crate) struct DirtySet {
 }
 
 impl DirtySet {
-    fn add(&self, f: &Arc<ObjectFile>) {
+    pub(crate) fn add(&self, f: &Arc<ObjectFile>) {
         self.files
             .lock()
             .entry(Arc::as_ptr(f) as usize)
@@ -105,20 +119,44 @@ enum Slot {
     Open(Arc<ObjectFile>),
 }
 
-struct State {
-    info: ImageInfo,
+pub(crate) struct State {
+    pub info: ImageInfo,
+    /// Id of the newest snapshot ever taken: the current epoch.
+    pub snap_seq: u64,
+    /// Live snapshots, by id.
+    pub snaps: Vec<SnapInfo>,
 }
 
+impl State {
+    pub fn snap(&self, id: u64) -> Result<&SnapInfo, StoreError> {
+        self.snaps
+            .iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| StoreError::SnapNotFound {
+                spec: format!("{}@{{id {id}}}", spec_of(&self.info)),
+            })
+    }
+}
+
+/// Clone ids per object number.
+pub(crate) type CloneMap = BTreeMap<u64, BTreeSet<u64>>;
+
 pub struct Image {
-    shared: Arc<Shared>,
-    id: ImageId,
-    dir: PathBuf,
-    layout: Layout,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) id: ImageId,
+    pub(crate) dir: PathBuf,
+    pub(crate) layout: Layout,
+    pub(crate) chunks: Chunks,
     state: RwLock<State>,
     removed: AtomicBool,
     open_lock: Mutex<()>,
     slots: Mutex<HashMap<u64, Slot>>,
-    dirty: Arc<DirtySet>,
+    pub(crate) dirty: Arc<DirtySet>,
+    /// Which clones exist, filled by one directory listing the first time
+    /// a snapshot needs it, then kept up to date by clone creation and GC.
+    pub(crate) clones: Mutex<Option<CloneMap>>,
+    /// Open clone files, by (object no, clone id).
+    pub(crate) clone_files: Mutex<HashMap<(u64, u64), Arc<ObjectFile>>>,
 }
 
 impl std::fmt::Debug for Image {
@@ -133,24 +171,63 @@ impl std::fmt::Debug for Image {
     }
 }
 
-fn spec_of(info: &ImageInfo) -> String {
+pub(crate) fn spec_of(info: &ImageInfo) -> String {
     format!("{}/{}", info.pool, info.name)
 }
 
 impl Image {
-    pub(crate) fn new(shared: Arc<Shared>, info: ImageInfo) -> Image {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        info: ImageInfo,
+        snap_seq: u64,
+        snaps: Vec<SnapInfo>,
+    ) -> Image {
         let dirty = shared.dirty_set(&info.id);
         Image {
             dir: shared.objects_dir.join(info.id.as_str()),
             id: info.id.clone(),
             layout: info.layout,
+            chunks: Chunks::new(info.layout.object_size),
             shared,
-            state: RwLock::new(State { info }),
+            state: RwLock::new(State {
+                info,
+                snap_seq,
+                snaps,
+            }),
             removed: AtomicBool::new(false),
             open_lock: Mutex::new(()),
             slots: Mutex::new(HashMap::new()),
             dirty,
+            clones: Mutex::new(None),
+            clone_files: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Runs `f` with I/O excluded (state held for writing), for snapshot
+    /// operations.
+    pub(crate) fn with_snapshots_locked<T>(
+        &self,
+        f: impl FnOnce(&mut State) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut st = self.state.write();
+        self.check(&st, "snapshot operation", 0, 0)?;
+        f(&mut st)
+    }
+
+    /// Runs `f` with I/O allowed alongside (state held for reading).
+    pub(crate) fn with_state<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&State) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let st = self.state.read();
+        self.check(&st, op, 0, 0)?;
+        f(&st)
+    }
+
+    /// The image's snapshots, by id.
+    pub fn snapshots(&self) -> Vec<SnapInfo> {
+        self.state.read().snaps.clone()
     }
 
     pub fn info(&self) -> ImageInfo {
@@ -186,10 +263,17 @@ impl Image {
         let _st = self.state.write();
         self.removed.store(true, Ordering::SeqCst);
         self.slots.lock().clear();
+        self.clone_files.lock().clear();
         self.dirty.files.lock().clear();
     }
 
-    fn check(&self, st: &State, op: &'static str, off: u64, len: u64) -> Result<(), StoreError> {
+    pub(crate) fn check(
+        &self,
+        st: &State,
+        op: &'static str,
+        off: u64,
+        len: u64,
+    ) -> Result<(), StoreError> {
         if self.is_removed() {
             return Err(StoreError::ImageRemoved {
                 spec: spec_of(&st.info),
@@ -209,8 +293,9 @@ impl Image {
 
     /// The cached file for object `no`, opening (or with `create`, creating)
     /// it on a miss. `None`: the object does not exist and reads as zeros.
-    fn object(
+    pub(crate) fn object(
         &self,
+        st: &State,
         spec: &str,
         no: u64,
         create: bool,
@@ -223,7 +308,15 @@ impl Image {
             return Ok(hit);
         }
         let path = object::object_path(&self.dir, no);
-        let opened = object::open_object(&self.dir, &self.id, no, create).map_err(|e| match e {
+        let opened = object::open_object(
+            &self.dir,
+            &self.id,
+            no,
+            create,
+            self.chunks.count,
+            st.snap_seq,
+        )
+        .map_err(|e| match e {
             OpenError::Header(source) => StoreError::CorruptObject {
                 spec: spec.to_string(),
                 path: path.clone(),
@@ -244,8 +337,15 @@ impl Image {
         let f = Arc::new(ObjectFile::new(
             opened.file,
             no,
+            ObjMeta {
+                dirty: false,
+                ..opened.meta
+            },
             self.shared.open_fds.clone(),
         ));
+        if opened.map_torn || self.needs_recovery(st, &f.hdr.lock().ext) {
+            self.recover(st, spec, &f)?;
+        }
         if opened.initialised {
             // The header and the directory entry need a flush like data.
             self.dirty.dir.store(true, Ordering::SeqCst);
@@ -275,11 +375,14 @@ impl Image {
             Slot::Open(f) => Arc::strong_count(f) > 1,
             Slot::Absent => false,
         });
+        self.clone_files
+            .lock()
+            .retain(|_, f| Arc::strong_count(f) > 1);
     }
 
     /// Unlinks object `no`; the cache forgets it first so no later I/O
     /// reaches the unlinked file.
-    fn delete_object(&self, no: u64) -> io::Result<bool> {
+    pub(crate) fn delete_object(&self, no: u64) -> io::Result<bool> {
         let _g = self.open_lock.lock();
         self.slots.lock().insert(no, Slot::Absent);
         match std::fs::remove_file(object::object_path(&self.dir, no)) {
@@ -294,7 +397,12 @@ impl Image {
 
     /// Objects touched by `[off, off+len)` with their spans; may include
     /// objects that do not exist.
-    fn spans(&self, spec: &str, off: u64, len: u64) -> Result<Vec<ObjectSpan>, StoreError> {
+    pub(crate) fn spans(
+        &self,
+        spec: &str,
+        off: u64,
+        len: u64,
+    ) -> Result<Vec<ObjectSpan>, StoreError> {
         let mut v = Vec::new();
         for s in ObjectSpans::new(&self.layout, off, len) {
             v.push(s);
@@ -324,7 +432,7 @@ impl Image {
         let spec = spec_of(&st.info);
         for e in self.layout.extents(off, buf.len() as u64) {
             let dst = &mut buf[e.buf_offset as usize..][..e.len as usize];
-            match self.object(&spec, e.object_no, false)? {
+            match self.object(&st, &spec, e.object_no, false)? {
                 None => dst.fill(0),
                 Some(f) => {
                     let n = object::read_full_at(&f.file, dst, HEADER_SIZE + e.offset).map_err(
@@ -351,13 +459,17 @@ impl Image {
         let mut seen = HashSet::new();
         let mut result = Ok(());
         for e in self.layout.extents(off, data.len() as u64) {
-            let f = match self.object(&spec, e.object_no, true) {
+            let f = match self.object(&st, &spec, e.object_no, true) {
                 Ok(f) => f.expect("created on demand"),
                 Err(err) => {
                     result = Err(err);
                     break;
                 }
             };
+            if let Err(err) = self.before_mutation(&st, &spec, &f, e.offset, e.offset + e.len) {
+                result = Err(err);
+                break;
+            }
             let src = &data[e.buf_offset as usize..][..e.len as usize];
             let r = f.file.write_all_at(src, HEADER_SIZE + e.offset);
             if seen.insert(Arc::as_ptr(&f) as usize) {
@@ -393,7 +505,7 @@ impl Image {
         Ok(())
     }
 
-    fn flush_error(&self, spec: &str, no: u64, source: io::Error) -> StoreError {
+    pub(crate) fn flush_error(&self, spec: &str, no: u64, source: io::Error) -> StoreError {
         self.dirty.failed.store(true, Ordering::SeqCst);
         data_io(
             "flushing",
@@ -404,7 +516,7 @@ impl Image {
         )
     }
 
-    fn sync_dir(&self, spec: &str) -> Result<(), StoreError> {
+    pub(crate) fn sync_dir(&self, spec: &str) -> Result<(), StoreError> {
         if self.dirty.dir.swap(false, Ordering::SeqCst)
             && let Err(source) = object::fsync_dir(&self.dir)
         {
@@ -423,8 +535,8 @@ impl Image {
         self.zero_range("discard", "discarding", off, len)
     }
 
-    /// Zeroes the range. Same effect as discard here: holes are zeros and
-    /// there are no snapshots whose data must be kept.
+    /// Zeroes the range. Same effect as discard here: holes are zeros, and
+    /// snapshots keep their data through copy-on-write either way.
     pub fn write_zeroes(&self, off: u64, len: u64) -> Result<(), StoreError> {
         self.zero_range("write-zeroes", "zeroing", off, len)
     }
@@ -446,10 +558,13 @@ impl Image {
         for (no, lo, hi) in self.spans(&spec, off, len)? {
             let path = || object::object_path(&self.dir, no);
             let mk = |spec, path, source| StoreError::Discard { spec, path, source };
-            if lo == 0 && hi == os {
+            // With snapshots the head file stays (punched): deleting it
+            // would lose the epoch map that tells diffs what changed.
+            if lo == 0 && hi == os && st.snaps.is_empty() {
                 self.delete_object(no)
                     .map_err(|e| data_io(doing, &spec, path(), e, mk))?;
-            } else if let Some(f) = self.object(&spec, no, false)? {
+            } else if let Some(f) = self.object(&st, &spec, no, false)? {
+                self.before_mutation(&st, &spec, &f, lo, hi)?;
                 let r = object::punch_hole(&f.file, HEADER_SIZE + lo, hi - lo);
                 self.dirty.add(&f);
                 r.map_err(|e| data_io(doing, &spec, path(), e, mk))?;
@@ -464,6 +579,13 @@ impl Image {
     pub fn flush(&self) -> Result<(), StoreError> {
         let st = self.state.read();
         self.check(&st, "flush", 0, 0)?;
+        self.flush_locked(&st)
+    }
+
+    /// [`flush`](Self::flush) for a caller that holds `state`. Chunk maps
+    /// are written into each header before that file's sync, so after a
+    /// flush the maps on disk are exact.
+    pub(crate) fn flush_locked(&self, st: &State) -> Result<(), StoreError> {
         let spec = spec_of(&st.info);
         if self.dirty.failed.load(Ordering::SeqCst) {
             return Err(StoreError::Flush {
@@ -478,8 +600,8 @@ impl Image {
         // for the next flush instead of being lost from the set.
         let files = std::mem::take(&mut *self.dirty.files.lock());
         for f in files.values() {
-            f.file
-                .sync_data()
+            self.persist_map(f)
+                .and_then(|()| f.file.sync_data())
                 .map_err(|source| self.flush_error(&spec, f.no, source))?;
         }
         self.sync_dir(&spec)
@@ -493,7 +615,7 @@ impl Image {
         let spec = spec_of(&st.info);
         let mut out = Vec::new();
         for (no, lo, hi) in self.spans(&spec, off, len)? {
-            let Some(f) = self.object(&spec, no, false)? else {
+            let Some(f) = self.object(&st, &spec, no, false)? else {
                 continue;
             };
             let ranges = object::data_ranges(&f.file, HEADER_SIZE + lo, HEADER_SIZE + hi).map_err(
@@ -548,41 +670,56 @@ impl Image {
                     to: new_size,
                 });
             }
-            self.cut_objects(&spec, new_size)?;
+            self.cut_objects(&st, &spec, old, new_size)?;
         }
         let info = commit()?;
-        st.info = info.clone();
-        Ok(info)
+        st.info.size = info.size;
+        st.info.modified = info.modified;
+        Ok(st.info.clone())
     }
 
     /// Deletes objects wholly past `new_size` and truncates the one that
-    /// straddles it (with striping, several), then syncs that. Lists the
+    /// straddles it (with striping, several), then flushes that. Lists the
     /// directory, so the cost follows the data, not the size.
-    fn cut_objects(&self, spec: &str, new_size: u64) -> Result<(), StoreError> {
+    ///
+    /// With snapshots, files are truncated, not deleted, after copy-on-write,
+    /// and the cut chunks count as mutated now: a later grow brings the
+    /// range back as zeros, and a diff must report it.
+    fn cut_objects(
+        &self,
+        st: &State,
+        spec: &str,
+        old_size: u64,
+        new_size: u64,
+    ) -> Result<(), StoreError> {
         let mk = |spec, path, source| StoreError::Resize { spec, path, source };
         let existing = object::list_objects(&self.dir)
             .map_err(|e| data_io("resizing", spec, self.dir.clone(), e, mk))?;
         for no in existing {
             let keep = object_prefix_below(&self.layout, no, new_size);
+            let was = object_prefix_below(&self.layout, no, old_size);
             let path = object::object_path(&self.dir, no);
-            if keep == 0 {
+            if keep == 0 && st.snaps.is_empty() {
                 self.delete_object(no)
                     .map_err(|e| data_io("resizing", spec, path, e, mk))?;
             } else if keep < self.layout.object_size {
-                let Some(f) = self.object(spec, no, false)? else {
+                let Some(f) = self.object(st, spec, no, false)? else {
                     continue;
                 };
+                if keep < was {
+                    self.before_mutation(st, spec, &f, keep, was)?;
+                }
                 let r = (|| {
                     if f.file.metadata()?.len() > HEADER_SIZE + keep {
                         f.file.set_len(HEADER_SIZE + keep)?;
-                        f.file.sync_data()?;
                     }
                     Ok(())
                 })();
+                self.dirty.add(&f);
                 r.map_err(|e| data_io("resizing", spec, path, e, mk))?;
             }
         }
-        self.sync_dir(spec)
+        self.flush_locked(st)
     }
 }
 

@@ -4,8 +4,11 @@
 //!
 //! ```text
 //! <dir>/meta.redb                         metadata (redb), see `meta`
-//! <dir>/objects/<image id>/<object no>    one sparse file per object,
+//! <dir>/clean                             present only after a clean shutdown
+//! <dir>/objects/<image id>/<object no>    one sparse file per object (the head),
 //!                                         object no as 16 lowercase hex
+//! <dir>/objects/<image id>/<no>.<snap>    a clone: object `no` as it was before
+//!                                         the first write in epoch `snap` (16 hex)
 //! ```
 //!
 //! * `meta.redb` holds every table (pools, images, site/users/config
@@ -17,8 +20,15 @@
 //!   first write to that object: a missing directory or file reads as zeros,
 //!   as do holes inside files.
 //! * Every object file starts with a 4096-byte header page (magic, version,
-//!   feature bits, object number, image id, crc32c: see [`header`]); data
-//!   byte `k` of the object is at file offset `4096 + k`.
+//!   feature bits, object number, image id, crc32c, then the snapshot
+//!   extension: clone bookkeeping, write intent and the chunk epoch map, see
+//!   [`header`]); data byte `k` of the object is at file offset `4096 + k`.
+//!
+//! # Snapshots
+//!
+//! O(1) to create (a flush and one metadata transaction); copy-on-write per
+//! object at its first mutation afterwards (`cow`); diffs from per-chunk
+//! epoch maps (`dirty`, `diff`); metadata operations in `snap`.
 //!
 //! # Crash behaviour
 //!
@@ -29,17 +39,28 @@
 //!   [`Store::open`] deletes. Open does nothing else.
 //! * Data follows the disk contract: a write is durable once a later
 //!   [`Image::flush`] returns, or at once with FUA.
+//! * Dirty tracking survives a crash: open removes the `clean` marker, and
+//!   after an open without it, objects whose write intent is of the current
+//!   epoch and from an earlier opening are reported wholly changed. The
+//!   marker is written when the store is dropped (or [`Store::close`]d)
+//!   with nothing mutated since a successful [`Store::flush_all`].
 
+mod cow;
+mod diff;
+mod dirty;
 pub mod error;
 mod extent;
 pub mod header;
 mod image;
 mod meta;
 mod object;
+mod snap;
 
+pub use diff::DiffExtent;
 pub use error::StoreError;
 pub use image::Image;
 pub use meta::FORMAT_VERSION;
+pub use snap::{MirrorSnap, MirrorSnapState, SnapInfo, SnapNamespace};
 
 use image::Shared;
 use meta::{ImageRecord, Meta};
@@ -47,7 +68,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tern_types::{Features, ImageId, Layout};
@@ -105,17 +126,21 @@ pub struct ImageInfo {
     /// Unix seconds.
     pub created: u64,
     pub modified: u64,
+    /// Snapshots of the image (user and mirror).
+    #[serde(default)]
+    pub snap_count: u64,
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-fn info_of(pool: &str, r: ImageRecord) -> ImageInfo {
+fn info_of(pool: &str, r: ImageRecord, snap_count: u64) -> ImageInfo {
     ImageInfo {
+        snap_count,
         id: r.id,
         pool: pool.to_string(),
         name: r.name,
@@ -146,13 +171,18 @@ fn check_name(what: &'static str, name: &str) -> Result<(), StoreError> {
     })
 }
 
+/// Name of the clean-shutdown marker in the store directory.
+const CLEAN_MARKER: &str = "clean";
+
 pub struct Store {
     dir: PathBuf,
-    meta: Meta,
+    pub(crate) meta: Meta,
     shared: Arc<Shared>,
     /// Serialises metadata changes that also touch data (resize, remove,
     /// rename, pool removal) so two of them never interleave on one image.
-    admin: Mutex<()>,
+    pub(crate) admin: Mutex<()>,
+    /// A `flush_all` completed with no mutation during it.
+    flushed_clean: AtomicBool,
     /// Strong handles of every image opened since the store was opened.
     /// Callers open per request; without this, each request would get a
     /// fresh handle with a cold fd cache (the map in `Shared` is weak to
@@ -181,6 +211,20 @@ impl Store {
             source,
         })?;
         let meta = Meta::open(&dir.join("meta.redb"))?;
+        // The marker says the last opening flushed every map; remove it
+        // (durably) before anything can write, so a crash from now on is
+        // seen as one.
+        let marker = dir.join(CLEAN_MARKER);
+        let unclean = match std::fs::remove_file(&marker) {
+            Ok(()) => false,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(source) => {
+                return Err(StoreError::Marker {
+                    path: marker,
+                    source,
+                });
+            }
+        };
         // redb syncs its file but not the directory entries that name it
         // and objects/; a new store must not lose them to a power cut.
         for d in [Some(dir), dir.parent()].into_iter().flatten() {
@@ -214,15 +258,19 @@ impl Store {
         }
         Ok(Store {
             dir: dir.to_path_buf(),
-            meta,
             shared: Arc::new(Shared {
                 objects_dir: objects,
                 open_fds: Arc::new(AtomicUsize::new(0)),
                 fd_cap: fd_cap.max(1),
                 images: Mutex::new(HashMap::new()),
                 dirty: Mutex::new(HashMap::new()),
+                unclean,
+                boot: meta.boot,
+                mutated: AtomicBool::new(false),
             }),
+            meta,
             admin: Mutex::new(()),
+            flushed_clean: AtomicBool::new(false),
             keep: Mutex::new(HashMap::new()),
         })
     }
@@ -354,25 +402,29 @@ impl Store {
                 features,
                 created: now,
                 modified: now,
+                snap_seq: 0,
             })?;
-        Ok(info_of(&p.name, rec))
+        Ok(info_of(&p.name, rec, 0))
     }
 
     /// Visible images of the pool, sorted by name; `.`-names are hidden.
     pub fn image_list(&self, pool: &str) -> Result<Vec<ImageInfo>, StoreError> {
         let p = self.meta.pool_get(pool)?;
-        Ok(self
-            .meta
+        self.meta
             .image_list(p.id)?
             .into_iter()
             .filter(|r| !r.name.starts_with('.'))
-            .map(|r| info_of(&p.name, r))
-            .collect())
+            .map(|r| {
+                let n = self.meta.snap_list(&r.id)?.len() as u64;
+                Ok(info_of(&p.name, r, n))
+            })
+            .collect()
     }
 
     pub fn image_info(&self, pool: &str, name: &str) -> Result<ImageInfo, StoreError> {
         let (p, r) = self.meta.image_get(pool, name)?;
-        Ok(info_of(&p.name, r))
+        let n = self.meta.snap_list(&r.id)?.len() as u64;
+        Ok(info_of(&p.name, r, n))
     }
 
     pub fn image_resize(
@@ -390,7 +442,7 @@ impl Store {
                 r.size = new_size;
                 r.modified = now;
             })?;
-            Ok(info_of(&p.name, r))
+            Ok(info_of(&p.name, r, 0))
         })
     }
 
@@ -406,7 +458,8 @@ impl Store {
     }
 
     /// Removes the image and its data. Open handles fail with NotFound from
-    /// then on.
+    /// then on. Refused (Busy) while it has user snapshots; mirror
+    /// snapshots go with it.
     pub fn image_remove(&self, pool: &str, name: &str) -> Result<(), StoreError> {
         let _admin = self.admin.lock();
         let rec = self.meta.image_remove(pool, name)?;
@@ -427,8 +480,11 @@ impl Store {
     }
 
     /// Flushes every image, for a clean shutdown. Returns the first error
-    /// after trying all of them.
+    /// after trying all of them. If it succeeds and nothing is mutated
+    /// afterwards, dropping the store leaves the clean-shutdown marker.
     pub fn flush_all(&self) -> Result<(), StoreError> {
+        self.flushed_clean.store(false, Ordering::SeqCst);
+        self.shared.mutated.store(false, Ordering::SeqCst);
         let mut first = None;
         for p in self.meta.pool_list()? {
             for r in self.meta.image_list(p.id)? {
@@ -440,7 +496,30 @@ impl Store {
                 }
             }
         }
+        if first.is_none() {
+            self.flushed_clean.store(true, Ordering::SeqCst);
+        }
         first.map_or(Ok(()), Err)
+    }
+
+    /// Flushes everything and closes the store, leaving the clean-shutdown
+    /// marker so the next open trusts the chunk maps as they are.
+    pub fn close(self) -> Result<(), StoreError> {
+        self.flush_all()?;
+        self.write_marker()
+    }
+
+    fn write_marker(&self) -> Result<(), StoreError> {
+        if !self.flushed_clean.swap(false, Ordering::SeqCst)
+            || self.shared.mutated.load(Ordering::SeqCst)
+        {
+            return Ok(());
+        }
+        let path = self.dir.join(CLEAN_MARKER);
+        std::fs::write(&path, b"clean\n")
+            .and_then(|()| std::fs::File::open(&path)?.sync_all())
+            .and_then(|()| object::fsync_dir(&self.dir))
+            .map_err(|source| StoreError::Marker { path, source })
     }
 
     /// The shared handle of an image: the same `Arc` while any is alive.
@@ -456,7 +535,10 @@ impl Store {
             return Ok(img);
         }
         map.retain(|_, w| w.strong_count() > 0);
-        let img = Arc::new(Image::new(self.shared.clone(), info_of(&p.name, rec)));
+        let snaps = self.meta.snap_list(&rec.id)?;
+        let snap_seq = rec.snap_seq;
+        let info = info_of(&p.name, rec, snaps.len() as u64);
+        let img = Arc::new(Image::new(self.shared.clone(), info, snap_seq, snaps));
         map.insert(img.id().clone(), Arc::downgrade(&img));
         self.keep.lock().insert(img.id().clone(), img.clone());
         Ok(img)
@@ -511,6 +593,14 @@ impl Store {
                 source,
             }),
         }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Best effort: without the marker the next open merely over-reports
+        // recently written objects in diffs.
+        let _ = self.write_marker();
     }
 }
 

@@ -12,9 +12,11 @@
 //! | `pools` | pool name | [`PoolInfo`] |
 //! | `images` | `<pool id, 16 hex>/<image name>` | [`ImageRecord`] |
 //! | `image_ids` | image id | the image's `images` key |
+//! | `snaps` | `<image id>/<snap id, 16 hex>` | [`SnapInfo`] |
 //! | `kv_site`, `kv_users`, `kv_config` | caller's key | caller's value |
 
 use crate::error::StoreError;
+use crate::snap::{SnapInfo, SnapNamespace};
 use crate::{KvTable, PoolInfo};
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
@@ -34,6 +36,7 @@ const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const POOLS: Str = TableDefinition::new("pools");
 const IMAGES: Str = TableDefinition::new("images");
 const IMAGE_IDS: Str = TableDefinition::new("image_ids");
+const SNAPS: Str = TableDefinition::new("snaps");
 const KV_SITE: Str = TableDefinition::new("kv_site");
 const KV_USERS: Str = TableDefinition::new("kv_users");
 const KV_CONFIG: Str = TableDefinition::new("kv_config");
@@ -61,10 +64,28 @@ pub struct ImageRecord {
     pub created: u64,
     #[serde(default)]
     pub modified: u64,
+    /// Id of the newest snapshot ever taken (0: none). Writes made while it
+    /// is N belong to epoch N.
+    #[serde(default)]
+    pub snap_seq: u64,
 }
 
 fn image_key(pool_id: u64, name: &str) -> String {
     format!("{pool_id:016x}/{name}")
+}
+
+fn snap_prefix(image: &ImageId) -> String {
+    format!("{image}/")
+}
+
+fn snap_key(image: &ImageId, id: u64) -> String {
+    format!("{image}/{id:016x}")
+}
+
+/// Which snapshot an update or removal is about.
+pub enum SnapSel<'a> {
+    Name(&'a str),
+    Id(u64),
 }
 
 fn db_err<E: Into<redb::Error>>(op: &'static str) -> impl FnOnce(E) -> StoreError {
@@ -92,6 +113,9 @@ fn encode<T: Serialize>(v: &T) -> String {
 
 pub struct Meta {
     db: Database,
+    /// This opening's generation (`counters/boot`, bumped by every open):
+    /// object headers record which generation wrote their write intent.
+    pub boot: u32,
 }
 
 impl Meta {
@@ -100,16 +124,26 @@ impl Meta {
             path: path.to_path_buf(),
             source,
         })?;
-        let meta = Meta { db };
-        meta.write("initialise", |tx| {
+        let mut meta = Meta { db, boot: 0 };
+        meta.boot = meta.write("initialise", |tx| {
             // Opening every table once makes them exist, so read
             // transactions never meet a missing table.
             for def in [
-                STORE, POOLS, IMAGES, IMAGE_IDS, KV_SITE, KV_USERS, KV_CONFIG,
+                STORE, POOLS, IMAGES, IMAGE_IDS, SNAPS, KV_SITE, KV_USERS, KV_CONFIG,
             ] {
                 tx.open_table(def).map_err(db_err("open table"))?;
             }
-            tx.open_table(COUNTERS).map_err(db_err("open table"))?;
+            let boot = {
+                let mut c = tx.open_table(COUNTERS).map_err(db_err("open table"))?;
+                let b = c
+                    .get("boot")
+                    .map_err(db_err("read boot"))?
+                    .map(|v| v.value())
+                    .unwrap_or(0)
+                    + 1;
+                c.insert("boot", b).map_err(db_err("write boot"))?;
+                b as u32
+            };
             let mut store = tx.open_table(STORE).map_err(db_err("open table"))?;
             let found = store
                 .get("format")
@@ -138,7 +172,7 @@ impl Meta {
                     }
                 },
             }
-            Ok(())
+            Ok(boot)
         })?;
         Ok(meta)
     }
@@ -300,6 +334,7 @@ impl Meta {
                     .remove(image_key(info.id, &r.name).as_str())
                     .map_err(db_err("pool remove"))?;
                 ids.remove(r.id.as_str()).map_err(db_err("pool remove"))?;
+                remove_all_snaps(tx, &r.id)?;
             }
             pools.remove(name).map_err(db_err("pool remove"))?;
             Ok(removed)
@@ -441,6 +476,15 @@ impl Meta {
             let mut images = tx.open_table(IMAGES).map_err(db_err("image remove"))?;
             let key = image_key(p.id, name);
             let rec = get_image(&images, &key, pool, name)?;
+            let snaps = list_snaps(tx, &rec.id)?;
+            if snaps.iter().any(|s| s.namespace == SnapNamespace::User) {
+                return Err(StoreError::ImageHasSnapshots {
+                    spec: format!("{pool}/{name}"),
+                });
+            }
+            // Mirror snapshots belong to the image's replication, not to a
+            // user: they go with it.
+            remove_all_snaps(tx, &rec.id)?;
             images
                 .remove(key.as_str())
                 .map_err(db_err("image remove"))?;
@@ -459,6 +503,169 @@ impl Meta {
             .map(|(k, _)| k)
             .collect())
     }
+}
+
+impl Meta {
+    // ---- snapshots ----
+
+    /// Snapshots of an image, by id.
+    pub fn snap_list(&self, image: &ImageId) -> Result<Vec<SnapInfo>, StoreError> {
+        self.scan_prefix(SNAPS, &snap_prefix(image))?
+            .iter()
+            .map(|(k, v)| decode("snaps", k, v))
+            .collect()
+    }
+
+    /// Adds a snapshot with id `snap_seq + 1` and bumps `snap_seq`, in one
+    /// transaction. Returns the updated image record and the snapshot.
+    pub fn snap_create(
+        &self,
+        pool: &str,
+        image: &str,
+        make: impl FnOnce(&ImageRecord) -> SnapInfo,
+    ) -> Result<(ImageRecord, SnapInfo), StoreError> {
+        self.write("snapshot create", |tx| {
+            let (key, mut rec) = image_in_tx(tx, pool, image)?;
+            let snap = make(&rec);
+            if list_snaps(tx, &rec.id)?.iter().any(|s| s.name == snap.name) {
+                return Err(StoreError::SnapExists {
+                    spec: format!("{pool}/{image}@{}", snap.name),
+                });
+            }
+            rec.snap_seq = snap.id;
+            put_image(tx, &key, &rec)?;
+            put_snap(tx, &rec.id, &snap)?;
+            Ok((rec, snap))
+        })
+    }
+
+    /// Applies `f` to one snapshot (it may refuse), checking that names stay
+    /// unique. Returns the updated snapshot and all snapshots after the change.
+    pub fn snap_update(
+        &self,
+        pool: &str,
+        image: &str,
+        sel: SnapSel<'_>,
+        f: impl FnOnce(&mut SnapInfo) -> Result<(), StoreError>,
+    ) -> Result<(SnapInfo, Vec<SnapInfo>), StoreError> {
+        self.write("snapshot update", |tx| {
+            let (_, rec) = image_in_tx(tx, pool, image)?;
+            let mut all = list_snaps(tx, &rec.id)?;
+            let i = find_snap(&all, &sel, pool, image)?;
+            let old_name = all[i].name.clone();
+            f(&mut all[i])?;
+            let new_name = all[i].name.clone();
+            if new_name != old_name && all.iter().filter(|s| s.name == new_name).count() > 1 {
+                return Err(StoreError::SnapExists {
+                    spec: format!("{pool}/{image}@{new_name}"),
+                });
+            }
+            put_snap(tx, &rec.id, &all[i])?;
+            Ok((all[i].clone(), all))
+        })
+    }
+
+    /// Removes the snapshots `pick` selects from the current list (it may
+    /// refuse). Returns the removed ones and those that remain.
+    pub fn snap_remove(
+        &self,
+        pool: &str,
+        image: &str,
+        pick: impl FnOnce(&[SnapInfo]) -> Result<Vec<u64>, StoreError>,
+    ) -> Result<(Vec<SnapInfo>, Vec<SnapInfo>), StoreError> {
+        self.write("snapshot remove", |tx| {
+            let (_, rec) = image_in_tx(tx, pool, image)?;
+            let all = list_snaps(tx, &rec.id)?;
+            let ids = pick(&all)?;
+            let mut t = tx.open_table(SNAPS).map_err(db_err("snapshot remove"))?;
+            let (mut gone, mut kept) = (Vec::new(), Vec::new());
+            for s in all {
+                if ids.contains(&s.id) {
+                    t.remove(snap_key(&rec.id, s.id).as_str())
+                        .map_err(db_err("snapshot remove"))?;
+                    gone.push(s);
+                } else {
+                    kept.push(s);
+                }
+            }
+            Ok((gone, kept))
+        })
+    }
+}
+
+/// Index of the selected snapshot in `all`, or SnapNotFound.
+pub fn find_snap(
+    all: &[SnapInfo],
+    sel: &SnapSel<'_>,
+    pool: &str,
+    image: &str,
+) -> Result<usize, StoreError> {
+    all.iter()
+        .position(|s| match sel {
+            SnapSel::Name(n) => s.name == *n,
+            SnapSel::Id(id) => s.id == *id,
+        })
+        .ok_or_else(|| StoreError::SnapNotFound {
+            spec: match sel {
+                SnapSel::Name(n) => format!("{pool}/{image}@{n}"),
+                SnapSel::Id(id) => format!("{pool}/{image}@{{id {id}}}"),
+            },
+        })
+}
+
+fn image_in_tx(
+    tx: &WriteTransaction,
+    pool: &str,
+    name: &str,
+) -> Result<(String, ImageRecord), StoreError> {
+    let pools = tx.open_table(POOLS).map_err(db_err("read pool"))?;
+    let p = get_pool(&pools, pool)?;
+    let images = tx.open_table(IMAGES).map_err(db_err("read image"))?;
+    let key = image_key(p.id, name);
+    let rec = get_image(&images, &key, pool, name)?;
+    Ok((key, rec))
+}
+
+fn put_image(tx: &WriteTransaction, key: &str, rec: &ImageRecord) -> Result<(), StoreError> {
+    let mut images = tx.open_table(IMAGES).map_err(db_err("write image"))?;
+    images
+        .insert(key, encode(rec).as_str())
+        .map_err(db_err("write image"))?;
+    Ok(())
+}
+
+fn put_snap(tx: &WriteTransaction, image: &ImageId, s: &SnapInfo) -> Result<(), StoreError> {
+    let mut t = tx.open_table(SNAPS).map_err(db_err("write snapshot"))?;
+    t.insert(snap_key(image, s.id).as_str(), encode(s).as_str())
+        .map_err(db_err("write snapshot"))?;
+    Ok(())
+}
+
+fn list_snaps(tx: &WriteTransaction, image: &ImageId) -> Result<Vec<SnapInfo>, StoreError> {
+    let t = tx.open_table(SNAPS).map_err(db_err("read snapshots"))?;
+    let prefix = snap_prefix(image);
+    let mut out = Vec::new();
+    for item in t
+        .range(prefix.as_str()..)
+        .map_err(db_err("read snapshots"))?
+    {
+        let (k, v) = item.map_err(db_err("read snapshots"))?;
+        if !k.value().starts_with(&prefix) {
+            break;
+        }
+        out.push(decode("snaps", k.value(), v.value())?);
+    }
+    Ok(out)
+}
+
+fn remove_all_snaps(tx: &WriteTransaction, image: &ImageId) -> Result<(), StoreError> {
+    let ids: Vec<u64> = list_snaps(tx, image)?.iter().map(|s| s.id).collect();
+    let mut t = tx.open_table(SNAPS).map_err(db_err("remove snapshots"))?;
+    for id in ids {
+        t.remove(snap_key(image, id).as_str())
+            .map_err(db_err("remove snapshots"))?;
+    }
+    Ok(())
 }
 
 fn get_pool(

@@ -2,7 +2,10 @@
 //! allocation queries and directory scans. No locking here; `image.rs`
 //! decides who may call what when.
 
-use crate::header::{FIXED_LEN, HEADER_SIZE, HeaderError, ObjectHeader};
+use crate::header::{
+    EXT_END, EXT_OFF, FIXED_LEN, HEADER_SIZE, HeaderError, INCOMPAT_SNAP, ObjectHeader, SnapExt,
+};
+use parking_lot::Mutex;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -12,20 +15,52 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tern_types::ImageId;
 
-/// An open object file. Counts itself in the store's open-fd total for as
-/// long as it lives, so the fd cap sees fds held by dirty sets too.
+/// The in-memory copy of an object's snapshot extension. Its mutex is also
+/// the per-object lock that makes concurrent first writers clone once and
+/// write the intent once.
+#[derive(Debug)]
+pub struct ObjMeta {
+    pub ext: SnapExt,
+    /// `ext` has changes the file does not have yet (written by flush).
+    pub dirty: bool,
+    /// The file predates the extension: persisting must also set the
+    /// incompatible bit in the fixed part.
+    pub legacy: bool,
+}
+
+/// An open object file (head or clone). Counts itself in the store's
+/// open-fd total for as long as it lives, so the fd cap sees fds held by
+/// dirty sets too.
 #[derive(Debug)]
 pub struct ObjectFile {
     pub file: File,
     pub no: u64,
+    pub hdr: Mutex<ObjMeta>,
     open_fds: Arc<AtomicUsize>,
 }
 
 impl ObjectFile {
-    pub fn new(file: File, no: u64, open_fds: Arc<AtomicUsize>) -> ObjectFile {
+    pub fn new(file: File, no: u64, meta: ObjMeta, open_fds: Arc<AtomicUsize>) -> ObjectFile {
         open_fds.fetch_add(1, Ordering::Relaxed);
-        ObjectFile { file, no, open_fds }
+        ObjectFile {
+            file,
+            no,
+            hdr: Mutex::new(meta),
+            open_fds,
+        }
     }
+}
+
+/// Writes the extension (and, for an old file, the fixed part with the new
+/// incompatible bit) into the header page. Not synced.
+pub fn persist_ext(file: &File, image_id: &ImageId, no: u64, meta: &mut ObjMeta) -> io::Result<()> {
+    if meta.legacy {
+        file.write_all_at(&ObjectHeader::new(image_id, no).encode(), 0)?;
+        meta.legacy = false;
+    }
+    file.write_all_at(&meta.ext.encode(), EXT_OFF as u64)?;
+    meta.dirty = false;
+    Ok(())
 }
 
 impl Drop for ObjectFile {
@@ -36,6 +71,37 @@ impl Drop for ObjectFile {
 
 pub fn object_path(dir: &Path, no: u64) -> PathBuf {
     dir.join(format!("{no:016x}"))
+}
+
+/// Clone `id` of object `no`: the object as it was before the first
+/// mutation in epoch `id`.
+pub fn clone_path(dir: &Path, no: u64, id: u64) -> PathBuf {
+    dir.join(format!("{no:016x}.{id:016x}"))
+}
+
+/// A clone being written; renamed into place once durable.
+pub fn clone_tmp_path(dir: &Path, no: u64, id: u64) -> PathBuf {
+    dir.join(format!("{no:016x}.{id:016x}.tmp"))
+}
+
+/// What a directory entry of an image is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Entry {
+    Head(u64),
+    Clone(u64, u64),
+    /// An unfinished clone (a crash during copy-on-write): garbage.
+    Tmp,
+}
+
+pub fn parse_entry(name: &str) -> Option<Entry> {
+    let mut parts = name.split('.');
+    let no = parse_object_name(parts.next()?)?;
+    match (parts.next(), parts.next(), parts.next()) {
+        (None, _, _) => Some(Entry::Head(no)),
+        (Some(id), None, _) => Some(Entry::Clone(no, parse_object_name(id)?)),
+        (Some(id), Some("tmp"), None) => parse_object_name(id).map(|_| Entry::Tmp),
+        _ => None,
+    }
 }
 
 fn parse_object_name(name: &str) -> Option<u64> {
@@ -62,17 +128,24 @@ pub struct Opened {
     /// The header was written now (new file, or one whose creation a crash
     /// interrupted): the file and its directory entry are not yet durable.
     pub initialised: bool,
+    pub meta: ObjMeta,
+    /// The map's checksum failed (torn write): the map is zeros and must
+    /// be treated as "every chunk changed".
+    pub map_torn: bool,
 }
 
 /// Opens object `no` of the image whose data lives in `dir`. Without
 /// `create`, a missing file is `Ok(None)` (all zeros). With `create`, the
-/// image directory is made on demand. Callers serialise calls for one image
-/// so a half-initialised header is never seen.
+/// image directory is made on demand, and a new header gets `born` and a
+/// map of `chunks` entries. Callers serialise calls for one image so a
+/// half-initialised header is never seen.
 pub fn open_object(
     dir: &Path,
     image_id: &ImageId,
     no: u64,
     create: bool,
+    chunks: usize,
+    born: u64,
 ) -> Result<Option<Opened>, OpenError> {
     let path = object_path(dir, no);
     let open = || {
@@ -103,21 +176,120 @@ pub fn open_object(
         }
         Err(e) => return Err(e.into()),
     };
-    let mut fixed = [0u8; FIXED_LEN];
-    read_full_at(&file, &mut fixed, 0)?;
-    let initialised = match ObjectHeader::decode(&fixed).map_err(OpenError::Header)? {
+    load_header(file, image_id, no, chunks, Some(born)).map(Some)
+}
+
+/// Opens clone `id` of object `no` read-only; `Ok(None)` if it is gone.
+pub fn open_clone(
+    dir: &Path,
+    image_id: &ImageId,
+    no: u64,
+    id: u64,
+    chunks: usize,
+) -> Result<Option<Opened>, OpenError> {
+    match File::open(clone_path(dir, no, id)) {
+        Ok(f) => load_header(f, image_id, no, chunks, None).map(Some),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Decodes (or, for a file whose header never reached the disk and with
+/// `init_born`, writes) the header page.
+fn load_header(
+    file: File,
+    image_id: &ImageId,
+    no: u64,
+    chunks: usize,
+    init_born: Option<u64>,
+) -> Result<Opened, OpenError> {
+    let mut page = vec![0u8; EXT_END];
+    read_full_at(&file, &mut page, 0)?;
+    let fixed: &[u8; FIXED_LEN] = page[..FIXED_LEN].try_into().expect("fixed part");
+    match ObjectHeader::decode(fixed).map_err(OpenError::Header)? {
         Some(h) => {
             h.check_identity(image_id, no).map_err(OpenError::Header)?;
-            false
+            if h.incompat & INCOMPAT_SNAP == 0 {
+                return Ok(Opened {
+                    file,
+                    initialised: false,
+                    meta: ObjMeta {
+                        ext: SnapExt::new(0, chunks),
+                        dirty: false,
+                        legacy: true,
+                    },
+                    map_torn: false,
+                });
+            }
+            let d = SnapExt::decode(&page, chunks).map_err(OpenError::Header)?;
+            Ok(Opened {
+                file,
+                initialised: false,
+                meta: ObjMeta {
+                    ext: d.ext,
+                    dirty: false,
+                    legacy: false,
+                },
+                map_torn: !d.map_ok,
+            })
         }
         None => {
+            // Data is only ever written after an intent that was synced
+            // together with this header, so a zero header means the file
+            // holds nothing acknowledged: a fresh object.
+            let Some(born) = init_born else {
+                return Err(OpenError::Header(HeaderError::BadMagic { found: [0; 8] }));
+            };
+            let meta = ObjMeta {
+                ext: SnapExt::new(born, chunks),
+                dirty: false,
+                legacy: false,
+            };
             let mut page = vec![0u8; HEADER_SIZE as usize];
             page[..FIXED_LEN].copy_from_slice(&ObjectHeader::new(image_id, no).encode());
+            page[EXT_OFF..EXT_END].copy_from_slice(&meta.ext.encode());
             file.write_all_at(&page, 0)?;
-            true
+            Ok(Opened {
+                file,
+                initialised: true,
+                meta,
+                map_torn: false,
+            })
         }
-    };
-    Ok(Some(Opened { file, initialised }))
+    }
+}
+
+/// Makes `dst` (a new file) a copy of `src`, sharing blocks by reflink
+/// where the filesystem can, else copying only the data ranges so holes
+/// stay holes. Not synced.
+pub fn copy_file(src: &File, dst: &Path) -> io::Result<File> {
+    let out = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dst)?;
+    // SAFETY: FICLONE takes the source fd as its argument; both fds are ours.
+    let r = unsafe { libc::ioctl(out.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
+    if r == 0 {
+        return Ok(out);
+    }
+    let len = src.metadata()?.len();
+    let mut buf = vec![0u8; 1 << 20];
+    for (a, b) in data_ranges(src, 0, len)? {
+        let mut pos = a;
+        while pos < b {
+            let n = (b - pos).min(buf.len() as u64) as usize;
+            let got = read_full_at(src, &mut buf[..n], pos)?;
+            out.write_all_at(&buf[..got], pos)?;
+            if got < n {
+                break;
+            }
+            pos += n as u64;
+        }
+    }
+    out.set_len(len)?;
+    Ok(out)
 }
 
 /// Reads as much of `buf` as the file holds at `off`; returns the count.
@@ -218,23 +390,42 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 
 /// Object numbers present in an image directory (none if it does not exist).
 pub fn list_objects(dir: &Path) -> io::Result<Vec<u64>> {
+    Ok(list_dir(dir)?.heads)
+}
+
+/// One listing of an image directory.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Head object numbers, sorted.
+    pub heads: Vec<u64>,
+    /// `(object no, clone id)`, sorted.
+    pub clones: Vec<(u64, u64)>,
+    pub tmps: Vec<PathBuf>,
+}
+
+pub fn list_dir(dir: &Path) -> io::Result<Listing> {
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Listing::default()),
         Err(e) => return Err(e),
     };
-    let mut out = Vec::new();
+    let mut out = Listing::default();
     for entry in rd {
-        if let Some(no) = entry?.file_name().to_str().and_then(parse_object_name) {
-            out.push(no);
+        let entry = entry?;
+        match entry.file_name().to_str().and_then(parse_entry) {
+            Some(Entry::Head(no)) => out.heads.push(no),
+            Some(Entry::Clone(no, id)) => out.clones.push((no, id)),
+            Some(Entry::Tmp) => out.tmps.push(entry.path()),
+            None => {}
         }
     }
-    out.sort_unstable();
+    out.heads.sort_unstable();
+    out.clones.sort_unstable();
     Ok(out)
 }
 
-/// On-disk bytes (allocated blocks) and number of object files of an image
-/// directory.
+/// On-disk bytes (allocated blocks, clones included) and number of head
+/// object files of an image directory.
 pub fn dir_usage(dir: &Path) -> io::Result<(u64, u64)> {
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
@@ -244,18 +435,13 @@ pub fn dir_usage(dir: &Path) -> io::Result<(u64, u64)> {
     let (mut bytes, mut count) = (0, 0);
     for entry in rd {
         let entry = entry?;
-        if entry
-            .file_name()
-            .to_str()
-            .and_then(parse_object_name)
-            .is_none()
-        {
+        let Some(kind) = entry.file_name().to_str().and_then(parse_entry) else {
             continue;
-        }
+        };
         match entry.metadata() {
             Ok(m) => {
                 bytes += m.blocks() * 512;
-                count += 1;
+                count += u64::from(matches!(kind, Entry::Head(_)));
             }
             // Deleted by a concurrent discard between readdir and stat.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -278,6 +464,20 @@ mod tests {
             object_path(Path::new("/d"), 255),
             PathBuf::from("/d/00000000000000ff")
         );
+        assert_eq!(
+            clone_path(Path::new("/d"), 255, 3),
+            PathBuf::from("/d/00000000000000ff.0000000000000003")
+        );
+        assert_eq!(
+            parse_entry("00000000000000ff.0000000000000003"),
+            Some(Entry::Clone(255, 3))
+        );
+        assert_eq!(
+            parse_entry("00000000000000ff.0000000000000003.tmp"),
+            Some(Entry::Tmp)
+        );
+        assert_eq!(parse_entry("00000000000000ff"), Some(Entry::Head(255)));
+        assert_eq!(parse_entry("00000000000000ff.x"), None);
     }
 
     #[test]
@@ -285,28 +485,36 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("img");
         let id = ImageId::parse("abc").unwrap();
-        assert!(open_object(&dir, &id, 3, false).ok().unwrap().is_none());
-        let o = open_object(&dir, &id, 3, true).ok().unwrap().unwrap();
+        assert!(
+            open_object(&dir, &id, 3, false, 4, 0)
+                .ok()
+                .unwrap()
+                .is_none()
+        );
+        let o = open_object(&dir, &id, 3, true, 4, 0).ok().unwrap().unwrap();
         assert!(o.initialised);
         assert_eq!(o.file.metadata().unwrap().len(), HEADER_SIZE);
-        let o = open_object(&dir, &id, 3, false).ok().unwrap().unwrap();
+        let o = open_object(&dir, &id, 3, false, 4, 0)
+            .ok()
+            .unwrap()
+            .unwrap();
         assert!(!o.initialised);
         // A file moved to the wrong object number is caught.
         fs::rename(object_path(&dir, 3), object_path(&dir, 4)).unwrap();
         assert!(matches!(
-            open_object(&dir, &id, 4, false),
+            open_object(&dir, &id, 4, false, 4, 0),
             Err(OpenError::Header(HeaderError::WrongObject { .. }))
         ));
         // Garbage is caught.
         fs::write(object_path(&dir, 5), b"hello world").unwrap();
         assert!(matches!(
-            open_object(&dir, &id, 5, false),
+            open_object(&dir, &id, 5, false, 4, 0),
             Err(OpenError::Header(HeaderError::BadMagic { .. }))
         ));
         // An empty file (creation interrupted by a crash) is re-initialised.
         fs::write(object_path(&dir, 6), b"").unwrap();
         assert!(
-            open_object(&dir, &id, 6, false)
+            open_object(&dir, &id, 6, false, 4, 0)
                 .ok()
                 .unwrap()
                 .unwrap()

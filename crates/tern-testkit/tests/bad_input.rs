@@ -165,6 +165,7 @@ fn io_past_the_end_is_refused() {
             offset: (1 << 30) - 100,
             data: vec![1; 4096],
             fua: false,
+            ..Default::default()
         }))
         .unwrap_err();
     assert_eq!(e.kind, tern_types::ErrorKind::InvalidArgument, "{e}");
@@ -202,6 +203,7 @@ fn truncated_imports_leave_nothing() {
                         ..Default::default()
                     }),
                     image: None,
+                    ..Default::default()
                 })),
             },
             pb::WriteStreamMessage {
@@ -260,6 +262,7 @@ fn truncated_imports_leave_nothing() {
                         ..Default::default()
                     }),
                     image: None,
+                    ..Default::default()
                 })),
             },
             pb::WriteStreamMessage {

@@ -94,6 +94,7 @@ fn kill9_loses_no_flushed_write() {
                         offset: first * BLOCK,
                         data,
                         fua: false,
+                        ..Default::default()
                     })
                     .await;
                 if res.is_err() {

@@ -159,6 +159,7 @@ fn read_only_user_cannot_write_and_removed_user_is_locked_out() {
             offset: 0,
             data: vec![1; 4096],
             fua: false,
+            ..Default::default()
         }))
         .unwrap_err();
     assert_eq!(e.kind, tern_types::ErrorKind::PermissionDenied);

@@ -207,6 +207,7 @@ fn sparse_10gib_image_exports_fast_and_stays_small() {
                 offset: off,
                 data: data.clone(),
                 fua: false,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -290,6 +291,7 @@ fn random_io_matches_model() {
                             offset: off,
                             data,
                             fua: rng.random_bool(0.1),
+                            ..Default::default()
                         })
                         .await
                         .unwrap();
@@ -300,6 +302,7 @@ fn random_io_matches_model() {
                             image: Some(r.clone()),
                             offset: off,
                             length: len,
+                            ..Default::default()
                         })
                         .await
                         .unwrap();
@@ -310,6 +313,7 @@ fn random_io_matches_model() {
                             image: Some(r.clone()),
                             offset: off,
                             length: len,
+                            ..Default::default()
                         })
                         .await
                         .unwrap();

@@ -2,6 +2,7 @@
 //! [`run`], so tests and the lab can reach the same code.
 
 pub mod auth;
+pub mod locks;
 pub mod options;
 pub mod service;
 pub mod site;

@@ -47,6 +47,7 @@ opts! {
     "rbd_mirror_peer_bandwidth_limit" Size "0" "bytes per second of replication traffic per peer (0: none)";
     "rbd_mirror_compression" Str "none" "compression of replication traffic: none or zstd";
     "rbd_mirroring_max_mirroring_snapshots" Int "5" "mirror snapshots kept per image";
+    "rbd_lock_lease_seconds" Float "15" "seconds an exclusive lock lives without renewal";
     "nbd_listen" Str "127.0.0.1:10809" "address the NBD server listens on";
     "log_level" Str "info" "ternd log level";
 }

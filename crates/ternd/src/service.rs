@@ -3,6 +3,7 @@
 //! blocking I/O meets async, STYLE §6).
 
 use crate::auth::{Need, UserRecord};
+use crate::locks::Locks;
 use crate::options;
 use crate::site::Site;
 use parking_lot::Mutex;
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tern_proto::headers;
 use tern_proto::v1 as pb;
-use tern_store::{CreateOpts, Image, KvTable};
+use tern_store::{CreateOpts, Image, KvTable, SnapInfo, SnapNamespace};
 use tern_types::error::Error;
 use tern_types::{API_VERSION, ErrorKind, Features, Layout, validate_name};
 use tokio_stream::wrappers::ReceiverStream;
@@ -56,6 +57,7 @@ pub struct PoolCounters {
 pub struct Service {
     site: Arc<Site>,
     counters: Mutex<HashMap<String, Arc<PoolCounters>>>,
+    locks: Arc<Locks>,
 }
 
 type SResult<T> = Result<Response<T>, Status>;
@@ -92,6 +94,8 @@ fn image_info_pb(info: &tern_store::ImageInfo, used: Option<u64>) -> pb::ImageIn
         modified: info.modified,
         objects: info.layout.object_count(info.size),
         used_bytes: used.unwrap_or(0),
+        snapshot_count: info.snap_count,
+        ..Default::default()
     }
 }
 
@@ -113,6 +117,7 @@ impl Service {
         Service {
             site,
             counters: Mutex::new(HashMap::new()),
+            locks: Arc::new(Locks::default()),
         }
     }
 
@@ -152,6 +157,66 @@ impl Service {
 
     fn open(&self, r: &pb::ImageRef) -> Result<Arc<Image>, Error> {
         self.site.store.open_image(&r.pool, &r.image).map_err(serr)
+    }
+
+    /// The image and, for `pool/image@snap`, the snapshot to read.
+    fn open_at(&self, r: &pb::ImageRef) -> Result<(Arc<Image>, Option<SnapInfo>), Error> {
+        let img = self.open(r)?;
+        if r.snap.is_empty() {
+            return Ok((img, None));
+        }
+        let snap = self
+            .site
+            .store
+            .snap_get(&r.pool, &r.image, &r.snap)
+            .map_err(serr)?;
+        Ok((img, Some(snap)))
+    }
+
+    fn lease(&self) -> std::time::Duration {
+        let secs = self
+            .config_value("global", "rbd_lock_lease_seconds")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok());
+        std::time::Duration::from_secs_f64(secs.unwrap_or(15.0).clamp(0.5, 3600.0))
+    }
+
+    /// Opens an image for writing: refuses snapshots, and enforces the
+    /// exclusive lock when the image has that feature.
+    fn open_for_write(
+        &self,
+        r: &pb::ImageRef,
+        cookie: &str,
+        who: &UserRecord,
+    ) -> Result<Arc<Image>, Error> {
+        if !r.snap.is_empty() {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!(
+                    "{}/{}@{} is a snapshot: snapshots are read-only",
+                    r.pool, r.image, r.snap
+                ),
+            ));
+        }
+        let img = self.open(r)?;
+        let info = img.info();
+        if info.features.has(Features::EXCLUSIVE_LOCK) {
+            let cookie = if cookie.is_empty() {
+                None
+            } else {
+                Some(cookie)
+            };
+            let spec = format!("{}/{}", r.pool, r.image);
+            self.locks.check_write(
+                &self.site.store,
+                info.id.as_str(),
+                &spec,
+                cookie,
+                &who.entity,
+                self.lease(),
+            )?;
+        }
+        Ok(img)
     }
 
     fn default_create(&self, req: &pb::ImageCreateRequest) -> Result<CreateOpts, Error> {
@@ -413,7 +478,21 @@ impl pb::site_server::Site for Service {
                 .open_image(&r.pool, &r.image)
                 .and_then(|i| i.used_bytes())
                 .map_err(serr)?;
-            Ok(image_info_pb(&info, Some(used)))
+            let mut out = image_info_pb(&info, Some(used));
+            out.snapshot_count =
+                site.store.snap_list(&r.pool, &r.image).map_err(serr)?.len() as u64;
+            if !r.snap.is_empty() {
+                let snap = site
+                    .store
+                    .snap_get(&r.pool, &r.image, &r.snap)
+                    .map_err(serr)?;
+                out.size = snap.size;
+                out.objects = info.layout.object_count(snap.size);
+                out.snap = snap.name;
+                out.snap_id = snap.id;
+                out.protected = snap.protected;
+            }
+            Ok(out)
         })
         .await?;
         Ok(Response::new(info))
@@ -469,11 +548,12 @@ impl pb::site_server::Site for Service {
                 "read larger than 16 MiB: use ReadStream",
             )));
         }
-        let img = self.open(&r).map_err(status_of)?;
+        let (img, snap) = self.open_at(&r).map_err(status_of)?;
+        let snap_id = snap.map(|s| s.id);
         let c = self.counters(&r.pool);
         let data = blocking(move || {
             let mut buf = vec![0u8; q.length as usize];
-            img.read(q.offset, &mut buf).map_err(serr)?;
+            img.read_at(snap_id, q.offset, &mut buf).map_err(serr)?;
             Ok(buf)
         })
         .await?;
@@ -484,9 +564,11 @@ impl pb::site_server::Site for Service {
 
     async fn write(&self, req: Request<pb::WriteRequest>) -> SResult<pb::Empty> {
         let r = image_ref(req.get_ref().image.clone())?;
-        self.check(&req, Need::Write(&r.pool))?;
+        let who = self.check(&req, Need::Write(&r.pool))?;
         let q = req.into_inner();
-        let img = self.open(&r).map_err(status_of)?;
+        let img = self
+            .open_for_write(&r, &q.lock_cookie, &who)
+            .map_err(status_of)?;
         let c = self.counters(&r.pool);
         let n = q.data.len() as u64;
         blocking(move || img.write(q.offset, &q.data, q.fua).map_err(serr)).await?;
@@ -497,18 +579,22 @@ impl pb::site_server::Site for Service {
 
     async fn discard(&self, req: Request<pb::RangeRequest>) -> SResult<pb::Empty> {
         let r = image_ref(req.get_ref().image.clone())?;
-        self.check(&req, Need::Write(&r.pool))?;
+        let who = self.check(&req, Need::Write(&r.pool))?;
         let q = req.into_inner();
-        let img = self.open(&r).map_err(status_of)?;
+        let img = self
+            .open_for_write(&r, &q.lock_cookie, &who)
+            .map_err(status_of)?;
         blocking(move || img.discard(q.offset, q.length).map_err(serr)).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
     async fn write_zeroes(&self, req: Request<pb::RangeRequest>) -> SResult<pb::Empty> {
         let r = image_ref(req.get_ref().image.clone())?;
-        self.check(&req, Need::Write(&r.pool))?;
+        let who = self.check(&req, Need::Write(&r.pool))?;
         let q = req.into_inner();
-        let img = self.open(&r).map_err(status_of)?;
+        let img = self
+            .open_for_write(&r, &q.lock_cookie, &who)
+            .map_err(status_of)?;
         blocking(move || img.write_zeroes(q.offset, q.length).map_err(serr)).await?;
         Ok(Response::new(pb::Empty {}))
     }
@@ -530,8 +616,9 @@ impl pb::site_server::Site for Service {
         let r = image_ref(req.get_ref().image.clone())?;
         self.check(&req, Need::Read(&r.pool))?;
         let q = req.into_inner();
-        let img = self.open(&r).map_err(status_of)?;
-        let size = img.size();
+        let (img, snap) = self.open_at(&r).map_err(status_of)?;
+        let size = snap.as_ref().map(|s| s.size).unwrap_or_else(|| img.size());
+        let to = snap.as_ref().map(|s| s.id);
         let end = if q.length == 0 {
             size
         } else {
@@ -543,6 +630,22 @@ impl pb::site_server::Site for Service {
                 q.offset
             ))));
         }
+        let from = if q.diff && !q.diff_from.is_empty() {
+            let f = self
+                .site
+                .store
+                .snap_get(&r.pool, &r.image, &q.diff_from)
+                .map_err(|e| status_of(serr(e)))?;
+            if to.is_some_and(|t| t < f.id) {
+                return Err(status_of(Error::invalid(format!(
+                    "snapshot '{}' is newer than '{}': a diff runs from an older point to a newer one",
+                    q.diff_from, r.snap
+                ))));
+            }
+            Some(f.id)
+        } else {
+            None
+        };
         let chunk = if q.chunk_size == 0 {
             DATA_CHUNK
         } else {
@@ -550,8 +653,13 @@ impl pb::site_server::Site for Service {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let c = self.counters(&r.pool);
+        let (diff, whole) = (q.diff, q.whole_object);
         tokio::spawn(async move {
-            let res = stream_out(img, q.offset, end, chunk, &tx, &c).await;
+            let res = if diff {
+                stream_diff(img, from, to, q.offset, end, chunk, whole, &tx, &c).await
+            } else {
+                stream_out(img, to, q.offset, end, chunk, &tx, &c).await
+            };
             if let Err(e) = res {
                 let _ = tx.send(Err(e)).await;
             }
@@ -584,14 +692,24 @@ impl pb::site_server::Site for Service {
                 self.site
                     .authorize(&who, Need::Write(&r.pool))
                     .map_err(status_of)?;
-                Import {
-                    img: self.open(&r).map_err(status_of)?,
+                let img = self
+                    .open_for_write(&r, &open.lock_cookie, &who)
+                    .map_err(status_of)?;
+                let mut import = Import {
+                    img,
                     target: r,
                     hidden: None,
                     site: self.site.clone(),
                     data: 0,
                     zeros: 0,
+                    safety: None,
+                    diff_to: None,
+                    limit: u64::MAX,
+                };
+                if let Some(d) = open.diff {
+                    import.begin_diff(d).await?;
                 }
+                import
             }
             (None, None) => return Err(status_of(Error::invalid("open names no image"))),
         };
@@ -747,12 +865,230 @@ impl pb::site_server::Site for Service {
             .collect();
         Ok(Response::new(pb::ConfigListReply { entries }))
     }
+
+    async fn snap_create(&self, req: Request<pb::SnapRequest>) -> SResult<pb::SnapInfo> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::Write(&r.pool))?;
+        let name = req.into_inner().snap;
+        let site = self.site.clone();
+        let info = blocking(move || {
+            validate_name("snapshot", &name)?;
+            site.store
+                .snap_create(&r.pool, &r.image, &name, SnapNamespace::User)
+                .map_err(serr)
+        })
+        .await?;
+        Ok(Response::new(snap_pb(&info)))
+    }
+
+    async fn snap_list(&self, req: Request<pb::SnapListRequest>) -> SResult<pb::SnapListReply> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::Read(&r.pool))?;
+        let all = req.get_ref().all;
+        let site = self.site.clone();
+        let snaps = blocking(move || site.store.snap_list(&r.pool, &r.image).map_err(serr)).await?;
+        let snaps = snaps
+            .iter()
+            .filter(|s| {
+                all || (matches!(s.namespace, SnapNamespace::User) && !s.name.starts_with('.'))
+            })
+            .map(snap_pb)
+            .collect();
+        Ok(Response::new(pb::SnapListReply { snaps }))
+    }
+
+    async fn snap_remove(&self, req: Request<pb::SnapRequest>) -> SResult<pb::Empty> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::Write(&r.pool))?;
+        let name = req.into_inner().snap;
+        let site = self.site.clone();
+        blocking(move || {
+            site.store
+                .snap_remove(&r.pool, &r.image, &name, false)
+                .map_err(serr)
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn snap_rename(&self, req: Request<pb::SnapRenameRequest>) -> SResult<pb::Empty> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::Write(&r.pool))?;
+        let q = req.into_inner();
+        let site = self.site.clone();
+        blocking(move || {
+            validate_name("snapshot", &q.new_name)?;
+            site.store
+                .snap_rename(&r.pool, &r.image, &q.snap, &q.new_name)
+                .map_err(serr)
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn snap_rollback(&self, req: Request<pb::SnapRequest>) -> SResult<pb::Empty> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        let who = self.check(&req, Need::Write(&r.pool))?;
+        let name = req.into_inner().snap;
+        // A rollback rewrites the image: it must not race a lock holder.
+        self.open_for_write(
+            &pb::ImageRef {
+                snap: String::new(),
+                ..r.clone()
+            },
+            "",
+            &who,
+        )
+        .map_err(status_of)?;
+        let site = self.site.clone();
+        blocking(move || {
+            site.store
+                .snap_rollback(&r.pool, &r.image, &name)
+                .map_err(serr)
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn snap_protect(&self, req: Request<pb::SnapProtectRequest>) -> SResult<pb::Empty> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::Write(&r.pool))?;
+        let q = req.into_inner();
+        let site = self.site.clone();
+        blocking(move || {
+            site.store
+                .snap_set_protected(&r.pool, &r.image, &q.snap, q.protect)
+                .map_err(serr)
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn snap_purge(&self, req: Request<pb::ImageRef>) -> SResult<pb::SnapPurgeReply> {
+        let pool = req.get_ref().pool.clone();
+        self.check(&req, Need::Write(&pool))?;
+        let r = req.into_inner();
+        let site = self.site.clone();
+        let removed =
+            blocking(move || site.store.snap_purge(&r.pool, &r.image).map_err(serr)).await?;
+        Ok(Response::new(pb::SnapPurgeReply { removed }))
+    }
+
+    async fn diff(&self, req: Request<pb::DiffRequest>) -> SResult<pb::DiffReply> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::Read(&r.pool))?;
+        let q = req.into_inner();
+        let (img, to) = self.open_at(&r).map_err(status_of)?;
+        let site = self.site.clone();
+        let reply = blocking(move || {
+            let from = if q.from_snap.is_empty() {
+                None
+            } else {
+                Some(site.store.snap_get(&r.pool, &r.image, &q.from_snap).map_err(serr)?)
+            };
+            if let (Some(f), Some(t)) = (&from, &to)
+                && f.id > t.id
+            {
+                return Err(Error::invalid(format!(
+                    "snapshot '{}' is newer than '{}': a diff runs from an older point to a newer one",
+                    f.name, t.name
+                )));
+            }
+            let size = to.as_ref().map(|t| t.size).unwrap_or_else(|| img.size());
+            let len = if q.length == 0 { size.saturating_sub(q.offset) } else { q.length };
+            let extents = img
+                .diff(from.map(|f| f.id), to.map(|t| t.id), q.offset, len, q.whole_object)
+                .map_err(serr)?
+                .into_iter()
+                .map(|e| pb::DiffExtent { offset: e.offset, length: e.length, data: e.data })
+                .collect();
+            Ok(pb::DiffReply { extents, size, granularity: img.diff_granularity() })
+        })
+        .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn lock_acquire(&self, req: Request<pb::LockRequest>) -> SResult<pb::LockInfo> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        let who = self.check(&req, Need::Write(&r.pool))?;
+        let q = req.into_inner();
+        if q.cookie.is_empty() {
+            return Err(status_of(Error::invalid("a lock needs a cookie")));
+        }
+        let img = self.open(&r).map_err(status_of)?;
+        let info = img.info();
+        if !info.features.has(Features::EXCLUSIVE_LOCK) {
+            return Err(status_of(Error::invalid(format!(
+                "{}/{} does not have the exclusive-lock feature",
+                r.pool, r.image
+            ))));
+        }
+        let lease = self.lease();
+        let spec = format!("{}/{}", r.pool, r.image);
+        let l = self
+            .locks
+            .acquire(
+                &self.site.store,
+                info.id.as_str(),
+                &spec,
+                crate::locks::Claim {
+                    cookie: &q.cookie,
+                    entity: &who.entity,
+                    address: &q.address,
+                },
+                lease,
+            )
+            .map_err(status_of)?;
+        Ok(Response::new(lock_pb(&l, lease)))
+    }
+
+    async fn lock_release(&self, req: Request<pb::LockRequest>) -> SResult<pb::Empty> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::Write(&r.pool))?;
+        let img = self.open(&r).map_err(status_of)?;
+        self.locks
+            .release(img.info().id.as_str(), &req.get_ref().cookie);
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn lock_list(&self, req: Request<pb::ImageRef>) -> SResult<pb::LockListReply> {
+        let pool = req.get_ref().pool.clone();
+        self.check(&req, Need::Read(&pool))?;
+        let img = self.open(req.get_ref()).map_err(status_of)?;
+        let lease = self.lease();
+        let locks = self
+            .locks
+            .list(img.info().id.as_str())
+            .iter()
+            .map(|l| lock_pb(l, lease))
+            .collect();
+        Ok(Response::new(pb::LockListReply { locks }))
+    }
+
+    async fn lock_break(&self, req: Request<pb::LockBreakRequest>) -> SResult<pb::Empty> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::Write(&r.pool))?;
+        let q = req.into_inner();
+        let img = self.open(&r).map_err(status_of)?;
+        let spec = format!("{}/{}", r.pool, r.image);
+        self.locks
+            .break_lock(
+                &self.site.store,
+                img.info().id.as_str(),
+                &spec,
+                &q.id,
+                &q.locker,
+            )
+            .map_err(status_of)?;
+        Ok(Response::new(pb::Empty {}))
+    }
 }
 
 /// Sends [start, end) of an image as chunks: holes and all-zero blocks as
 /// zero runs (merged), data in pieces of at most `chunk` bytes.
 async fn stream_out(
     img: Arc<Image>,
+    snap: Option<u64>,
     start: u64,
     end: u64,
     chunk: u64,
@@ -773,7 +1109,7 @@ async fn stream_out(
         let wend = (pos + WINDOW).min(end);
         let i = img.clone();
         let (p, n) = (pos, wend - pos);
-        let extents = blocking(move || i.allocated_extents(p, n).map_err(serr)).await?;
+        let extents = blocking(move || i.allocated_extents_at(snap, p, n).map_err(serr)).await?;
         let mut cur = pos;
         for (eoff, elen) in extents.into_iter().chain(std::iter::once((wend, 0))) {
             if eoff > cur {
@@ -787,7 +1123,7 @@ async fn stream_out(
                 let at = cur;
                 let buf = blocking(move || {
                     let mut b = vec![0u8; n as usize];
-                    i.read(at, &mut b).map_err(serr)?;
+                    i.read_at(snap, at, &mut b).map_err(serr)?;
                     Ok(b)
                 })
                 .await?;
@@ -833,6 +1169,113 @@ async fn stream_out(
     Ok(())
 }
 
+/// Sends only what changed between `from` and `to` inside [start, end):
+/// changed data as data chunks, changed-to-zero ranges as zero runs.
+#[allow(clippy::too_many_arguments)]
+async fn stream_diff(
+    img: Arc<Image>,
+    from: Option<u64>,
+    to: Option<u64>,
+    start: u64,
+    end: u64,
+    chunk: u64,
+    whole_object: bool,
+    tx: &tokio::sync::mpsc::Sender<Result<pb::DataChunk, Status>>,
+    c: &PoolCounters,
+) -> Result<(), Status> {
+    let send = |ch: pb::DataChunk| async move {
+        tx.send(Ok(ch))
+            .await
+            .map_err(|_| Status::cancelled("receiver gone"))
+    };
+    let i = img.clone();
+    let extents = blocking(move || {
+        i.diff(from, to, start, end - start, whole_object)
+            .map_err(serr)
+    })
+    .await?;
+    for e in extents {
+        if !e.data {
+            send(pb::DataChunk {
+                offset: e.offset,
+                length: e.length,
+                zero: true,
+                data: vec![],
+            })
+            .await?;
+            continue;
+        }
+        let mut cur = e.offset;
+        let eend = e.offset + e.length;
+        while cur < eend {
+            let n = chunk.min(eend - cur);
+            let (i, at) = (img.clone(), cur);
+            let buf = blocking(move || {
+                let mut b = vec![0u8; n as usize];
+                i.read_at(to, at, &mut b).map_err(serr)?;
+                Ok(b)
+            })
+            .await?;
+            c.read_ops.fetch_add(1, Ordering::Relaxed);
+            c.read_bytes.fetch_add(n, Ordering::Relaxed);
+            for (off, len, zero) in tern_client::transfer::zero_runs(&buf) {
+                let offset = at + off as u64;
+                let ch = if zero {
+                    pb::DataChunk {
+                        offset,
+                        length: len as u64,
+                        zero: true,
+                        data: vec![],
+                    }
+                } else {
+                    pb::DataChunk {
+                        offset,
+                        length: len as u64,
+                        zero: false,
+                        data: buf[off..off + len].to_vec(),
+                    }
+                };
+                send(ch).await?;
+            }
+            cur += n;
+        }
+    }
+    Ok(())
+}
+
+fn snap_pb(s: &SnapInfo) -> pb::SnapInfo {
+    let mut out = pb::SnapInfo {
+        id: s.id,
+        name: s.name.clone(),
+        size: s.size,
+        created: s.created,
+        protected: s.protected,
+        namespace: "user".into(),
+        ..Default::default()
+    };
+    if let SnapNamespace::Mirror(m) = &s.namespace {
+        out.namespace = "mirror".into();
+        out.mirror_state = m.state.to_string();
+        out.mirror_complete = m.complete;
+        out.mirror_peer_uuids = m.mirror_peer_uuids.clone();
+        out.primary_snap_id = m.primary_snap_id;
+        out.primary_mirror_uuid = m.primary_mirror_uuid.clone();
+    }
+    out
+}
+
+fn lock_pb(l: &crate::locks::Lock, lease: std::time::Duration) -> pb::LockInfo {
+    let now = std::time::Instant::now();
+    pb::LockInfo {
+        locker: l.entity.clone(),
+        id: l.cookie.clone(),
+        address: l.address.clone(),
+        age_secs: now.duration_since(l.acquired).as_secs(),
+        lease_ms: lease.as_millis() as u64,
+        expires_in_ms: l.expires.saturating_duration_since(now).as_millis() as u64,
+    }
+}
+
 /// One import in progress. A created image lives under a hidden name
 /// (`.import-…`, which no user name can collide with) until commit.
 struct Import {
@@ -842,7 +1285,14 @@ struct Import {
     hidden: Option<String>,
     data: u64,
     zeros: u64,
+    /// For an export-diff: the snapshot to roll back to if it fails.
+    safety: Option<String>,
+    diff_to: Option<String>,
+    /// No chunk may reach past this (the diff's declared size).
+    limit: u64,
 }
+
+const SAFETY_PREFIX: &str = ".import-diff-";
 
 impl Import {
     async fn create(
@@ -879,14 +1329,28 @@ impl Import {
             target: pb::ImageRef {
                 pool: req.pool,
                 image: req.image,
+                snap: String::new(),
             },
             hidden: Some(hidden),
             data: 0,
             zeros: 0,
+            safety: None,
+            diff_to: None,
+            limit: u64::MAX,
         })
     }
 
     async fn chunk(&mut self, ch: pb::DataChunk) -> Result<(), Status> {
+        if ch
+            .offset
+            .checked_add(ch.length)
+            .is_none_or(|e| e > self.limit)
+        {
+            return Err(status_of(Error::invalid(format!(
+                "the diff writes {}+{} past its declared image size {}: refused, the image was rolled back",
+                ch.offset, ch.length, self.limit
+            ))));
+        }
         let img = self.img.clone();
         if ch.zero {
             self.zeros += ch.length;
@@ -905,6 +1369,50 @@ impl Import {
         blocking(move || img.write(ch.offset, &ch.data, false).map_err(serr)).await
     }
 
+    /// Checks an export-diff against the target and takes the safety snapshot.
+    async fn begin_diff(&mut self, d: pb::DiffTarget) -> Result<(), Status> {
+        let site = self.site.clone();
+        let t = self.target.clone();
+        let img = self.img.clone();
+        let safety = format!("{SAFETY_PREFIX}{}", uuid::Uuid::new_v4().simple());
+        let (s2, d2) = (safety.clone(), d.clone());
+        blocking(move || {
+            let spec = format!("{}/{}", t.pool, t.image);
+            if !d2.from_snap.is_empty() && site.store.snap_get(&t.pool, &t.image, &d2.from_snap).is_err() {
+                return Err(Error::invalid(format!(
+                    "the diff starts at snapshot '{}', which {spec} does not have: import the diffs in order",
+                    d2.from_snap
+                )));
+            }
+            if !d2.to_snap.is_empty() {
+                validate_name("snapshot", &d2.to_snap)?;
+                if site.store.snap_get(&t.pool, &t.image, &d2.to_snap).is_ok() {
+                    return Err(Error::new(
+                        ErrorKind::AlreadyExists,
+                        format!("{spec} already has snapshot '{}': this diff was imported before", d2.to_snap),
+                    ));
+                }
+            }
+            if d2.size == 0 {
+                return Err(Error::invalid("the diff declares no image size (no 's' record)"));
+            }
+            site.store.snap_create(&t.pool, &t.image, &s2, SnapNamespace::User).map_err(serr)?;
+            if d2.size != img.size() {
+                site.store.image_resize(&t.pool, &t.image, d2.size, true).map_err(serr)?;
+            }
+            Ok(())
+        })
+        .await?;
+        self.safety = Some(safety);
+        self.limit = d.size;
+        self.diff_to = if d.to_snap.is_empty() {
+            None
+        } else {
+            Some(d.to_snap)
+        };
+        Ok(())
+    }
+
     async fn commit(mut self, cm: pb::WriteStreamCommit) -> Result<pb::WriteStreamReply, Status> {
         if self.data + self.zeros != cm.total_bytes {
             self.abort().await;
@@ -918,6 +1426,7 @@ impl Import {
         let img = self.img.clone();
         let target = self.target.clone();
         let hidden = self.hidden.clone();
+        let (safety, diff_to) = (self.safety.clone(), self.diff_to.clone());
         let published = blocking(move || {
             if let Some(h) = &hidden {
                 if cm.final_size == 0 {
@@ -936,6 +1445,16 @@ impl Import {
                     .image_rename(&target.pool, h, &target.image)
                     .map_err(serr)?;
             }
+            if let Some(to) = &diff_to {
+                site.store
+                    .snap_create(&target.pool, &target.image, to, SnapNamespace::User)
+                    .map_err(serr)?;
+            }
+            if let Some(sf) = &safety {
+                site.store
+                    .snap_remove(&target.pool, &target.image, sf, false)
+                    .map_err(serr)?;
+            }
             Ok(())
         })
         .await;
@@ -944,6 +1463,7 @@ impl Import {
             return Err(e);
         }
         self.hidden = None;
+        self.safety = None;
         let site = self.site.clone();
         let target = self.target.clone();
         let (data, zeros) = (self.data, self.zeros);
@@ -962,6 +1482,16 @@ impl Import {
     }
 
     async fn abort(&mut self) {
+        if let Some(sf) = self.safety.take() {
+            let site = self.site.clone();
+            let t = self.target.clone();
+            let to = self.diff_to.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                undo_diff(&site, &t.pool, &t.image, &sf, to.as_deref())
+            })
+            .await;
+            tracing::warn!(image = %format!("{}/{}", self.target.pool, self.target.image), "import-diff rolled back");
+        }
         if let Some(h) = self.hidden.take() {
             let site = self.site.clone();
             let pool = self.target.pool.clone();
@@ -971,11 +1501,38 @@ impl Import {
     }
 }
 
-/// Removes imports that a crash interrupted (hidden `.import-*` images).
+/// Puts an image back as it was before an export-diff started.
+fn undo_diff(site: &Site, pool: &str, image: &str, safety: &str, to: Option<&str>) {
+    if let Some(to) = to {
+        let _ = site.store.snap_remove(pool, image, to, false);
+    }
+    if let Err(e) = site.store.snap_rollback(pool, image, safety) {
+        tracing::error!(%pool, %image, error = %e, "cannot roll back an interrupted import-diff");
+        return;
+    }
+    let _ = site.store.snap_remove(pool, image, safety, false);
+}
+
+/// Removes imports that a crash interrupted (hidden `.import-*` images) and
+/// rolls back export-diffs that a crash cut short.
 pub fn clean_interrupted_imports(site: &Site) {
     let Ok(pools) = site.store.pool_list() else {
         return;
     };
+    for p in &pools {
+        let Ok(images) = site.store.image_list(&p.name) else {
+            continue;
+        };
+        for img in images {
+            let Ok(snaps) = site.store.snap_list(&p.name, &img.name) else {
+                continue;
+            };
+            for s in snaps.iter().filter(|s| s.name.starts_with(SAFETY_PREFIX)) {
+                tracing::warn!(pool = %p.name, image = %img.name, "rolling back an import-diff interrupted by a crash");
+                undo_diff(site, &p.name, &img.name, &s.name, None);
+            }
+        }
+    }
     for p in pools {
         if let Ok(names) = site.store.hidden_images(&p.name) {
             for n in names.into_iter().filter(|n| n.starts_with(".import-")) {

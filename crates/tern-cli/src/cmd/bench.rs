@@ -27,7 +27,20 @@ pub async fn run(ctx: &Ctx, a: BenchArgs) -> Result<()> {
     }
     let c = ctx.connect().await?;
     let r = image_ref(&spec.pool, &spec.image);
-    let size = c.image_get(r.clone()).await?.size;
+    let info = c.image_get(r.clone()).await?;
+    let size = info.size;
+    // Writers hold the exclusive lock, as rbd bench does.
+    let writes = a.io_type != IoType::Read;
+    let lock = if writes && info.features & tern_types::Features::EXCLUSIVE_LOCK != 0 {
+        let addr = format!("tern-bench/{}", std::process::id());
+        Some(tern_client::lock::LockGuard::acquire(&c, r.clone(), &addr).await?)
+    } else {
+        None
+    };
+    let cookie = lock
+        .as_ref()
+        .map(|l| l.cookie().to_string())
+        .unwrap_or_default();
     if io_size > size {
         return Err(invalid("--io-size is larger than the image"));
     }
@@ -55,6 +68,7 @@ pub async fn run(ctx: &Ctx, a: BenchArgs) -> Result<()> {
     let mut tasks = Vec::new();
     for t in 0..a.io_threads {
         let (c, r, next, done) = (c.clone(), r.clone(), next.clone(), done.clone());
+        let cookie = cookie.clone();
         let (io_type, pattern, mix) = (a.io_type, a.io_pattern, a.rw_mix_read);
         tasks.push(tokio::spawn(async move {
             use rand::{Rng, SeedableRng};
@@ -89,6 +103,7 @@ pub async fn run(ctx: &Ctx, a: BenchArgs) -> Result<()> {
                         offset: off,
                         data: data.clone(),
                         fua: false,
+                        lock_cookie: cookie.clone(),
                     })
                     .await?;
                 }
@@ -136,6 +151,9 @@ pub async fn run(ctx: &Ctx, a: BenchArgs) -> Result<()> {
         }
     }
     reporter.abort();
+    if let Some(l) = lock {
+        l.release().await;
+    }
     if let Some(e) = first_err {
         return Err(e);
     }

@@ -42,7 +42,7 @@ pub fn image_json(i: &pb::ImageInfo) -> serde_json::Value {
         "objects": i.objects,
         "order": i.object_size.trailing_zeros(),
         "object_size": i.object_size,
-        "snapshot_count": 0,
+        "snapshot_count": i.snapshot_count,
         "block_name_prefix": format!("rbd_data.{}", i.id),
         "format": 2,
         "features": i.feature_names,
@@ -120,11 +120,22 @@ pub async fn ls(ctx: &Ctx, pool: String, long: bool) -> Result<()> {
 }
 
 pub async fn info(ctx: &Ctx, spec: &str) -> Result<()> {
-    let spec = image_spec(spec)?;
+    let spec = tern_types::ImageSpec::parse(spec)?;
     let c = ctx.connect().await?;
-    let i = c.image_get(image_ref(&spec.pool, &spec.image)).await?;
+    let i = c
+        .image_get(tern_client::snap_ref(
+            &spec.pool,
+            &spec.image,
+            spec.snap.as_deref(),
+        ))
+        .await?;
     if ctx.json() {
-        ctx.print_json(&image_json(&i));
+        let mut v = image_json(&i);
+        if !i.snap.is_empty() {
+            v["protected"] = serde_json::json!(i.protected);
+            v["snap_id"] = serde_json::json!(i.snap_id);
+        }
+        ctx.print_json(&v);
         return Ok(());
     }
     println!("rbd image '{}':", i.name);
@@ -134,7 +145,7 @@ pub async fn info(ctx: &Ctx, spec: &str) -> Result<()> {
         i.object_size.trailing_zeros(),
         format_size(i.object_size)
     );
-    println!("\tsnapshot_count: 0");
+    println!("\tsnapshot_count: {}", i.snapshot_count);
     println!("\tid: {}", i.id);
     println!("\tblock_name_prefix: rbd_data.{}", i.id);
     println!("\tformat: 2");
@@ -144,6 +155,9 @@ pub async fn info(ctx: &Ctx, spec: &str) -> Result<()> {
     if i.stripe_unit != i.object_size || i.stripe_count != 1 {
         println!("\tstripe unit: {}", format_size(i.stripe_unit));
         println!("\tstripe count: {}", i.stripe_count);
+    }
+    if !i.snap.is_empty() {
+        println!("\tprotected: {}", i.protected);
     }
     println!("\tcreate_timestamp: {}", ctime(i.created));
     println!("\tmodify_timestamp: {}", ctime(i.modified));

@@ -3,7 +3,7 @@ use crate::cli::ImportArgs;
 use crate::ctx::{Ctx, Result, invalid};
 use serde_json::json;
 use tern_client::transfer::{self, ExportSink, ImportTarget};
-use tern_client::{ClientError, image_ref, pb};
+use tern_client::{ClientError, pb};
 use tern_types::ErrorKind;
 
 fn io_error(what: &str, path: &str, e: std::io::Error) -> ClientError {
@@ -91,9 +91,9 @@ pub async fn import(ctx: &Ctx, a: ImportArgs) -> Result<()> {
 }
 
 pub async fn export(ctx: &Ctx, spec: &str, path: &str) -> Result<()> {
-    let spec = image_spec(spec)?;
+    let spec = tern_types::ImageSpec::parse(spec)?;
     let c = ctx.connect().await?;
-    let r = image_ref(&spec.pool, &spec.image);
+    let r = tern_client::snap_ref(&spec.pool, &spec.image, spec.snap.as_deref());
     let info = c.image_get(r.clone()).await?;
     let bar = if path == "-" {
         None

@@ -1,8 +1,10 @@
 mod admin;
 mod bench;
+mod diff;
 mod image;
 mod io;
 mod pool;
+mod snap;
 
 use crate::cli::{Cli, Cmd, OsdCmd};
 use crate::ctx::{Ctx, Result};
@@ -33,8 +35,29 @@ pub async fn run(cli: Cli) -> Result<()> {
         } => image::resize(&ctx, &spec, &size, allow_shrink).await,
         Cmd::Rename { src, dst } => image::rename(&ctx, &src, &dst).await,
         Cmd::Rm { spec } => image::rm(&ctx, &spec).await,
+        Cmd::Import(a) if a.export_format == 2 => diff::import_v2(&ctx, a).await,
         Cmd::Import(a) => io::import(&ctx, a).await,
-        Cmd::Export { spec, path } => io::export(&ctx, &spec, &path).await,
+        Cmd::Export {
+            spec,
+            path,
+            export_format: 2,
+        } => diff::export_v2(&ctx, &spec, &path).await,
+        Cmd::Export { spec, path, .. } => io::export(&ctx, &spec, &path).await,
+        Cmd::Snap(c) => snap::run(&ctx, c).await,
+        Cmd::Lock(c) => snap::lock(&ctx, c).await,
+        Cmd::Diff {
+            spec,
+            from_snap,
+            whole_object,
+        } => diff::list(&ctx, &spec, from_snap, whole_object).await,
+        Cmd::ExportDiff {
+            spec,
+            path,
+            from_snap,
+            whole_object,
+            export_format,
+        } => diff::export_diff(&ctx, &spec, &path, from_snap, whole_object, export_format).await,
+        Cmd::ImportDiff { path, spec } => diff::import_diff(&ctx, &path, &spec).await,
         Cmd::Bench(a) => bench::run(&ctx, a).await,
         Cmd::Status => admin::status(&ctx).await,
         Cmd::Config(c) => admin::config(&ctx, c).await,
@@ -51,4 +74,15 @@ pub fn image_spec(s: &str) -> Result<ImageSpec> {
         )));
     }
     Ok(spec)
+}
+
+/// Parses `pool/image@snap` and insists on the snapshot part.
+pub fn snap_spec(s: &str) -> Result<(ImageSpec, String)> {
+    let spec = ImageSpec::parse(s)?;
+    match spec.snap.clone() {
+        Some(snap) => Ok((spec, snap)),
+        None => Err(crate::ctx::invalid(format!(
+            "'{s}' names no snapshot: use pool/image@snap"
+        ))),
+    }
 }

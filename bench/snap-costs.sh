@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Snapshot costs on the store (release build): create on 1 GiB vs 1 TiB,
+# first write after a snapshot vs a plain write, diff on a 1 TiB image.
+#   bench/snap-costs.sh [results-file]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-bench/results/snap-costs.txt}
+TMPDIR=${TMPDIR:-$PWD/target} cargo bench -q -p tern-store --bench snap_costs 2>/dev/null | tee "$out"

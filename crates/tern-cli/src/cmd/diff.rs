@@ -1,0 +1,525 @@
+//! `diff`, `export-diff`/`import-diff` and `export`/`import --export-format 2`
+//! in rbd's stream formats (see tern_client::rbd_diff).
+
+use super::image_spec;
+use crate::cli::ImportArgs;
+use crate::ctx::{Ctx, Result, invalid};
+use crate::out::table;
+use serde_json::json;
+use tern_client::rbd_diff::{DiffError, DiffReader, DiffWriter, IMAGE_BANNER_V2, Record};
+use tern_client::{ClientError, SiteClient, image_ref, pb, snap_ref};
+use tern_types::{ErrorKind, ImageSpec};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+fn diff_err(e: DiffError) -> ClientError {
+    let kind = match e {
+        DiffError::Io(_) => ErrorKind::InvalidArgument,
+        _ => ErrorKind::InvalidArgument,
+    };
+    ClientError::new(kind, format!("{e}; nothing was changed"))
+}
+
+fn io_err(what: &str, e: std::io::Error) -> ClientError {
+    let kind = if e.kind() == std::io::ErrorKind::AlreadyExists {
+        ErrorKind::AlreadyExists
+    } else if e.kind() == std::io::ErrorKind::NotFound {
+        ErrorKind::NotFound
+    } else {
+        ErrorKind::InvalidArgument
+    };
+    ClientError::new(kind, format!("{what}: {e}"))
+}
+
+async fn open_out(path: &str) -> Result<Box<dyn AsyncWrite + Unpin + Send>> {
+    if path == "-" {
+        return Ok(Box::new(tokio::io::stdout()));
+    }
+    let f = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .await
+        .map_err(|e| io_err(&format!("cannot create '{path}'"), e))?;
+    Ok(Box::new(tokio::io::BufWriter::with_capacity(1 << 20, f)))
+}
+
+async fn open_in(path: &str) -> Result<Box<dyn AsyncRead + Unpin + Send>> {
+    if path == "-" {
+        return Ok(Box::new(tokio::io::stdin()));
+    }
+    let f = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| io_err(&format!("cannot open '{path}'"), e))?;
+    Ok(Box::new(tokio::io::BufReader::with_capacity(1 << 20, f)))
+}
+
+pub async fn list(ctx: &Ctx, spec: &str, from: Option<String>, whole_object: bool) -> Result<()> {
+    let s = ImageSpec::parse(spec)?;
+    let c = ctx.connect().await?;
+    let r = c
+        .diff(pb::DiffRequest {
+            image: Some(snap_ref(&s.pool, &s.image, s.snap.as_deref())),
+            from_snap: from.unwrap_or_default(),
+            whole_object,
+            offset: 0,
+            length: 0,
+        })
+        .await?;
+    if ctx.json() {
+        let v: Vec<_> = r
+            .extents
+            .iter()
+            .map(|e| json!({"offset": e.offset, "length": e.length, "exists": if e.data { "true" } else { "false" }}))
+            .collect();
+        ctx.print_json(&json!(v));
+    } else if !r.extents.is_empty() {
+        let rows: Vec<Vec<String>> = r
+            .extents
+            .iter()
+            .map(|e| {
+                vec![
+                    e.offset.to_string(),
+                    e.length.to_string(),
+                    if e.data { "data" } else { "zero" }.into(),
+                ]
+            })
+            .collect();
+        print!("{}", table(&["Offset", "Length", "Type"], &rows));
+    }
+    Ok(())
+}
+
+/// Writes the data records of `from`→`to` into `w`.
+async fn write_changes<W: AsyncWrite + Unpin>(
+    c: &SiteClient,
+    w: &mut DiffWriter<W>,
+    image: pb::ImageRef,
+    from: Option<&str>,
+    whole_object: bool,
+) -> Result<u64> {
+    let mut stream = c
+        .raw()
+        .read_stream(pb::ReadStreamRequest {
+            image: Some(image),
+            offset: 0,
+            length: 0,
+            chunk_size: 0,
+            diff: true,
+            diff_from: from.unwrap_or("").to_string(),
+            whole_object,
+        })
+        .await
+        .map_err(|s| c.err(s))?
+        .into_inner();
+    let mut bytes = 0;
+    let werr = |e| io_err("writing the diff", e);
+    while let Some(ch) = stream.message().await.map_err(|s| c.err(s))? {
+        if ch.zero {
+            w.zero(ch.offset, ch.length).await.map_err(werr)?;
+        } else {
+            bytes += ch.data.len() as u64;
+            w.write(ch.offset, &ch.data).await.map_err(werr)?;
+        }
+    }
+    Ok(bytes)
+}
+
+pub async fn export_diff(
+    ctx: &Ctx,
+    spec: &str,
+    path: &str,
+    from: Option<String>,
+    whole_object: bool,
+    format: u8,
+) -> Result<()> {
+    if !matches!(format, 1 | 2) {
+        return Err(invalid("--export-format is 1 or 2"));
+    }
+    let s = ImageSpec::parse(spec)?;
+    let c = ctx.connect().await?;
+    let r = snap_ref(&s.pool, &s.image, s.snap.as_deref());
+    let info = c.image_get(r.clone()).await?;
+    let out = open_out(path).await?;
+    let werr = |e| io_err("writing the diff", e);
+    let res: Result<u64> = async {
+        let mut w = DiffWriter::new(out, format).await.map_err(werr)?;
+        if let Some(f) = &from {
+            w.snap(true, f).await.map_err(werr)?;
+        }
+        if let Some(t) = &s.snap {
+            w.snap(false, t).await.map_err(werr)?;
+        }
+        w.size(info.size).await.map_err(werr)?;
+        let bytes = write_changes(&c, &mut w, r, from.as_deref(), whole_object).await?;
+        w.end().await.map_err(werr)?;
+        Ok(bytes)
+    }
+    .await;
+    if res.is_err() && path != "-" {
+        let _ = std::fs::remove_file(path);
+    }
+    let bytes = res?;
+    if ctx.json() && path != "-" {
+        ctx.print_json(&json!({"image": spec, "from_snap": from, "data_bytes": bytes}));
+    } else if path != "-" {
+        eprintln!("Exporting image: 100% complete...done.");
+    }
+    Ok(())
+}
+
+/// The metadata records of one diff, up to its first data record.
+struct DiffMeta {
+    from: Option<String>,
+    to: Option<String>,
+    size: Option<u64>,
+    protected: bool,
+    first: Record,
+}
+
+async fn read_meta<R: AsyncRead + Unpin>(r: &mut DiffReader<R>) -> Result<DiffMeta> {
+    let mut m = DiffMeta {
+        from: None,
+        to: None,
+        size: None,
+        protected: false,
+        first: Record::End,
+    };
+    loop {
+        match r.next().await.map_err(diff_err)? {
+            Record::FromSnap(n) => m.from = Some(n),
+            Record::ToSnap(n) => m.to = Some(n),
+            Record::Size(s) => m.size = Some(s),
+            Record::Protected(p) => m.protected = p,
+            rec => {
+                m.first = rec;
+                return Ok(m);
+            }
+        }
+    }
+}
+
+/// Streams one diff's data into `target` through an atomic write stream.
+async fn send_diff<R: AsyncRead + Unpin>(
+    c: &SiteClient,
+    r: &mut DiffReader<R>,
+    meta: DiffMeta,
+    target: pb::ImageRef,
+) -> Result<u64> {
+    let size = meta
+        .size
+        .ok_or_else(|| invalid("the diff has no size record ('s'); nothing was changed"))?;
+    use pb::write_stream_message::Msg;
+    let msg = |m| pb::WriteStreamMessage { msg: Some(m) };
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::WriteStreamMessage>(4);
+    let open = pb::WriteStreamOpen {
+        create: None,
+        image: Some(target),
+        lock_cookie: String::new(),
+        diff: Some(pb::DiffTarget {
+            from_snap: meta.from.clone().unwrap_or_default(),
+            to_snap: meta.to.clone().unwrap_or_default(),
+            size,
+        }),
+    };
+    tx.send(msg(Msg::Open(open))).await.ok();
+    let mut raw = c.raw();
+    let call = tokio::spawn(async move { raw.write_stream(tokio_stream_iter(rx)).await });
+    let mut total = 0u64;
+    let mut rec = meta.first;
+    let mut buf = vec![0u8; 4 << 20];
+    let fed: Result<()> = async {
+        loop {
+            match rec {
+                Record::End => {
+                    let commit = pb::WriteStreamCommit {
+                        final_size: 0,
+                        total_bytes: total,
+                    };
+                    tx.send(msg(Msg::Commit(commit))).await.ok();
+                    return Ok(());
+                }
+                Record::Zero { offset, length } => {
+                    total += length;
+                    let ch = pb::DataChunk {
+                        offset,
+                        length,
+                        zero: true,
+                        data: vec![],
+                    };
+                    if tx.send(msg(Msg::Chunk(ch))).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Record::Write { offset, length } => {
+                    let mut at = offset;
+                    loop {
+                        let n = r.read_data(&mut buf).await.map_err(diff_err)?;
+                        if n == 0 {
+                            break;
+                        }
+                        let ch = pb::DataChunk {
+                            offset: at,
+                            length: n as u64,
+                            zero: false,
+                            data: buf[..n].to_vec(),
+                        };
+                        if tx.send(msg(Msg::Chunk(ch))).await.is_err() {
+                            return Ok(());
+                        }
+                        at += n as u64;
+                    }
+                    total += length;
+                }
+                Record::FromSnap(_)
+                | Record::ToSnap(_)
+                | Record::Size(_)
+                | Record::Protected(_) => {
+                    return Err(invalid(
+                        "metadata record after data records; nothing was changed",
+                    ));
+                }
+            }
+            rec = r.next().await.map_err(diff_err)?;
+        }
+    }
+    .await;
+    // Without a commit the site rolls the image back.
+    drop(tx);
+    let reply = call
+        .await
+        .map_err(|e| ClientError::new(ErrorKind::Internal, e.to_string()))?;
+    fed?;
+    reply.map_err(|s| c.err(s))?;
+    Ok(total)
+}
+
+fn tokio_stream_iter(
+    rx: tokio::sync::mpsc::Receiver<pb::WriteStreamMessage>,
+) -> impl futures::Stream<Item = pb::WriteStreamMessage> {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })
+}
+
+pub async fn import_diff(ctx: &Ctx, path: &str, spec: &str) -> Result<()> {
+    let s = image_spec(spec)?;
+    let c = ctx.connect().await?;
+    // Fail early on an unknown image, before reading any input.
+    c.image_get(image_ref(&s.pool, &s.image)).await?;
+    let input = open_in(path).await?;
+    let mut r = DiffReader::new(input).await.map_err(diff_err)?;
+    let meta = read_meta(&mut r).await?;
+    let total = send_diff(&c, &mut r, meta, image_ref(&s.pool, &s.image)).await?;
+    if ctx.json() {
+        ctx.print_json(&json!({"image": s.to_string(), "bytes": total}));
+    } else {
+        eprintln!("Importing image diff: 100% complete...done.");
+    }
+    Ok(())
+}
+
+pub async fn export_v2(ctx: &Ctx, spec: &str, path: &str) -> Result<()> {
+    let s = image_spec(spec)?;
+    let c = ctx.connect().await?;
+    let r = image_ref(&s.pool, &s.image);
+    let info = c.image_get(r.clone()).await?;
+    let snaps = c
+        .snap_list(pb::SnapListRequest {
+            image: Some(r.clone()),
+            all: false,
+        })
+        .await?
+        .snaps;
+    let mut out = open_out(path).await?;
+    let werr = |e| io_err("writing the export", e);
+    let res: Result<()> = async {
+        out.write_all(IMAGE_BANNER_V2).await.map_err(werr)?;
+        for (tag, v) in [
+            (b'O', info.object_size.trailing_zeros() as u64),
+            (b'F', 2),
+            (b'T', info.features),
+            (b'U', info.stripe_unit),
+            (b'C', info.stripe_count),
+        ] {
+            out.write_u8(tag).await.map_err(werr)?;
+            out.write_u64_le(8).await.map_err(werr)?;
+            out.write_u64_le(v).await.map_err(werr)?;
+        }
+        out.write_u8(b'E').await.map_err(werr)?;
+        out.write_u64_le(snaps.len() as u64 + 1)
+            .await
+            .map_err(werr)?;
+        let mut prev: Option<String> = None;
+        let points: Vec<Option<&pb::SnapInfo>> = snaps
+            .iter()
+            .map(Some)
+            .chain(std::iter::once(None))
+            .collect();
+        for p in points {
+            let mut w = DiffWriter::new(&mut out, 2).await.map_err(werr)?;
+            if let Some(f) = &prev {
+                w.snap(true, f).await.map_err(werr)?;
+            }
+            let size = match p {
+                Some(snap) => {
+                    w.snap(false, &snap.name).await.map_err(werr)?;
+                    snap.size
+                }
+                None => info.size,
+            };
+            w.size(size).await.map_err(werr)?;
+            if let Some(snap) = p {
+                w.protected(snap.protected).await.map_err(werr)?;
+            }
+            let at = snap_ref(&s.pool, &s.image, p.map(|x| x.name.as_str()));
+            write_changes(&c, &mut w, at, prev.as_deref(), false).await?;
+            w.end().await.map_err(werr)?;
+            prev = p.map(|x| x.name.clone());
+        }
+        out.flush().await.map_err(werr)?;
+        Ok(())
+    }
+    .await;
+    if res.is_err() && path != "-" {
+        let _ = std::fs::remove_file(path);
+    }
+    res?;
+    if !ctx.json() && path != "-" {
+        eprintln!("Exporting image: 100% complete...done.");
+    }
+    Ok(())
+}
+
+pub async fn import_v2(ctx: &Ctx, a: ImportArgs) -> Result<()> {
+    let spec_text = a
+        .spec
+        .clone()
+        .ok_or_else(|| invalid("import --export-format 2 needs a target image spec"))?;
+    let s = image_spec(&spec_text)?;
+    let c = ctx.connect().await?;
+    let mut input = open_in(&a.path).await?;
+    let res = import_v2_into(&c, &mut input, &s, &a).await;
+    if let Err(e) = res {
+        // All or nothing: remove what was created.
+        if e.kind != ErrorKind::AlreadyExists {
+            let r = image_ref(&s.pool, &s.image);
+            if let Ok(l) = c
+                .snap_list(pb::SnapListRequest {
+                    image: Some(r.clone()),
+                    all: false,
+                })
+                .await
+            {
+                for snap in l.snaps.iter().filter(|x| x.protected) {
+                    let _ = c
+                        .snap_protect(pb::SnapProtectRequest {
+                            image: Some(r.clone()),
+                            snap: snap.name.clone(),
+                            protect: false,
+                        })
+                        .await;
+                }
+            }
+            let _ = c.snap_purge(r.clone()).await;
+            let _ = c.image_remove(r).await;
+        }
+        return Err(e);
+    }
+    if !ctx.json() {
+        eprintln!("Importing image: 100% complete...done.");
+    }
+    Ok(())
+}
+
+async fn import_v2_into<R: AsyncRead + Unpin>(
+    c: &SiteClient,
+    input: &mut R,
+    s: &ImageSpec,
+    a: &ImportArgs,
+) -> Result<()> {
+    let trunc = |e: std::io::Error| {
+        diff_err(if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            DiffError::Truncated("image header")
+        } else {
+            DiffError::Io(e)
+        })
+    };
+    let mut banner = [0u8; 13];
+    input.read_exact(&mut banner).await.map_err(trunc)?;
+    if banner != IMAGE_BANNER_V2 {
+        return Err(invalid(
+            "not an rbd export-format 2 stream (no 'rbd image v2' banner)",
+        ));
+    }
+    let (mut order, mut features, mut su, mut sc) = (22u64, None, 0u64, 0u64);
+    loop {
+        let tag = input.read_u8().await.map_err(trunc)?;
+        if tag == b'E' {
+            break;
+        }
+        let len = input.read_u64_le().await.map_err(trunc)?;
+        if len > 1 << 20 {
+            return Err(invalid(format!(
+                "metadata record '{}' of {len} bytes is too large",
+                tag as char
+            )));
+        }
+        let mut v = vec![0u8; len as usize];
+        input.read_exact(&mut v).await.map_err(trunc)?;
+        let num = || {
+            v.get(..8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        };
+        match tag {
+            b'O' => order = num().unwrap_or(22),
+            b'T' => features = num(),
+            b'U' => su = num().unwrap_or(0),
+            b'C' => sc = num().unwrap_or(0),
+            _ => {}
+        }
+    }
+    let n = input.read_u64_le().await.map_err(trunc)?;
+    if n == 0 || n > 1 << 20 {
+        return Err(invalid(format!("export declares {n} diffs")));
+    }
+    let target = image_ref(&s.pool, &s.image);
+    for i in 0..n {
+        let mut r = DiffReader::new(&mut *input).await.map_err(diff_err)?;
+        if r.version != 2 {
+            return Err(invalid(
+                "diffs inside an export-format 2 stream must be 'rbd diff v2'",
+            ));
+        }
+        let meta = read_meta(&mut r).await?;
+        if i == 0 {
+            let size = meta
+                .size
+                .ok_or_else(|| invalid("the first diff has no size record"))?;
+            let mut req = pb::ImageCreateRequest {
+                pool: s.pool.clone(),
+                image: s.image.clone(),
+                size,
+                object_size: 1u64 << order.clamp(12, 30),
+                stripe_unit: su,
+                stripe_count: sc,
+                features: features
+                    .map(|f| vec![(f & 0x7f).to_string()])
+                    .unwrap_or_default(),
+            };
+            super::image::apply_layout(&mut req, &a.layout)?;
+            if !a.layout.features.is_empty() {
+                req.features = a.layout.features.clone();
+            }
+            c.image_create(req).await?;
+        }
+        let (to, protected) = (meta.to.clone(), meta.protected);
+        send_diff(c, &mut r, meta, target.clone()).await?;
+        if protected && let Some(to) = to {
+            c.snap_protect(pb::SnapProtectRequest {
+                image: Some(target.clone()),
+                snap: to,
+                protect: true,
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}
