@@ -41,6 +41,7 @@ Try:
   tern --cluster site-a bench rbd/vol1 --io-type write --io-size 4K --io-threads 16 --io-total 256M --io-pattern rand
   tern --cluster site-a export rbd/vol1 /tmp/vol1.raw
   tern --cluster site-a ls -l rbd
+  qemu-img info nbd://127.0.0.1:10809/rbd/vol1     # the image over NBD
 
 Stop it with: scripts/lab.sh down
 MSG

@@ -127,6 +127,9 @@ pub enum Cmd {
     /// Exclusive locks: ls, rm.
     #[command(subcommand)]
     Lock(LockCmd),
+    /// Block devices backed by images: map, unmap, list.
+    #[command(subcommand)]
+    Device(DeviceCmd),
     /// Measure I/O against an image, like `rbd bench`.
     Bench(BenchArgs),
     /// Site health and usage, like `ceph status`.
@@ -358,4 +361,20 @@ pub enum LockCmd {
         lock_id: String,
         locker: String,
     },
+}
+
+#[derive(Subcommand)]
+pub enum DeviceCmd {
+    /// Attach pool/image[@snap] as a block device; prints the device path.
+    Map {
+        spec: String,
+        /// Map read-only (snapshots always are).
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Detach a mapped device (by device path or image spec).
+    Unmap { target: String },
+    /// Mapped devices.
+    #[command(visible_alias = "ls")]
+    List,
 }

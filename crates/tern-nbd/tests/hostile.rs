@@ -14,7 +14,14 @@ use tern_nbd::wire::*;
 use tern_nbd::{ServerConfig, serve_connection};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-const CASES: u64 = 300;
+/// Seeds per test; `TERN_NBD_FUZZ_CASES` raises it for a longer soak
+/// (`TERN_NBD_FUZZ_CASES=50000 cargo test -p tern-nbd --test hostile`).
+fn cases() -> u64 {
+    std::env::var("TERN_NBD_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
+}
 const SIZE: u64 = 1 << 20;
 
 fn exports() -> Arc<MemExports> {
@@ -95,7 +102,7 @@ fn random_option(rng: &mut ChaCha8Rng, out: &mut Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_handshakes() {
-    for seed in 0..CASES {
+    for seed in 0..cases() {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let (c, s) = tokio::io::duplex(1 << 16);
         let cfg = ServerConfig {
@@ -176,8 +183,8 @@ fn random_request(rng: &mut ChaCha8Rng, out: &mut Vec<u8>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_transmission() {
     let mut replied = 0;
-    for seed in 0..CASES {
-        let mut rng = ChaCha8Rng::seed_from_u64(1000 + seed);
+    for seed in 0..cases() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1_000_000_000 + seed);
         let (c, s) = tokio::io::duplex(1 << 16);
         let srv = tokio::spawn(serve_connection(
             s,

@@ -41,7 +41,10 @@ pub struct Site {
     pub data: PathBuf,
     pub conf_dir: PathBuf,
     pub addr: String,
+    /// The NBD listener (host:port).
+    pub nbd_addr: String,
     listen: String,
+    nbd_listen: String,
     child: Option<Child>,
     extra: Vec<String>,
 }
@@ -65,13 +68,16 @@ impl Site {
             conf_dir,
             root,
             addr: String::new(),
+            nbd_addr: String::new(),
             listen: "127.0.0.1:0".into(),
+            nbd_listen: "127.0.0.1:0".into(),
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         s.spawn();
-        // Restarts reuse the port so configs and tokens stay valid.
+        // Restarts reuse the ports so configs, tokens and NBD URIs stay valid.
         s.listen = s.addr.clone();
+        s.nbd_listen = s.nbd_addr.clone();
         s
     }
 
@@ -91,6 +97,8 @@ impl Site {
                 &self.name,
                 "--listen",
                 &self.listen,
+                "--nbd-listen",
+                &self.nbd_listen,
                 "--conf-dir",
             ])
             .arg(&self.conf_dir)
@@ -114,6 +122,10 @@ impl Site {
         assert!(ok, "ternd did not start within 20 s:\n{}", self.log());
         self.addr = std::fs::read_to_string(&addr_file)
             .expect("addr")
+            .trim()
+            .to_string();
+        self.nbd_addr = std::fs::read_to_string(self.data.join("nbd.addr"))
+            .expect("nbd addr")
             .trim()
             .to_string();
     }
@@ -158,6 +170,11 @@ impl Site {
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
+    }
+
+    /// `nbd://host:port/EXPORT`
+    pub fn nbd_uri(&self, export: &str) -> String {
+        format!("nbd://{}/{export}", self.nbd_addr)
     }
 
     pub fn conf_path(&self) -> PathBuf {

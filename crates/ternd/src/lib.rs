@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod locks;
+pub mod nbd;
 pub mod options;
 pub mod service;
 pub mod site;
@@ -23,6 +24,8 @@ pub struct Options {
     pub listen: SocketAddr,
     pub conf_dir: PathBuf,
     pub insecure: bool,
+    /// NBD listener; None disables NBD.
+    pub nbd_listen: Option<SocketAddr>,
 }
 
 /// Starts the site and serves until SIGTERM or SIGINT.
@@ -66,9 +69,30 @@ pub async fn run(opts: Options) -> Result<(), Error> {
         .map_err(|e| Error::new(e.kind(), e.to_string()))?;
     write_client_files(&site, &opts, &endpoint)?;
 
-    let svc = tern_proto::v1::site_server::SiteServer::new(service::Service::new(site.clone()))
-        .max_decoding_message_size(tern_proto::MAX_MESSAGE)
-        .max_encoding_message_size(tern_proto::MAX_MESSAGE);
+    let locks = Arc::new(locks::Locks::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    if opts.nbd_listen.is_none() {
+        site.store
+            .kv_delete(KvTable::Site, "nbd_endpoint")
+            .map_err(|e| Error::new(e.kind(), e.to_string()))?;
+    }
+    let nbd_task = match opts.nbd_listen {
+        Some(addr) => Some(start_nbd(&site, &locks, addr, &opts, stopped(stop_rx.clone())).await?),
+        None => None,
+    };
+    let svc = tern_proto::v1::site_server::SiteServer::new(service::Service::new(
+        site.clone(),
+        locks.clone(),
+    ))
+    .max_decoding_message_size(tern_proto::MAX_MESSAGE)
+    .max_encoding_message_size(tern_proto::MAX_MESSAGE);
     let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
@@ -98,15 +122,66 @@ pub async fn run(opts: Options) -> Result<(), Error> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     builder
         .add_service(svc)
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()))
         .await
         .map_err(|e| Error::new(ErrorKind::Internal, format!("server failed: {e}")))?;
+    if let Some(t) = nbd_task {
+        let _ = t.await;
+    }
     tracing::info!("shutting down: flushing open images");
     let s = site.clone();
     let _ = tokio::task::spawn_blocking(move || s.store.flush_all()).await;
     let _ = std::fs::remove_file(&addr_file);
     tracing::info!("ternd stopped");
     Ok(())
+}
+
+/// Starts the NBD listener. Plaintext NBD has no authentication, so on a
+/// non-loopback address clients must upgrade to TLS first (STARTTLS).
+async fn start_nbd(
+    site: &Arc<Site>,
+    locks: &Arc<locks::Locks>,
+    addr: SocketAddr,
+    opts: &Options,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        Error::new(
+            ErrorKind::Unavailable,
+            format!("cannot listen for NBD on {addr}: {e}"),
+        )
+    })?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
+    let acceptor = nbd::tls_acceptor(site).map_err(|e| Error::new(ErrorKind::Internal, e))?;
+    let cfg = Arc::new(tern_nbd::ServerConfig {
+        tls: Some(acceptor),
+        require_tls: !local.ip().is_loopback(),
+        ..Default::default()
+    });
+    let store_for_lease = site.clone();
+    let exports = Arc::new(nbd::SiteExports {
+        site: site.clone(),
+        locks: locks.clone(),
+        lease: Arc::new(move || service::lock_lease(&store_for_lease.store)),
+    });
+    site.store
+        .kv_put(KvTable::Site, "nbd_endpoint", &local.to_string())
+        .map_err(|e| Error::new(e.kind(), e.to_string()))?;
+    let f = opts.data.join("nbd.addr");
+    std::fs::write(&f, format!("{local}\n")).map_err(|e| {
+        Error::new(
+            ErrorKind::Internal,
+            format!("cannot write {}: {e}", f.display()),
+        )
+    })?;
+    tracing::info!(endpoint = %local, tls_required = cfg.require_tls, "nbd serving");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = tern_nbd::serve(listener, exports, cfg, stop).await {
+            tracing::error!(error = %e, "nbd listener failed");
+        }
+    }))
 }
 
 async fn shutdown_signal() {

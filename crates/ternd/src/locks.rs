@@ -98,6 +98,15 @@ impl Locks {
         Ok(lock)
     }
 
+    /// Does `cookie` hold the lock right now (memory only: the write fast path)?
+    pub fn holds(&self, image_id: &str, cookie: &str) -> bool {
+        let now = Instant::now();
+        self.held
+            .lock()
+            .get(image_id)
+            .is_some_and(|l| l.cookie == cookie && l.expires > now)
+    }
+
     pub fn release(&self, image_id: &str, cookie: &str) {
         let mut held = self.held.lock();
         if held.get(image_id).is_some_and(|l| l.cookie == cookie) {

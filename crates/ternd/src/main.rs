@@ -28,6 +28,10 @@ struct Args {
     /// Serve plaintext (loopback addresses only; for throwaway labs).
     #[arg(long)]
     insecure: bool,
+    /// NBD listen address, or "off". On a non-loopback address clients must
+    /// use TLS (STARTTLS with the site certificate).
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    nbd_listen: String,
 }
 
 fn raise_fd_limit() {
@@ -67,6 +71,16 @@ fn main() -> std::process::ExitCode {
         listen: args.listen,
         conf_dir: args.conf_dir.unwrap_or_else(tern_client::config::conf_dir),
         insecure: args.insecure,
+        nbd_listen: match args.nbd_listen.as_str() {
+            "off" | "none" => None,
+            a => match a.parse() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    eprintln!("ternd: --nbd-listen '{a}' is not an address (use HOST:PORT or off)");
+                    return std::process::ExitCode::from(22);
+                }
+            },
+        },
     };
     match rt.block_on(ternd::run(opts)) {
         Ok(()) => std::process::ExitCode::SUCCESS,

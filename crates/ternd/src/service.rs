@@ -41,6 +41,17 @@ pub fn status_of(e: Error) -> Status {
     Status::with_metadata(code, e.message, md)
 }
 
+/// How long an exclusive lock lives without renewal (`rbd_lock_lease_seconds`).
+pub fn lock_lease(store: &tern_store::Store) -> std::time::Duration {
+    let key = "global\0rbd_lock_lease_seconds";
+    let secs = store
+        .kv_get(KvTable::Config, key)
+        .ok()
+        .flatten()
+        .and_then(|v| v.parse::<f64>().ok());
+    std::time::Duration::from_secs_f64(secs.unwrap_or(15.0).clamp(0.5, 3600.0))
+}
+
 fn serr(e: tern_store::StoreError) -> Error {
     Error::new(e.kind(), e.to_string())
 }
@@ -113,11 +124,11 @@ fn image_ref(r: Option<pb::ImageRef>) -> Result<pb::ImageRef, Status> {
 }
 
 impl Service {
-    pub fn new(site: Arc<Site>) -> Service {
+    pub fn new(site: Arc<Site>, locks: Arc<Locks>) -> Service {
         Service {
             site,
             counters: Mutex::new(HashMap::new()),
-            locks: Arc::new(Locks::default()),
+            locks,
         }
     }
 
@@ -174,11 +185,7 @@ impl Service {
     }
 
     fn lease(&self) -> std::time::Duration {
-        let secs = self
-            .config_value("global", "rbd_lock_lease_seconds")
-            .ok()
-            .and_then(|v| v.parse::<f64>().ok());
-        std::time::Duration::from_secs_f64(secs.unwrap_or(15.0).clamp(0.5, 3600.0))
+        lock_lease(&self.site.store)
     }
 
     /// Opens an image for writing: refuses snapshots, and enforces the
@@ -363,6 +370,7 @@ impl pb::site_server::Site for Service {
                 used_bytes: used,
                 avail_bytes: avail,
                 total_bytes: total,
+                nbd_endpoint: site.store.kv_get(KvTable::Site, "nbd_endpoint").map_err(serr)?.unwrap_or_default(),
                 endpoints: site
                     .store
                     .kv_get(KvTable::Site, "endpoints")

@@ -18,6 +18,7 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
             "version": s.version,
             "uptime_secs": s.uptime_secs,
             "endpoints": s.endpoints,
+            "nbd_endpoint": s.nbd_endpoint,
             "pools": s.pools,
             "images": s.images,
             "usage": {"provisioned_bytes": s.provisioned_bytes, "used_bytes": s.used_bytes,
@@ -40,6 +41,9 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
         s.version,
         s.endpoints.join(", ")
     );
+    if !s.nbd_endpoint.is_empty() {
+        println!("    nbd:   nbd://{}/POOL/IMAGE[@SNAP]", s.nbd_endpoint);
+    }
     println!();
     println!("  data:");
     println!("    pools:  {} pools, {} images", s.pools, s.images);

@@ -1,5 +1,6 @@
 mod admin;
 mod bench;
+mod device;
 mod diff;
 mod image;
 mod io;
@@ -45,6 +46,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Export { spec, path, .. } => io::export(&ctx, &spec, &path).await,
         Cmd::Snap(c) => snap::run(&ctx, c).await,
         Cmd::Lock(c) => snap::lock(&ctx, c).await,
+        Cmd::Device(c) => device::run_cmd(&ctx, c).await,
         Cmd::Diff {
             spec,
             from_snap,
