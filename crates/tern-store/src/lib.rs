@@ -85,6 +85,8 @@ pub enum KvTable {
     Site,
     Users,
     Config,
+    /// Mirroring: pool modes, peers, per-image mirror state, status reports.
+    Mirror,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -40,12 +40,14 @@ const SNAPS: Str = TableDefinition::new("snaps");
 const KV_SITE: Str = TableDefinition::new("kv_site");
 const KV_USERS: Str = TableDefinition::new("kv_users");
 const KV_CONFIG: Str = TableDefinition::new("kv_config");
+const KV_MIRROR: Str = TableDefinition::new("kv_mirror");
 
 fn kv_def(t: KvTable) -> Str {
     match t {
         KvTable::Site => KV_SITE,
         KvTable::Users => KV_USERS,
         KvTable::Config => KV_CONFIG,
+        KvTable::Mirror => KV_MIRROR,
     }
 }
 
@@ -129,7 +131,7 @@ impl Meta {
             // Opening every table once makes them exist, so read
             // transactions never meet a missing table.
             for def in [
-                STORE, POOLS, IMAGES, IMAGE_IDS, SNAPS, KV_SITE, KV_USERS, KV_CONFIG,
+                STORE, POOLS, IMAGES, IMAGE_IDS, SNAPS, KV_SITE, KV_USERS, KV_CONFIG, KV_MIRROR,
             ] {
                 tx.open_table(def).map_err(db_err("open table"))?;
             }
