@@ -130,6 +130,9 @@ pub enum Cmd {
     /// Block devices backed by images: map, unmap, list.
     #[command(subcommand)]
     Device(DeviceCmd),
+    /// Mirroring between sites (rbd mirror …).
+    #[command(subcommand)]
+    Mirror(MirrorCmd),
     /// Measure I/O against an image, like `rbd bench`.
     Bench(BenchArgs),
     /// Site health and usage, like `ceph status`.
@@ -377,4 +380,140 @@ pub enum DeviceCmd {
     /// Mapped devices.
     #[command(visible_alias = "ls")]
     List,
+}
+
+#[derive(Subcommand)]
+pub enum MirrorCmd {
+    #[command(subcommand)]
+    Pool(MirrorPoolCmd),
+    #[command(subcommand)]
+    Image(MirrorImageCmd),
+}
+
+#[derive(Subcommand)]
+pub enum MirrorPoolCmd {
+    /// Enable mirroring on a pool: `pool` mirrors every image, `image` those enabled one by one.
+    Enable {
+        pool: String,
+        mode: String,
+        #[arg(long)]
+        site_name: Option<String>,
+    },
+    Disable {
+        pool: String,
+    },
+    /// Mode, site name and peers.
+    Info {
+        pool: String,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Health and per-image states, from the mirror daemons' reports.
+    Status {
+        pool: String,
+        #[arg(long)]
+        verbose: bool,
+    },
+    #[command(subcommand)]
+    Peer(MirrorPeerCmd),
+    /// Promote every mirrored image of the pool.
+    Promote {
+        pool: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Demote every primary mirrored image of the pool.
+    Demote {
+        pool: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum MirrorPeerCmd {
+    /// Add a peer by hand (bootstrap tokens are easier).
+    Add {
+        pool: String,
+        /// client.NAME@SITE
+        remote: String,
+        #[arg(long)]
+        remote_mon_host: String,
+        #[arg(long)]
+        remote_key_file: Option<std::path::PathBuf>,
+        #[arg(long)]
+        remote_fingerprint: String,
+        #[arg(long)]
+        remote_fsid: String,
+        #[arg(long, default_value = "rx-tx")]
+        direction: String,
+        #[arg(long)]
+        remote_pool: Option<String>,
+    },
+    Remove {
+        pool: String,
+        uuid: String,
+    },
+    /// Change a peer: client, site-name, mon-host, key, direction, tls-fingerprint.
+    Set {
+        pool: String,
+        uuid: String,
+        key: String,
+        value: String,
+    },
+    #[command(subcommand)]
+    Bootstrap(MirrorBootstrapCmd),
+}
+
+#[derive(Subcommand)]
+pub enum MirrorBootstrapCmd {
+    /// Print a token another site imports to peer with this one.
+    Create {
+        pool: String,
+        #[arg(long)]
+        site_name: Option<String>,
+    },
+    /// Peer with the site that made the token (FILE or - for stdin).
+    Import {
+        pool: String,
+        path: String,
+        #[arg(long)]
+        site_name: Option<String>,
+        #[arg(long, default_value = "rx-tx")]
+        direction: String,
+        /// The pool on the token's site, when its name differs.
+        #[arg(long)]
+        remote_pool: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum MirrorImageCmd {
+    /// Mirror an image (snapshot mode; journal mode needs the journaling feature).
+    Enable {
+        spec: String,
+        #[arg(default_value = "snapshot")]
+        mode: String,
+    },
+    Disable {
+        spec: String,
+        #[arg(long)]
+        force: bool,
+    },
+    Promote {
+        spec: String,
+        #[arg(long)]
+        force: bool,
+    },
+    Demote {
+        spec: String,
+    },
+    Resync {
+        spec: String,
+    },
+    /// Take a mirror snapshot now (the peers copy it).
+    Snapshot {
+        spec: String,
+    },
+    Status {
+        spec: String,
+    },
 }

@@ -186,6 +186,32 @@ rpc! {
     lock_release(pb::LockRequest) -> pb::Empty;
     lock_list(pb::ImageRef) -> pb::LockListReply;
     lock_break(pb::LockBreakRequest) -> pb::Empty;
+    mirror_pool_enable(pb::MirrorPoolEnableRequest) -> pb::MirrorPoolInfo;
+    mirror_pool_disable(pb::PoolRequest) -> pb::Empty;
+    mirror_pool_get(pb::MirrorPoolInfoRequest) -> pb::MirrorPoolInfo;
+    mirror_peer_add(pb::MirrorPeerAddRequest) -> pb::MirrorPeer;
+    mirror_peer_remove(pb::MirrorPeerRemoveRequest) -> pb::Empty;
+    mirror_peer_set(pb::MirrorPeerSetRequest) -> pb::Empty;
+    mirror_bootstrap_create(pb::MirrorBootstrapCreateRequest) -> pb::MirrorBootstrapToken;
+    mirror_bootstrap_import(pb::MirrorBootstrapImportRequest) -> pb::MirrorPeer;
+    mirror_peer_register(pb::MirrorPeerRegisterRequest) -> pb::MirrorPeerRegisterReply;
+    mirror_image_enable(pb::MirrorImageEnableRequest) -> pb::MirrorImageInfo;
+    mirror_image_disable(pb::MirrorImageDisableRequest) -> pb::Empty;
+    mirror_image_promote(pb::MirrorImagePromoteRequest) -> pb::MirrorImageInfo;
+    mirror_image_demote(pb::ImageRef) -> pb::MirrorImageInfo;
+    mirror_image_resync(pb::ImageRef) -> pb::Empty;
+    mirror_image_snapshot(pb::ImageRef) -> pb::SnapInfo;
+    mirror_image_get(pb::ImageRef) -> pb::MirrorImageInfo;
+    mirror_image_list(pb::PoolRequest) -> pb::MirrorImageListReply;
+    mirror_image_status_get(pb::ImageRef) -> pb::MirrorImageStatus;
+    mirror_pool_status(pb::MirrorPoolStatusRequest) -> pb::MirrorPoolStatusReply;
+    mirror_status_report(pb::MirrorStatusReportRequest) -> pb::Empty;
+    mirror_daemon_heartbeat(pb::MirrorDaemonInfo) -> pb::Empty;
+    mirror_image_adopt(pb::MirrorImageAdoptRequest) -> pb::MirrorImageInfo;
+    mirror_sync_begin(pb::MirrorSyncBeginRequest) -> pb::MirrorSyncState;
+    mirror_sync_progress(pb::MirrorSyncProgressRequest) -> pb::Empty;
+    mirror_sync_complete(pb::MirrorSyncProgressRequest) -> pb::SnapInfo;
+    mirror_snapshot_ack(pb::MirrorSnapshotAckRequest) -> pb::Empty;
 }
 
 pub fn image_ref(pool: &str, image: &str) -> pb::ImageRef {

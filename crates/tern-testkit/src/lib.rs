@@ -250,6 +250,111 @@ impl Site {
     }
 }
 
+/// A running `tern-mirror` for a site.
+pub struct MirrorDaemon {
+    child: Option<Child>,
+    log: PathBuf,
+    site_name: String,
+    conf_dir: PathBuf,
+}
+
+impl Site {
+    /// Creates `client.rbd-mirror` (profile rbd-mirror) if needed and starts a mirror daemon.
+    pub fn start_mirror(&self) -> MirrorDaemon {
+        let ring = self
+            .conf_dir
+            .join(format!("{}.client.rbd-mirror.keyring", self.name));
+        if !ring.exists() {
+            self.tern_ok(&[
+                "auth",
+                "get-or-create",
+                "client.rbd-mirror",
+                "mon",
+                "profile rbd-mirror",
+                "osd",
+                "profile rbd",
+                "-o",
+                ring.to_str().expect("utf8"),
+            ]);
+        }
+        let mut d = MirrorDaemon {
+            child: None,
+            log: self.root.path().join("tern-mirror.log"),
+            site_name: self.name.clone(),
+            conf_dir: self.conf_dir.clone(),
+        };
+        d.spawn();
+        d
+    }
+}
+
+impl MirrorDaemon {
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let mut cmd = Command::new(bin("tern-mirror"));
+        cmd.env("TERN_CONF_DIR", &self.conf_dir)
+            .env("TERN_LOG", "info,tern_mirror=debug")
+            .args(["--cluster", &self.site_name, "--id", "rbd-mirror"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        self.child = Some(cmd.spawn().expect("spawn tern-mirror"));
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait; true if it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let end = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < end {
+                if let Ok(Some(st)) = c.try_wait() {
+                    return st.success();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            return false;
+        }
+        true
+    }
+}
+
+impl Drop for MirrorDaemon {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- tern-mirror log of site {} ----\n{}",
+                self.site_name,
+                self.log()
+            );
+        }
+    }
+}
+
 impl Drop for Site {
     fn drop(&mut self) {
         if let Some(c) = &self.child {

@@ -67,7 +67,14 @@ impl ImageSpec {
         validate_name("pool", pool)?;
         validate_name("image", image)?;
         if let Some(snap) = snap {
-            validate_name("snapshot", snap)?;
+            // Reads may name mirroring's own snapshots (`.mirror.…`); creating
+            // a snapshot still refuses a leading dot (validate_name).
+            validate_name(
+                "snapshot",
+                snap.strip_prefix('.')
+                    .filter(|r| !r.is_empty())
+                    .unwrap_or(snap),
+            )?;
         }
         Ok(ImageSpec {
             pool: pool.into(),

@@ -54,6 +54,11 @@ pub enum Need<'a> {
     Read(&'a str),
     /// Change images of a pool.
     Write(&'a str),
+    /// The local mirror daemon's work: adopt non-primary images, write syncs into them.
+    MirrorDaemon(&'a str),
+    /// What a peer site's daemon may do here: report status, acknowledge
+    /// snapshots, register the reverse peer. Never writes image data.
+    MirrorPeer(&'a str),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,6 +88,9 @@ impl UserRecord {
             (_, Need::Read(p)) => pool_ok(p),
             (Profile::Rbd | Profile::RbdMirror, Need::Write(p)) => pool_ok(p),
             (Profile::RbdReadOnly | Profile::RbdMirrorPeer, Need::Write(_)) => false,
+            (Profile::RbdMirror, Need::MirrorDaemon(p) | Need::MirrorPeer(p)) => pool_ok(p),
+            (Profile::RbdMirrorPeer, Need::MirrorPeer(p)) => pool_ok(p),
+            (_, Need::MirrorDaemon(_) | Need::MirrorPeer(_)) => false,
         }
     }
 
@@ -92,6 +100,12 @@ impl UserRecord {
             Need::Admin => "change pools, users or config (needs mon 'allow *')".to_string(),
             Need::Read(p) => format!("read images in pool '{p}'"),
             Need::Write(p) => format!("write images in pool '{p}'"),
+            Need::MirrorDaemon(p) => {
+                format!("act as the mirror daemon for pool '{p}' (needs mon 'profile rbd-mirror')")
+            }
+            Need::MirrorPeer(p) => {
+                format!("act as a mirror peer for pool '{p}' (needs mon 'profile rbd-mirror-peer')")
+            }
         };
         Error::new(
             ErrorKind::PermissionDenied,

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod locks;
+pub mod mirror;
 pub mod nbd;
 pub mod options;
 pub mod service;

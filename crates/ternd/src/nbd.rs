@@ -72,8 +72,14 @@ impl Exports for SiteExports {
             .map(|s| (format!("{CHANGED_SINCE}{}", s.name), s.id))
             .collect();
         let info = img.info();
+        let non_primary = crate::mirror::Mirror {
+            site: self.site.clone(),
+        }
+        .image(&info.id.to_string())
+        .map_err(|e| DeviceError::io(e.message))?
+        .is_some_and(|m| !m.primary);
         let mut dev = StoreDevice {
-            read_only: snap.is_some(),
+            read_only: snap.is_some() || non_primary,
             spec: spec.to_string(),
             size: snap.as_ref().map(|s| s.size).unwrap_or(info.size),
             snap: snap.map(|s| s.id),
@@ -81,7 +87,7 @@ impl Exports for SiteExports {
             contexts,
             lock: None,
         };
-        if dev.snap.is_none() && info.features.has(Features::EXCLUSIVE_LOCK) {
+        if !dev.read_only && info.features.has(Features::EXCLUSIVE_LOCK) {
             let cookie = format!("nbd {}", uuid::Uuid::new_v4().simple());
             let image_id = info.id.to_string();
             let lease = (self.lease)();

@@ -4,6 +4,7 @@
 
 use crate::auth::{Need, UserRecord};
 use crate::locks::Locks;
+use crate::mirror::{self, Mirror};
 use crate::options;
 use crate::site::Site;
 use parking_lot::Mutex;
@@ -207,6 +208,7 @@ impl Service {
         }
         let img = self.open(r)?;
         let info = img.info();
+        self.refuse_non_primary(r, &info)?;
         if info.features.has(Features::EXCLUSIVE_LOCK) {
             let cookie = if cookie.is_empty() {
                 None
@@ -224,6 +226,48 @@ impl Service {
             )?;
         }
         Ok(img)
+    }
+
+    /// Only the primary copy of a mirrored image takes client writes.
+    fn refuse_non_primary(
+        &self,
+        r: &pb::ImageRef,
+        info: &tern_store::ImageInfo,
+    ) -> Result<(), Error> {
+        if let Some(m) = self.mirror().image(&info.id.to_string())?
+            && !m.primary
+        {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!(
+                    "{}/{} is a non-primary mirror image: it takes writes only from mirroring. \
+                     Promote it (`tern mirror image promote {}/{}`) to write here",
+                    r.pool, r.image, r.pool, r.image
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// For the mirror daemon's sync writes: the image must be non-primary
+    /// with a sync in progress.
+    fn open_for_sync(&self, r: &pb::ImageRef) -> Result<Arc<Image>, Error> {
+        let img = self.open(r)?;
+        let m = self.mirror().image(&img.info().id.to_string())?;
+        match m {
+            Some(m) if !m.primary && m.sync.is_some() => Ok(img),
+            Some(m) if m.primary => Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "{}/{} is primary here: refusing a mirror sync into it (split-brain?)",
+                    r.pool, r.image
+                ),
+            )),
+            _ => Err(Error::invalid(format!(
+                "{}/{} has no mirror sync in progress",
+                r.pool, r.image
+            ))),
+        }
     }
 
     fn default_create(&self, req: &pb::ImageCreateRequest) -> Result<CreateOpts, Error> {
@@ -452,10 +496,17 @@ impl pb::site_server::Site for Service {
         let r = req.into_inner();
         let opts = self.default_create(&r).map_err(status_of)?;
         let site = self.site.clone();
+        let m = self.mirror();
         let info = blocking(move || {
-            site.store
+            let info = site
+                .store
                 .image_create(&r.pool, &r.image, &opts)
-                .map_err(serr)
+                .map_err(serr)?;
+            // In pool mode every image is mirrored, as with rbd.
+            if m.pool(&r.pool)?.is_some_and(|p| p.mode == "pool") {
+                m.image_enable(&r.pool, &r.image, "snapshot")?;
+            }
+            Ok(info)
         })
         .await?;
         tracing::info!(image = %format!("{}/{}", info.pool, info.name), size = info.size, "image created");
@@ -700,9 +751,15 @@ impl pb::site_server::Site for Service {
                 self.site
                     .authorize(&who, Need::Write(&r.pool))
                     .map_err(status_of)?;
-                let img = self
-                    .open_for_write(&r, &open.lock_cookie, &who)
-                    .map_err(status_of)?;
+                let img = if open.mirror_sync {
+                    self.site
+                        .authorize(&who, Need::MirrorDaemon(&r.pool))
+                        .map_err(status_of)?;
+                    self.open_for_sync(&r).map_err(status_of)?
+                } else {
+                    self.open_for_write(&r, &open.lock_cookie, &who)
+                        .map_err(status_of)?
+                };
                 let mut import = Import {
                     img,
                     target: r,
@@ -1088,6 +1145,580 @@ impl pb::site_server::Site for Service {
                 &q.locker,
             )
             .map_err(status_of)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn mirror_pool_enable(
+        &self,
+        req: Request<pb::MirrorPoolEnableRequest>,
+    ) -> SResult<pb::MirrorPoolInfo> {
+        self.check(&req, Need::Admin)?;
+        let r = req.into_inner();
+        let m = self.mirror();
+        let p = blocking(move || {
+            m.pool_enable(&r.pool, &r.mode, &r.site_name)
+                .map(|p| (r.pool, p))
+        })
+        .await?;
+        Ok(Response::new(self.pool_info_pb(&p.0, &p.1, false)))
+    }
+
+    async fn mirror_pool_disable(&self, req: Request<pb::PoolRequest>) -> SResult<pb::Empty> {
+        self.check(&req, Need::Admin)?;
+        let pool = req.into_inner().pool;
+        let m = self.mirror();
+        blocking(move || m.pool_disable(&pool)).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn mirror_pool_get(
+        &self,
+        req: Request<pb::MirrorPoolInfoRequest>,
+    ) -> SResult<pb::MirrorPoolInfo> {
+        let pool = req.get_ref().pool.clone();
+        let who = self.check(&req, Need::Read(&pool))?;
+        let with_keys = req.get_ref().with_keys
+            && matches!(
+                who.profile,
+                crate::auth::Profile::Admin | crate::auth::Profile::RbdMirror
+            );
+        let m = self.mirror();
+        let p2 = pool.clone();
+        let p = blocking(move || m.pool(&p2)).await?;
+        let p = p.unwrap_or_else(|| mirror::PoolMirror {
+            mode: "disabled".into(),
+            ..Default::default()
+        });
+        Ok(Response::new(self.pool_info_pb(&pool, &p, with_keys)))
+    }
+
+    async fn mirror_peer_add(
+        &self,
+        req: Request<pb::MirrorPeerAddRequest>,
+    ) -> SResult<pb::MirrorPeer> {
+        self.check(&req, Need::Admin)?;
+        let r = req.into_inner();
+        let peer = r
+            .peer
+            .ok_or_else(|| status_of(Error::invalid("no peer given")))?;
+        let rec = peer_rec(peer);
+        let m = self.mirror();
+        let rec = blocking(move || m.peer_upsert(&r.pool, rec)).await?;
+        Ok(Response::new(peer_pb(&rec, false)))
+    }
+
+    async fn mirror_peer_remove(
+        &self,
+        req: Request<pb::MirrorPeerRemoveRequest>,
+    ) -> SResult<pb::Empty> {
+        self.check(&req, Need::Admin)?;
+        let r = req.into_inner();
+        let m = self.mirror();
+        blocking(move || m.peer_remove(&r.pool, &r.uuid)).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn mirror_peer_set(&self, req: Request<pb::MirrorPeerSetRequest>) -> SResult<pb::Empty> {
+        self.check(&req, Need::Admin)?;
+        let r = req.into_inner();
+        let m = self.mirror();
+        blocking(move || m.peer_set(&r.pool, &r.uuid, &r.key, &r.value)).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn mirror_bootstrap_create(
+        &self,
+        req: Request<pb::MirrorBootstrapCreateRequest>,
+    ) -> SResult<pb::MirrorBootstrapToken> {
+        self.check(&req, Need::Admin)?;
+        let r = req.into_inner();
+        let (m, site) = (self.mirror(), self.site.clone());
+        let token = blocking(move || {
+            let mut p = m.pool_enabled(&r.pool)?;
+            if !r.site_name.is_empty() && p.site_name != r.site_name {
+                p.site_name = r.site_name.clone();
+                m.save_pool(&r.pool, &p)?;
+            }
+            let (user, _) = site.get_or_create_user(mirror::PEER_CLIENT, &peer_caps())?;
+            Ok(mirror::Token {
+                fsid: site.site_id.clone(),
+                client_id: mirror::PEER_CLIENT.trim_start_matches("client.").into(),
+                key: site.key_of(&user),
+                mon_host: site_endpoints(&site)?.join(","),
+                site_name: p.site_name.clone(),
+                tls_fingerprint: site.tls.fingerprint.clone(),
+                pool: r.pool.clone(),
+                mirror_uuid: p.mirror_uuid.clone(),
+            }
+            .encode())
+        })
+        .await?;
+        Ok(Response::new(pb::MirrorBootstrapToken { token }))
+    }
+
+    async fn mirror_bootstrap_import(
+        &self,
+        req: Request<pb::MirrorBootstrapImportRequest>,
+    ) -> SResult<pb::MirrorPeer> {
+        self.check(&req, Need::Admin)?;
+        let r = req.into_inner();
+        let direction = if r.direction.is_empty() {
+            "rx-tx".to_string()
+        } else {
+            r.direction.clone()
+        };
+        mirror::valid_direction(&direction).map_err(status_of)?;
+        let token = mirror::Token::decode(&r.token).map_err(status_of)?;
+        let (m, pool) = (self.mirror(), r.pool.clone());
+        let site_name = r.site_name.clone();
+        let local = blocking(move || {
+            let mut p = m.pool_enabled(&pool)?;
+            if !site_name.is_empty() && p.site_name != site_name {
+                p.site_name = site_name;
+                m.save_pool(&pool, &p)?;
+            }
+            Ok(p)
+        })
+        .await?;
+        // Prove the token: reach the site it names, pinned to its certificate, with its key.
+        let remote_pool = if r.remote_pool.is_empty() {
+            token.pool.clone()
+        } else {
+            r.remote_pool.clone()
+        };
+        let remote_pool = if remote_pool.is_empty() {
+            r.pool.clone()
+        } else {
+            remote_pool
+        };
+        let endpoints = token.mon_host_list();
+        let tls = tern_client::config::TlsMode::Pinned(token.tls_fingerprint.to_ascii_lowercase());
+        let entity = format!("client.{}", token.client_id);
+        let remote =
+            tern_client::SiteClient::connect_with(&endpoints[0], &tls, &entity, &token.key)
+                .map_err(|e| status_of(Error::new(e.kind, e.message)))?;
+        let hello = remote
+            .hello()
+            .await
+            .map_err(|e| status_of(token_error(&token, e)))?;
+        if hello.site_id != token.fsid {
+            return Err(status_of(Error::new(
+                ErrorKind::Unauthenticated,
+                format!(
+                    "the token says site {} but {} is site {}: the token was altered or is for another site",
+                    token.fsid, endpoints[0], hello.site_id
+                ),
+            )));
+        }
+        let rp = remote
+            .mirror_pool_get(pb::MirrorPoolInfoRequest {
+                pool: remote_pool.clone(),
+                with_keys: false,
+            })
+            .await
+            .map_err(|e| status_of(token_error(&token, e)))?;
+        if rp.mode == "disabled" || rp.mode.is_empty() {
+            return Err(status_of(Error::invalid(format!(
+                "mirroring is not enabled on pool '{remote_pool}' at site {}: run `tern mirror pool enable {remote_pool} image` there first",
+                hello.site_name
+            ))));
+        }
+        let peer = mirror::PeerRec {
+            uuid: String::new(),
+            site_name: if token.site_name.is_empty() {
+                rp.site_name.clone()
+            } else {
+                token.site_name.clone()
+            },
+            client_name: entity.clone(),
+            direction: direction.clone(),
+            mirror_uuid: rp.mirror_uuid.clone(),
+            fsid: token.fsid.clone(),
+            mon_host: endpoints.clone(),
+            tls_fingerprint: token.tls_fingerprint.to_ascii_lowercase(),
+            remote_pool: remote_pool.clone(),
+            key: token.key.clone(),
+        };
+        let (m, pool) = (self.mirror(), r.pool.clone());
+        let stored = blocking(move || m.peer_upsert(&pool, peer)).await?;
+        if direction == "rx-tx" {
+            // The reverse direction: a key minted here for the other site's daemon.
+            let site = self.site.clone();
+            let me = blocking(move || {
+                let (user, _) = site.get_or_create_user(mirror::PEER_CLIENT, &peer_caps())?;
+                Ok(pb::MirrorPeer {
+                    uuid: String::new(),
+                    site_name: local.site_name.clone(),
+                    client_name: mirror::PEER_CLIENT.into(),
+                    direction: "rx-tx".into(),
+                    mirror_uuid: local.mirror_uuid.clone(),
+                    fsid: site.site_id.clone(),
+                    mon_host: site_endpoints(&site)?,
+                    tls_fingerprint: site.tls.fingerprint.clone(),
+                    remote_pool: r.pool.clone(),
+                    key: site.key_of(&user),
+                })
+            })
+            .await?;
+            remote
+                .mirror_peer_register(pb::MirrorPeerRegisterRequest {
+                    pool: remote_pool,
+                    peer: Some(me),
+                })
+                .await
+                .map_err(|e| status_of(token_error(&token, e)))?;
+        }
+        Ok(Response::new(peer_pb(&stored, false)))
+    }
+
+    async fn mirror_peer_register(
+        &self,
+        req: Request<pb::MirrorPeerRegisterRequest>,
+    ) -> SResult<pb::MirrorPeerRegisterReply> {
+        let pool = req.get_ref().pool.clone();
+        self.check(&req, Need::MirrorPeer(&pool))?;
+        let r = req.into_inner();
+        let peer = peer_rec(
+            r.peer
+                .ok_or_else(|| status_of(Error::invalid("no peer given")))?,
+        );
+        let m = self.mirror();
+        let (stored, p) = blocking(move || {
+            let stored = m.peer_upsert(&r.pool, peer)?;
+            Ok((stored, m.pool_enabled(&r.pool)?))
+        })
+        .await?;
+        Ok(Response::new(pb::MirrorPeerRegisterReply {
+            peer: Some(peer_pb(&stored, false)),
+            mirror_uuid: p.mirror_uuid,
+            site_name: p.site_name,
+        }))
+    }
+
+    async fn mirror_image_enable(
+        &self,
+        req: Request<pb::MirrorImageEnableRequest>,
+    ) -> SResult<pb::MirrorImageInfo> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::Write(&r.pool))?;
+        let mode = req.into_inner().mode;
+        let mode = if mode.is_empty() {
+            "snapshot".to_string()
+        } else {
+            mode
+        };
+        let m = self.mirror();
+        let (p, n) = (r.pool.clone(), r.image.clone());
+        blocking(move || m.image_enable(&p, &n, &mode)).await?;
+        self.mirror_image_info(&r).await.map(Response::new)
+    }
+
+    async fn mirror_image_disable(
+        &self,
+        req: Request<pb::MirrorImageDisableRequest>,
+    ) -> SResult<pb::Empty> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::Write(&r.pool))?;
+        let force = req.get_ref().force;
+        let m = self.mirror();
+        blocking(move || m.image_disable(&r.pool, &r.image, force)).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn mirror_image_promote(
+        &self,
+        req: Request<pb::MirrorImagePromoteRequest>,
+    ) -> SResult<pb::MirrorImageInfo> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::Write(&r.pool))?;
+        let force = req.get_ref().force;
+        let m = self.mirror();
+        let (p, n) = (r.pool.clone(), r.image.clone());
+        blocking(move || m.promote(&p, &n, force)).await?;
+        tracing::warn!(image = %format!("{}/{}", r.pool, r.image), force, "image promoted to primary");
+        self.mirror_image_info(&r).await.map(Response::new)
+    }
+
+    async fn mirror_image_demote(
+        &self,
+        req: Request<pb::ImageRef>,
+    ) -> SResult<pb::MirrorImageInfo> {
+        let r = req.get_ref().clone();
+        self.check(&req, Need::Write(&r.pool))?;
+        let m = self.mirror();
+        let (p, n) = (r.pool.clone(), r.image.clone());
+        blocking(move || m.demote(&p, &n)).await?;
+        tracing::warn!(image = %format!("{}/{}", r.pool, r.image), "image demoted to non-primary");
+        self.mirror_image_info(&r).await.map(Response::new)
+    }
+
+    async fn mirror_image_resync(&self, req: Request<pb::ImageRef>) -> SResult<pb::Empty> {
+        let r = req.get_ref().clone();
+        self.check(&req, Need::Write(&r.pool))?;
+        let m = self.mirror();
+        blocking(move || {
+            let (info, im) = m.image_of(&r.pool, &r.image)?;
+            let mut im =
+                im.ok_or_else(|| Error::invalid("mirroring is not enabled on this image"))?;
+            if im.primary {
+                return Err(Error::invalid(format!(
+                    "'{}/{}' is primary: resync runs on a demoted (non-primary) image",
+                    r.pool, r.image
+                )));
+            }
+            im.resync_requested = true;
+            m.set_image(&info.id.to_string(), &im)
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn mirror_image_snapshot(&self, req: Request<pb::ImageRef>) -> SResult<pb::SnapInfo> {
+        let r = req.get_ref().clone();
+        self.check(&req, Need::Write(&r.pool))?;
+        let m = self.mirror();
+        let s = blocking(move || {
+            m.store_flush(&r.pool, &r.image)?;
+            m.primary_snapshot(&r.pool, &r.image, tern_store::MirrorSnapState::Primary)
+        })
+        .await?;
+        Ok(Response::new(snap_pb(&s)))
+    }
+
+    async fn mirror_image_get(&self, req: Request<pb::ImageRef>) -> SResult<pb::MirrorImageInfo> {
+        let r = req.get_ref().clone();
+        self.check(&req, Need::Read(&r.pool))?;
+        self.mirror_image_info(&r).await.map(Response::new)
+    }
+
+    async fn mirror_image_list(
+        &self,
+        req: Request<pb::PoolRequest>,
+    ) -> SResult<pb::MirrorImageListReply> {
+        let pool = req.get_ref().pool.clone();
+        self.check(&req, Need::Read(&pool))?;
+        let m = self.mirror();
+        let (images, p) = blocking(move || {
+            let p = m.pool(&pool)?.unwrap_or_default();
+            let mut out = Vec::new();
+            for img in m
+                .site
+                .store
+                .image_list(&pool)
+                .map_err(|e| Error::new(e.kind(), e.to_string()))?
+            {
+                if let Some(im) = m.image(&img.id.to_string())? {
+                    let snaps = m.mirror_snaps(&pool, &img.name)?;
+                    out.push(mirror_info_pb(&img, &im, &snaps));
+                }
+            }
+            Ok((out, p))
+        })
+        .await?;
+        Ok(Response::new(pb::MirrorImageListReply {
+            images,
+            mirror_uuid: p.mirror_uuid,
+            site_name: p.site_name,
+        }))
+    }
+
+    async fn mirror_image_status_get(
+        &self,
+        req: Request<pb::ImageRef>,
+    ) -> SResult<pb::MirrorImageStatus> {
+        let r = req.get_ref().clone();
+        self.check(&req, Need::Read(&r.pool))?;
+        let st = self.status_of_image(&r.pool, &r.image).await?;
+        Ok(Response::new(st))
+    }
+
+    async fn mirror_pool_status(
+        &self,
+        req: Request<pb::MirrorPoolStatusRequest>,
+    ) -> SResult<pb::MirrorPoolStatusReply> {
+        let pool = req.get_ref().pool.clone();
+        self.check(&req, Need::Read(&pool))?;
+        let reply = self.pool_status(&pool).await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn mirror_status_report(
+        &self,
+        req: Request<pb::MirrorStatusReportRequest>,
+    ) -> SResult<pb::Empty> {
+        let pool = req.get_ref().pool.clone();
+        self.check(&req, Need::MirrorPeer(&pool))?;
+        let r = req.into_inner();
+        let s = r
+            .status
+            .ok_or_else(|| status_of(Error::invalid("no status given")))?;
+        let rec = mirror::SiteStatus {
+            site_name: s.site_name,
+            mirror_uuids: s.mirror_uuids,
+            state: s.state,
+            description: s.description,
+            last_update: s.last_update,
+            reason: s.reason,
+            lag_seconds: s.lag_seconds,
+            last_sync: s.last_sync,
+            progress: s.progress,
+            daemon_id: s.daemon_id,
+            bytes_synced: s.bytes_synced,
+            received: 0,
+        };
+        let m = self.mirror();
+        let daemon = r.daemon;
+        blocking(move || {
+            m.store_status(&r.global_id, rec)?;
+            if let Some(d) = daemon {
+                m.heartbeat(daemon_rec(d))?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn mirror_daemon_heartbeat(
+        &self,
+        req: Request<pb::MirrorDaemonInfo>,
+    ) -> SResult<pb::Empty> {
+        self.check(&req, Need::SiteRead)?;
+        let d = daemon_rec(req.into_inner());
+        let m = self.mirror();
+        blocking(move || m.heartbeat(d)).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn mirror_image_adopt(
+        &self,
+        req: Request<pb::MirrorImageAdoptRequest>,
+    ) -> SResult<pb::MirrorImageInfo> {
+        let pool = req.get_ref().pool.clone();
+        self.check(&req, Need::MirrorDaemon(&pool))?;
+        let r = req.into_inner();
+        let m = self.mirror();
+        let r2 = r.clone();
+        blocking(move || {
+            validate_name("image", &r2.name)?;
+            let layout = Layout::new(r2.object_size, Some(r2.stripe_unit), Some(r2.stripe_count))?;
+            let opts = CreateOpts {
+                size: r2.size,
+                layout,
+                features: Features(r2.features & 0x7f),
+            };
+            m.adopt(
+                &r2.pool,
+                &r2.name,
+                &r2.global_id,
+                &r2.mode,
+                &opts,
+                &r2.primary_mirror_uuid,
+            )
+        })
+        .await?;
+        let found = {
+            let m = self.mirror();
+            let (p, g) = (r.pool.clone(), r.global_id.clone());
+            blocking(move || m.find_by_global(&p, &g)).await?
+        };
+        let (img, _) = found
+            .ok_or_else(|| status_of(Error::new(ErrorKind::Internal, "adopted image vanished")))?;
+        self.mirror_image_info(&pb::ImageRef {
+            pool: r.pool,
+            image: img.name,
+            snap: String::new(),
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn mirror_sync_begin(
+        &self,
+        req: Request<pb::MirrorSyncBeginRequest>,
+    ) -> SResult<pb::MirrorSyncState> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::MirrorDaemon(&r.pool))?;
+        let q = req.into_inner();
+        let m = self.mirror();
+        let s = blocking(move || m.sync_begin(&r.pool, &r.image, &q)).await?;
+        Ok(Response::new(pb::MirrorSyncState {
+            primary_snap_id: s.primary_snap_id,
+            last_copied_object_number: s.last_copied_object_number,
+            resumed: s.last_copied_object_number > 0,
+            primary_mirror_uuid: s.primary_mirror_uuid,
+        }))
+    }
+
+    async fn mirror_sync_progress(
+        &self,
+        req: Request<pb::MirrorSyncProgressRequest>,
+    ) -> SResult<pb::Empty> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::MirrorDaemon(&r.pool))?;
+        let q = req.into_inner();
+        let m = self.mirror();
+        blocking(move || {
+            m.sync_progress(
+                &r.pool,
+                &r.image,
+                q.snap_id,
+                q.last_copied_object_number,
+                false,
+            )
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn mirror_sync_complete(
+        &self,
+        req: Request<pb::MirrorSyncProgressRequest>,
+    ) -> SResult<pb::SnapInfo> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::MirrorDaemon(&r.pool))?;
+        let q = req.into_inner();
+        let m = self.mirror();
+        let s = blocking(move || {
+            m.sync_progress(
+                &r.pool,
+                &r.image,
+                q.snap_id,
+                q.last_copied_object_number,
+                true,
+            )
+        })
+        .await?;
+        Ok(Response::new(snap_pb(&s)))
+    }
+
+    async fn mirror_snapshot_ack(
+        &self,
+        req: Request<pb::MirrorSnapshotAckRequest>,
+    ) -> SResult<pb::Empty> {
+        let pool = req.get_ref().pool.clone();
+        self.check(&req, Need::MirrorPeer(&pool))?;
+        let r = req.into_inner();
+        let m = self.mirror();
+        blocking(move || {
+            // The caller names itself by its mirror uuid; acks are kept per peer uuid.
+            let p = m.pool_enabled(&r.pool)?;
+            let peer = p
+                .peers
+                .iter()
+                .find(|x| x.mirror_uuid == r.peer_mirror_uuid)
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!(
+                            "no peer with mirror uuid {} on pool '{}'",
+                            r.peer_mirror_uuid, r.pool
+                        ),
+                    )
+                })?;
+            m.ack(&r.pool, &r.global_id, &peer.uuid, r.primary_snap_id)
+        })
+        .await?;
         Ok(Response::new(pb::Empty {}))
     }
 }
@@ -1548,5 +2179,396 @@ pub fn clean_interrupted_imports(site: &Site) {
                 let _ = site.store.image_remove(&p.name, &n);
             }
         }
+    }
+}
+
+fn peer_caps() -> BTreeMap<String, String> {
+    [("mon", "profile rbd-mirror-peer"), ("osd", "profile rbd")]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+fn site_endpoints(site: &Site) -> Result<Vec<String>, Error> {
+    Ok(site
+        .store
+        .kv_get(KvTable::Site, "endpoints")
+        .map_err(serr)?
+        .map(|s| s.split(',').map(String::from).collect())
+        .unwrap_or_default())
+}
+
+/// Turns a failure to use a token into advice.
+fn token_error(t: &mirror::Token, e: tern_client::ClientError) -> Error {
+    let msg = match e.kind {
+        ErrorKind::Unauthenticated if e.message.contains("fingerprint") => format!(
+            "the site at {} does not have the certificate the token pins: the token was altered or the site re-initialised ({})",
+            t.mon_host, e.message
+        ),
+        ErrorKind::Unauthenticated => format!(
+            "site {} refused the token's key for client.{}: the token was altered, or its peer user was removed \
+             (create a new token there with `tern mirror pool peer bootstrap create`)",
+            t.site_name, t.client_id
+        ),
+        ErrorKind::Unavailable => format!(
+            "cannot reach the token's site at {}: {}",
+            t.mon_host, e.message
+        ),
+        _ => e.message.clone(),
+    };
+    Error::new(e.kind, msg)
+}
+
+fn peer_rec(p: pb::MirrorPeer) -> mirror::PeerRec {
+    mirror::PeerRec {
+        uuid: p.uuid,
+        site_name: p.site_name,
+        client_name: if p.client_name.is_empty() {
+            mirror::PEER_CLIENT.into()
+        } else {
+            p.client_name
+        },
+        direction: if p.direction.is_empty() {
+            "rx-tx".into()
+        } else {
+            p.direction
+        },
+        mirror_uuid: p.mirror_uuid,
+        fsid: p.fsid,
+        mon_host: p.mon_host,
+        tls_fingerprint: p.tls_fingerprint,
+        remote_pool: p.remote_pool,
+        key: p.key,
+    }
+}
+
+fn peer_pb(p: &mirror::PeerRec, with_key: bool) -> pb::MirrorPeer {
+    pb::MirrorPeer {
+        uuid: p.uuid.clone(),
+        site_name: p.site_name.clone(),
+        client_name: p.client_name.clone(),
+        direction: p.direction.clone(),
+        mirror_uuid: p.mirror_uuid.clone(),
+        fsid: p.fsid.clone(),
+        mon_host: p.mon_host.clone(),
+        tls_fingerprint: p.tls_fingerprint.clone(),
+        remote_pool: p.remote_pool.clone(),
+        key: if with_key {
+            p.key.clone()
+        } else {
+            String::new()
+        },
+    }
+}
+
+fn daemon_rec(d: pb::MirrorDaemonInfo) -> mirror::Daemon {
+    mirror::Daemon {
+        service_id: d.service_id,
+        instance_id: d.instance_id,
+        client_id: d.client_id,
+        hostname: d.hostname,
+        version: d.version,
+        site_name: d.site_name,
+        last_heartbeat: d.last_heartbeat,
+        received_ms: 0,
+    }
+}
+
+fn mirror_info_pb(
+    img: &tern_store::ImageInfo,
+    im: &mirror::ImageMirror,
+    snaps: &[(SnapInfo, tern_store::MirrorSnap)],
+) -> pb::MirrorImageInfo {
+    pb::MirrorImageInfo {
+        pool: img.pool.clone(),
+        name: img.name.clone(),
+        global_id: im.global_id.clone(),
+        mode: im.mode.clone(),
+        state: im.state.clone(),
+        primary: im.primary,
+        epoch: im.epoch,
+        mirror_snaps: snaps.iter().map(|(s, _)| snap_pb(s)).collect(),
+        size: img.size,
+        object_size: img.layout.object_size,
+        stripe_unit: img.layout.stripe_unit,
+        stripe_count: img.layout.stripe_count,
+        features: img.features.0,
+        image_id: img.id.to_string(),
+        demoted: im.demoted,
+    }
+}
+
+/// A daemon counts as up while its heartbeats keep coming: two missed
+/// intervals (plus slack for scheduling) and it is down.
+const STALE_MS: u64 = 2500;
+
+fn strip_state(s: &str) -> &str {
+    s.trim_start_matches("up+").trim_start_matches("down+")
+}
+
+/// Builds an image's status from what daemons reported, never from the
+/// image itself, and never showing a silent daemon's last state as live.
+fn build_status(
+    m: &Mirror,
+    pool: &str,
+    img: &tern_store::ImageInfo,
+    im: &mirror::ImageMirror,
+    pm: &mirror::PoolMirror,
+    daemons: &[mirror::Daemon],
+) -> Result<pb::MirrorImageStatus, Error> {
+    let now = mirror::now_ms();
+    let statuses = m.statuses(&im.global_id)?;
+    let local_daemon = daemons
+        .iter()
+        .filter(|d| d.site_name == pm.site_name && now.saturating_sub(d.received_ms) <= STALE_MS)
+        .max_by_key(|d| d.received_ms);
+    let site_status = |name: &str| statuses.iter().find(|s| s.site_name == name);
+    let mut local = match site_status(&pm.site_name) {
+        Some(s) => s.clone(),
+        None if im.primary => mirror::SiteStatus {
+            state: "stopped".into(),
+            description: "local image is primary".into(),
+            reason: "primary".into(),
+            ..Default::default()
+        },
+        None => mirror::SiteStatus {
+            state: "unknown".into(),
+            description: "no status reported yet".into(),
+            reason: "unknown".into(),
+            ..Default::default()
+        },
+    };
+    if im.primary && local.reason != "split-brain" && local.reason != "error" {
+        local.state = "stopped".into();
+        local.description = "local image is primary".into();
+        local.reason = "primary".into();
+    }
+    let local_up = local_daemon.is_some();
+    let to_pb =
+        |s: &mirror::SiteStatus, up: bool, site_name: &str, uuid: &str| pb::MirrorSiteStatus {
+            site_name: site_name.to_string(),
+            mirror_uuids: uuid.to_string(),
+            state: format!(
+                "{}+{}",
+                if up { "up" } else { "down" },
+                strip_state(&s.state)
+            ),
+            description: s.description.clone(),
+            last_update: if s.last_update == 0 {
+                now / 1000
+            } else {
+                s.last_update
+            },
+            reason: if up {
+                s.reason.clone()
+            } else {
+                "daemon-down".into()
+            },
+            lag_seconds: s.lag_seconds,
+            last_sync: s.last_sync,
+            progress: s.progress,
+            daemon_id: s.daemon_id.clone(),
+            bytes_synced: s.bytes_synced,
+            up,
+        };
+    let local_pb = to_pb(&local, local_up, &pm.site_name, &pm.mirror_uuid);
+    let mut peers = Vec::new();
+    for p in &pm.peers {
+        let st = match site_status(&p.site_name) {
+            Some(s) => {
+                let age = now.saturating_sub(s.received);
+                let mut x = to_pb(s, age <= STALE_MS, &p.site_name, &p.mirror_uuid);
+                if age > STALE_MS {
+                    x.reason = "unreachable".into();
+                    x.description = format!(
+                        "no report from {}'s mirror daemon for {:.0} s (it said: {})",
+                        p.site_name,
+                        age as f64 / 1000.0,
+                        s.description
+                    );
+                }
+                x
+            }
+            None => pb::MirrorSiteStatus {
+                site_name: p.site_name.clone(),
+                mirror_uuids: p.mirror_uuid.clone(),
+                state: "down+unknown".into(),
+                description: format!("no report from {}'s mirror daemon yet", p.site_name),
+                last_update: 0,
+                reason: "unreachable".into(),
+                up: false,
+                ..Default::default()
+            },
+        };
+        peers.push(st);
+    }
+    let _ = pool;
+    Ok(pb::MirrorImageStatus {
+        name: img.name.clone(),
+        global_id: im.global_id.clone(),
+        local: Some(local_pb),
+        peer_sites: peers,
+        daemon_id: local_daemon
+            .map(|d| d.service_id.clone())
+            .unwrap_or_default(),
+    })
+}
+
+impl Service {
+    fn mirror(&self) -> Mirror {
+        Mirror {
+            site: self.site.clone(),
+        }
+    }
+
+    fn pool_info_pb(
+        &self,
+        pool: &str,
+        p: &mirror::PoolMirror,
+        with_keys: bool,
+    ) -> pb::MirrorPoolInfo {
+        pb::MirrorPoolInfo {
+            pool: pool.to_string(),
+            mode: if p.mode.is_empty() {
+                "disabled".into()
+            } else {
+                p.mode.clone()
+            },
+            site_name: p.site_name.clone(),
+            mirror_uuid: p.mirror_uuid.clone(),
+            peers: p.peers.iter().map(|x| peer_pb(x, with_keys)).collect(),
+            fsid: self.site.site_id.clone(),
+        }
+    }
+
+    async fn mirror_image_info(&self, r: &pb::ImageRef) -> Result<pb::MirrorImageInfo, Status> {
+        let m = self.mirror();
+        let r = r.clone();
+        blocking(move || {
+            let (img, im) = m.image_of(&r.pool, &r.image)?;
+            let im = im.ok_or_else(|| {
+                Error::invalid(format!(
+                    "mirroring is not enabled on image '{}/{}'",
+                    r.pool, r.image
+                ))
+            })?;
+            let snaps = m.mirror_snaps(&r.pool, &r.image)?;
+            Ok(mirror_info_pb(&img, &im, &snaps))
+        })
+        .await
+    }
+
+    async fn status_of_image(
+        &self,
+        pool: &str,
+        image: &str,
+    ) -> Result<pb::MirrorImageStatus, Status> {
+        let m = self.mirror();
+        let (pool, image) = (pool.to_string(), image.to_string());
+        blocking(move || {
+            let pm = m.pool_enabled(&pool)?;
+            let (img, im) = m.image_of(&pool, &image)?;
+            let im = im.ok_or_else(|| {
+                Error::invalid(format!(
+                    "mirroring is not enabled on image '{pool}/{image}'"
+                ))
+            })?;
+            let daemons = m.daemons()?;
+            build_status(&m, &pool, &img, &im, &pm, &daemons)
+        })
+        .await
+    }
+
+    async fn pool_status(&self, pool: &str) -> Result<pb::MirrorPoolStatusReply, Status> {
+        let m = self.mirror();
+        let pool = pool.to_string();
+        blocking(move || {
+            let pm = m.pool_enabled(&pool)?;
+            let daemons = m.daemons()?;
+            let now = mirror::now_ms();
+            let mut images = Vec::new();
+            let mut states: std::collections::HashMap<String, u64> =
+                std::collections::HashMap::new();
+            let (mut errors, mut warnings) = (0, 0);
+            for img in m.site.store.image_list(&pool).map_err(serr)? {
+                let Some(im) = m.image(&img.id.to_string())? else {
+                    continue;
+                };
+                let st = build_status(&m, &pool, &img, &im, &pm, &daemons)?;
+                // Count what matters for the image: its copies' states on a
+                // primary, its own state on a non-primary.
+                let counted: Vec<&pb::MirrorSiteStatus> = if im.primary {
+                    st.peer_sites.iter().collect()
+                } else {
+                    st.local.iter().collect()
+                };
+                for c in counted {
+                    let key = if c.up {
+                        strip_state(&c.state).to_string()
+                    } else {
+                        "unknown".to_string()
+                    };
+                    match key.as_str() {
+                        "error" => errors += 1,
+                        "replaying" | "stopped" => {}
+                        _ => warnings += 1,
+                    }
+                    *states.entry(key).or_default() += 1;
+                }
+                images.push(st);
+            }
+            let mine: Vec<&mirror::Daemon> = daemons
+                .iter()
+                .filter(|d| d.site_name == pm.site_name)
+                .collect();
+            let daemon_pb: Vec<pb::MirrorDaemonInfo> = mine
+                .iter()
+                .map(|d| {
+                    let up = now.saturating_sub(d.received_ms) <= STALE_MS;
+                    pb::MirrorDaemonInfo {
+                        service_id: d.service_id.clone(),
+                        instance_id: d.instance_id.clone(),
+                        client_id: d.client_id.clone(),
+                        hostname: d.hostname.clone(),
+                        version: d.version.clone(),
+                        last_heartbeat: d.received_ms / 1000,
+                        up,
+                        health: if up { "OK".into() } else { "ERROR".into() },
+                        site_name: d.site_name.clone(),
+                    }
+                })
+                .collect();
+            let daemon_health = if daemon_pb.iter().any(|d| d.up) {
+                "OK"
+            } else {
+                "WARNING"
+            };
+            let image_health = if errors > 0 {
+                "ERROR"
+            } else if warnings > 0 {
+                "WARNING"
+            } else {
+                "OK"
+            };
+            let rank = |h: &str| match h {
+                "ERROR" => 2,
+                "WARNING" => 1,
+                _ => 0,
+            };
+            let health = if rank(daemon_health) >= rank(image_health) {
+                daemon_health
+            } else {
+                image_health
+            };
+            Ok(pb::MirrorPoolStatusReply {
+                health: health.into(),
+                daemon_health: daemon_health.into(),
+                image_health: image_health.into(),
+                states: states.into_iter().collect(),
+                daemons: daemon_pb.into_iter().filter(|d| d.up).collect(),
+                images,
+            })
+        })
+        .await
     }
 }

@@ -212,14 +212,13 @@ async fn send_diff<R: AsyncRead + Unpin>(
     let msg = |m| pb::WriteStreamMessage { msg: Some(m) };
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::WriteStreamMessage>(4);
     let open = pb::WriteStreamOpen {
-        create: None,
         image: Some(target),
-        lock_cookie: String::new(),
         diff: Some(pb::DiffTarget {
             from_snap: meta.from.clone().unwrap_or_default(),
             to_snap: meta.to.clone().unwrap_or_default(),
             size,
         }),
+        ..Default::default()
     };
     tx.send(msg(Msg::Open(open))).await.ok();
     let mut raw = c.raw();

@@ -4,6 +4,7 @@ mod device;
 mod diff;
 mod image;
 mod io;
+mod mirror;
 mod pool;
 mod snap;
 
@@ -47,6 +48,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Snap(c) => snap::run(&ctx, c).await,
         Cmd::Lock(c) => snap::lock(&ctx, c).await,
         Cmd::Device(c) => device::run_cmd(&ctx, c).await,
+        Cmd::Mirror(c) => mirror::run(&ctx, c).await,
         Cmd::Diff {
             spec,
             from_snap,

@@ -1,0 +1,414 @@
+//! `tern mirror …`: rbd's mirroring words, with Ceph-shaped JSON so
+//! existing scripts (`jq '.summary.health'`, `.images[].state`) work.
+
+use super::image_spec;
+use crate::cli::{MirrorBootstrapCmd, MirrorCmd, MirrorImageCmd, MirrorPeerCmd, MirrorPoolCmd};
+use crate::ctx::{Ctx, Result, invalid};
+use serde_json::{Value, json};
+use tern_client::{SiteClient, image_ref, pb};
+use tern_types::time::datetime;
+
+pub async fn run(ctx: &Ctx, cmd: MirrorCmd) -> Result<()> {
+    let c = ctx.connect().await?;
+    match cmd {
+        MirrorCmd::Pool(p) => pool(ctx, &c, p).await,
+        MirrorCmd::Image(i) => image(ctx, &c, i).await,
+    }
+}
+
+fn peer_json(p: &pb::MirrorPeer) -> Value {
+    json!({"uuid": p.uuid, "direction": p.direction, "site_name": p.site_name,
+           "mirror_uuid": p.mirror_uuid, "client_name": p.client_name,
+           "fsid": p.fsid, "mon_host": p.mon_host.join(","), "remote_pool": p.remote_pool})
+}
+
+fn site_json(s: &pb::MirrorSiteStatus) -> Value {
+    json!({
+        "site_name": s.site_name,
+        "mirror_uuids": s.mirror_uuids,
+        "state": s.state,
+        "description": s.description,
+        "last_update": datetime(s.last_update),
+        // Typed fields beside Ceph's, so nobody has to parse descriptions.
+        "reason": s.reason,
+        "up": s.up,
+        "lag_seconds": s.lag_seconds,
+        "last_sync": if s.last_sync > 0 { json!(datetime(s.last_sync)) } else { Value::Null },
+        "progress": s.progress,
+        "bytes_synced": s.bytes_synced,
+    })
+}
+
+fn image_status_json(st: &pb::MirrorImageStatus) -> Value {
+    let local = st.local.clone().unwrap_or_default();
+    json!({
+        "name": st.name,
+        "global_id": st.global_id,
+        "state": local.state,
+        "description": local.description,
+        "daemon_service": {"service_id": st.daemon_id, "instance_id": st.daemon_id, "daemon_id": "rbd-mirror", "hostname": hostname()},
+        "last_update": datetime(local.last_update),
+        "reason": local.reason,
+        "lag_seconds": local.lag_seconds,
+        "peer_sites": st.peer_sites.iter().map(site_json).collect::<Vec<_>>(),
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn print_image_status(st: &pb::MirrorImageStatus) {
+    let local = st.local.clone().unwrap_or_default();
+    println!("{}:", st.name);
+    println!("  global_id:   {}", st.global_id);
+    println!("  state:       {}", local.state);
+    println!("  description: {}", local.description);
+    if !st.daemon_id.is_empty() {
+        println!("  service:     {} on {}", st.daemon_id, hostname());
+    }
+    println!("  last_update: {}", datetime(local.last_update));
+    if !st.peer_sites.is_empty() {
+        println!("  peer_sites:");
+        for p in &st.peer_sites {
+            println!("    name: {}", p.site_name);
+            println!("    state: {}", p.state);
+            println!("    description: {}", p.description);
+            println!("    last_update: {}", datetime(p.last_update));
+        }
+    }
+}
+
+async fn pool(ctx: &Ctx, c: &SiteClient, cmd: MirrorPoolCmd) -> Result<()> {
+    match cmd {
+        MirrorPoolCmd::Enable {
+            pool,
+            mode,
+            site_name,
+        } => {
+            c.mirror_pool_enable(pb::MirrorPoolEnableRequest {
+                pool,
+                mode,
+                site_name: site_name.unwrap_or_default(),
+            })
+            .await?;
+        }
+        MirrorPoolCmd::Disable { pool } => {
+            c.mirror_pool_disable(pb::PoolRequest { pool }).await?;
+        }
+        MirrorPoolCmd::Info { pool, all } => {
+            let i = c
+                .mirror_pool_get(pb::MirrorPoolInfoRequest {
+                    pool,
+                    with_keys: false,
+                })
+                .await?;
+            if ctx.json() {
+                let mut v = json!({"mode": i.mode, "site_name": i.site_name,
+                    "peers": i.peers.iter().map(peer_json).collect::<Vec<_>>()});
+                if all {
+                    v["mirror_uuid"] = json!(i.mirror_uuid);
+                }
+                ctx.print_json(&v);
+            } else {
+                println!("Mode: {}", i.mode);
+                println!("Site Name: {}", i.site_name);
+                if all {
+                    println!("Mirror UUID: {}", i.mirror_uuid);
+                }
+                println!();
+                if i.peers.is_empty() {
+                    println!("Peer Sites: none");
+                } else {
+                    println!("Peer Sites: ");
+                    for p in &i.peers {
+                        println!();
+                        println!("UUID: {}", p.uuid);
+                        println!("Name: {}", p.site_name);
+                        println!("Mirror UUID: {}", p.mirror_uuid);
+                        println!("Direction: {}", p.direction);
+                        println!("Client: {}", p.client_name);
+                        println!("Mon Host: {}", p.mon_host.join(","));
+                    }
+                }
+            }
+        }
+        MirrorPoolCmd::Status { pool, verbose } => {
+            let s = c
+                .mirror_pool_status(pb::MirrorPoolStatusRequest { pool, verbose })
+                .await?;
+            if ctx.json() {
+                let mut v = json!({"summary": {"health": s.health, "daemon_health": s.daemon_health,
+                    "image_health": s.image_health, "states": s.states}});
+                if verbose {
+                    v["daemons"] = json!(s.daemons.iter().map(|d| json!({
+                        "service_id": d.service_id, "instance_id": d.instance_id, "client_id": d.client_id,
+                        "hostname": d.hostname, "ceph_version": d.version, "tern_version": d.version,
+                        "leader": true, "health": d.health})).collect::<Vec<_>>());
+                    v["images"] = json!(s.images.iter().map(image_status_json).collect::<Vec<_>>());
+                }
+                ctx.print_json(&v);
+            } else {
+                println!("health: {}", s.health);
+                println!("daemon health: {}", s.daemon_health);
+                println!("image health: {}", s.image_health);
+                let total: u64 = s.states.values().sum();
+                println!("images: {total} total");
+                let mut states: Vec<_> = s.states.iter().collect();
+                states.sort();
+                for (k, n) in states {
+                    println!("    {n} {k}");
+                }
+                if verbose {
+                    println!();
+                    println!("DAEMONS");
+                    for d in &s.daemons {
+                        println!("service {}:", d.service_id);
+                        println!("  instance_id: {}", d.instance_id);
+                        println!("  client_id: {}", d.client_id);
+                        println!("  hostname: {}", d.hostname);
+                        println!("  version: {}", d.version);
+                        println!("  leader: true");
+                        println!("  health: {}", d.health);
+                    }
+                    println!();
+                    println!("IMAGES");
+                    for i in &s.images {
+                        print_image_status(i);
+                        println!();
+                    }
+                }
+            }
+        }
+        MirrorPoolCmd::Peer(p) => peer(ctx, c, p).await?,
+        MirrorPoolCmd::Promote { pool, force } => {
+            let list = c
+                .mirror_image_list(pb::PoolRequest { pool: pool.clone() })
+                .await?;
+            let mut failed = 0;
+            for i in list.images.iter().filter(|i| !i.primary) {
+                let r = c
+                    .mirror_image_promote(pb::MirrorImagePromoteRequest {
+                        image: Some(image_ref(&pool, &i.name)),
+                        force,
+                    })
+                    .await;
+                report(ctx, &pool, &i.name, "promoted", r.map(|_| ()), &mut failed);
+            }
+            if failed > 0 {
+                return Err(tern_client::ClientError::new(
+                    tern_types::ErrorKind::Busy,
+                    format!("{failed} image(s) not promoted"),
+                ));
+            }
+        }
+        MirrorPoolCmd::Demote { pool } => {
+            let list = c
+                .mirror_image_list(pb::PoolRequest { pool: pool.clone() })
+                .await?;
+            let mut failed = 0;
+            for i in list.images.iter().filter(|i| i.primary) {
+                let r = c.mirror_image_demote(image_ref(&pool, &i.name)).await;
+                report(ctx, &pool, &i.name, "demoted", r.map(|_| ()), &mut failed);
+            }
+            if failed > 0 {
+                return Err(tern_client::ClientError::new(
+                    tern_types::ErrorKind::Busy,
+                    format!("{failed} image(s) not demoted"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn report(ctx: &Ctx, pool: &str, name: &str, what: &str, r: Result<()>, failed: &mut u32) {
+    match r {
+        Ok(()) if !ctx.json() => eprintln!("{pool}/{name}: {what}"),
+        Ok(()) => {}
+        Err(e) => {
+            *failed += 1;
+            eprintln!("{pool}/{name}: {}", e.message);
+        }
+    }
+}
+
+async fn peer(ctx: &Ctx, c: &SiteClient, cmd: MirrorPeerCmd) -> Result<()> {
+    match cmd {
+        MirrorPeerCmd::Add {
+            pool,
+            remote,
+            remote_mon_host,
+            remote_key_file,
+            remote_fingerprint,
+            remote_fsid,
+            direction,
+            remote_pool,
+        } => {
+            let (client, site) = remote.split_once('@').ok_or_else(|| {
+                invalid("the remote is client.NAME@SITE (e.g. client.rbd-mirror-peer@site-a)")
+            })?;
+            let key = match remote_key_file {
+                Some(f) => std::fs::read_to_string(&f)
+                    .map_err(|e| invalid(format!("cannot read {}: {e}", f.display())))?
+                    .trim()
+                    .to_string(),
+                None => return Err(invalid("--remote-key-file is required")),
+            };
+            let p = c
+                .mirror_peer_add(pb::MirrorPeerAddRequest {
+                    pool: pool.clone(),
+                    peer: Some(pb::MirrorPeer {
+                        uuid: String::new(),
+                        site_name: site.into(),
+                        client_name: client.into(),
+                        direction,
+                        mirror_uuid: String::new(),
+                        fsid: remote_fsid,
+                        mon_host: remote_mon_host.split(',').map(String::from).collect(),
+                        tls_fingerprint: tern_client::config::normalize_fingerprint(
+                            &remote_fingerprint,
+                        ),
+                        remote_pool: remote_pool.unwrap_or(pool),
+                        key,
+                    }),
+                })
+                .await?;
+            println!("{}", p.uuid);
+        }
+        MirrorPeerCmd::Remove { pool, uuid } => {
+            c.mirror_peer_remove(pb::MirrorPeerRemoveRequest { pool, uuid })
+                .await?;
+        }
+        MirrorPeerCmd::Set {
+            pool,
+            uuid,
+            key,
+            value,
+        } => {
+            c.mirror_peer_set(pb::MirrorPeerSetRequest {
+                pool,
+                uuid,
+                key,
+                value,
+            })
+            .await?;
+        }
+        MirrorPeerCmd::Bootstrap(MirrorBootstrapCmd::Create { pool, site_name }) => {
+            let t = c
+                .mirror_bootstrap_create(pb::MirrorBootstrapCreateRequest {
+                    pool,
+                    site_name: site_name.unwrap_or_default(),
+                })
+                .await?;
+            println!("{}", t.token);
+        }
+        MirrorPeerCmd::Bootstrap(MirrorBootstrapCmd::Import {
+            pool,
+            path,
+            site_name,
+            direction,
+            remote_pool,
+        }) => {
+            let token = if path == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                    .map_err(|e| invalid(format!("reading the token from stdin: {e}")))?;
+                s
+            } else {
+                std::fs::read_to_string(&path)
+                    .map_err(|e| invalid(format!("cannot read token file '{path}': {e}")))?
+            };
+            let p = c
+                .mirror_bootstrap_import(pb::MirrorBootstrapImportRequest {
+                    pool,
+                    site_name: site_name.unwrap_or_default(),
+                    direction,
+                    token: token.trim().to_string(),
+                    remote_pool: remote_pool.unwrap_or_default(),
+                })
+                .await?;
+            if ctx.json() {
+                ctx.print_json(&peer_json(&p));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn image(ctx: &Ctx, c: &SiteClient, cmd: MirrorImageCmd) -> Result<()> {
+    match cmd {
+        MirrorImageCmd::Enable { spec, mode } => {
+            let s = image_spec(&spec)?;
+            c.mirror_image_enable(pb::MirrorImageEnableRequest {
+                image: Some(image_ref(&s.pool, &s.image)),
+                mode,
+            })
+            .await?;
+            if !ctx.json() {
+                eprintln!("Mirroring enabled");
+            }
+        }
+        MirrorImageCmd::Disable { spec, force } => {
+            let s = image_spec(&spec)?;
+            c.mirror_image_disable(pb::MirrorImageDisableRequest {
+                image: Some(image_ref(&s.pool, &s.image)),
+                force,
+            })
+            .await?;
+            if !ctx.json() {
+                eprintln!("Mirroring disabled");
+            }
+        }
+        MirrorImageCmd::Promote { spec, force } => {
+            let s = image_spec(&spec)?;
+            c.mirror_image_promote(pb::MirrorImagePromoteRequest {
+                image: Some(image_ref(&s.pool, &s.image)),
+                force,
+            })
+            .await?;
+            if !ctx.json() {
+                eprintln!("Image promoted to primary");
+            }
+        }
+        MirrorImageCmd::Demote { spec } => {
+            let s = image_spec(&spec)?;
+            c.mirror_image_demote(image_ref(&s.pool, &s.image)).await?;
+            if !ctx.json() {
+                eprintln!("Image demoted to non-primary");
+            }
+        }
+        MirrorImageCmd::Resync { spec } => {
+            let s = image_spec(&spec)?;
+            c.mirror_image_resync(image_ref(&s.pool, &s.image)).await?;
+            if !ctx.json() {
+                eprintln!("Flagged image for resync from primary");
+            }
+        }
+        MirrorImageCmd::Snapshot { spec } => {
+            let s = image_spec(&spec)?;
+            let snap = c
+                .mirror_image_snapshot(image_ref(&s.pool, &s.image))
+                .await?;
+            if ctx.json() {
+                ctx.print_json(&json!({"snap_id": snap.id, "snap_name": snap.name}));
+            } else {
+                println!("Snapshot ID: {}", snap.id);
+            }
+        }
+        MirrorImageCmd::Status { spec } => {
+            let s = image_spec(&spec)?;
+            let st = c
+                .mirror_image_status_get(image_ref(&s.pool, &s.image))
+                .await?;
+            if ctx.json() {
+                ctx.print_json(&image_status_json(&st));
+            } else {
+                print_image_status(&st);
+            }
+        }
+    }
+    Ok(())
+}

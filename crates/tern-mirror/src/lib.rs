@@ -1,0 +1,356 @@
+//! The mirror daemon. One loop per daemon: every tick it heartbeats, reads
+//! the local pools' mirroring config (with the peers' keys, which only the
+//! local daemon and admins may read), asks every peer which images it holds
+//! as primary, and makes sure one replayer task per image keeps the local
+//! non-primary copy up to date. Replayers copy the exact delta between the
+//! last mirror snapshot both sites share and the primary's newest one, and
+//! resume an interrupted copy where it stopped.
+//!
+//! Status: every image's local state is reported to the local site and to
+//! every peer site, on each change and on every heartbeat, so a site shows a
+//! silent peer as down within two heartbeats instead of its last good state.
+
+mod replay;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tern_client::config::TlsMode;
+use tern_client::{ClientError, ClusterConfig, SiteClient, pb};
+use tern_types::ErrorKind;
+use tokio::sync::{Mutex, Semaphore};
+
+pub struct Options {
+    pub cluster: Option<String>,
+    pub conf: Option<PathBuf>,
+    pub id: String,
+    pub keyring: Option<PathBuf>,
+}
+
+pub(crate) const HEARTBEAT: Duration = Duration::from_millis(1000);
+
+/// What a daemon knows about itself, sent with heartbeats and reports.
+#[derive(Clone)]
+pub(crate) struct Me {
+    pub service_id: String,
+    pub instance_id: String,
+    pub client_id: String,
+    pub hostname: String,
+}
+
+impl Me {
+    pub fn info(&self, site_name: &str) -> pb::MirrorDaemonInfo {
+        pb::MirrorDaemonInfo {
+            service_id: self.service_id.clone(),
+            instance_id: self.instance_id.clone(),
+            client_id: self.client_id.clone(),
+            hostname: self.hostname.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            last_heartbeat: now(),
+            up: true,
+            health: "OK".into(),
+            site_name: site_name.into(),
+        }
+    }
+}
+
+pub(crate) fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The last status a replayer set for an image, re-sent on every heartbeat.
+#[derive(Clone, Default)]
+pub(crate) struct Reported {
+    pub pool: String,
+    pub global_id: String,
+    pub status: pb::MirrorSiteStatus,
+    /// (peer client, peer's pool) to report to as well.
+    pub peers: Vec<(SiteClient, String)>,
+}
+
+pub(crate) struct Shared {
+    pub local: SiteClient,
+    pub me: Me,
+    pub statuses: Mutex<HashMap<String, Reported>>,
+    pub busy: Mutex<HashSet<String>>,
+    pub syncs: Semaphore,
+}
+
+impl Shared {
+    /// Records a status and pushes it at once to the local site and peers.
+    pub async fn report(&self, mut r: Reported) {
+        r.status.last_update = now();
+        r.status.daemon_id = self.me.service_id.clone();
+        let key = format!("{}/{}", r.pool, r.global_id);
+        self.statuses.lock().await.insert(key, r.clone());
+        push(self, &r).await;
+    }
+}
+
+async fn push(sh: &Shared, r: &Reported) {
+    let req = |pool: &str| pb::MirrorStatusReportRequest {
+        pool: pool.to_string(),
+        global_id: r.global_id.clone(),
+        status: Some(r.status.clone()),
+        daemon: None,
+    };
+    if let Err(e) = sh.local.mirror_status_report(req(&r.pool)).await {
+        tracing::debug!(error = %e, "status report to the local site failed");
+    }
+    for (peer, pool) in &r.peers {
+        if let Err(e) = peer.mirror_status_report(req(pool)).await {
+            tracing::debug!(peer = %peer.endpoint(), error = %e, "status report to a peer failed");
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+pub async fn run(opts: Options) -> Result<(), ClientError> {
+    let conf = ClusterConfig::load(opts.cluster.as_deref(), opts.conf.as_deref())?;
+    let entity = format!("client.{}", opts.id);
+    let local = SiteClient::connect(&conf, &entity, opts.keyring.as_deref())?;
+    let hello = local.hello().await?;
+    if hello.profile != "rbd-mirror" && hello.profile != "admin" {
+        return Err(ClientError::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "{entity} has profile {}: the mirror daemon needs mon 'profile rbd-mirror' osd 'profile rbd' \
+                 (tern auth get-or-create {entity} mon 'profile rbd-mirror' osd 'profile rbd')",
+                hello.profile
+            ),
+        ));
+    }
+    let syncs = local
+        .config_get(pb::ConfigGetRequest {
+            who: entity.clone(),
+            key: "rbd_mirror_concurrent_image_syncs".into(),
+        })
+        .await
+        .ok()
+        .and_then(|r| {
+            r.entries
+                .first()
+                .and_then(|e| e.value.parse::<usize>().ok())
+        })
+        .unwrap_or(5)
+        .max(1);
+    let me = Me {
+        service_id: format!("{}", rand::random::<u32>()),
+        instance_id: std::process::id().to_string(),
+        client_id: opts.id.clone(),
+        hostname: hostname(),
+    };
+    tracing::info!(site = %hello.site_name, service_id = %me.service_id, concurrent_syncs = syncs, "tern-mirror started");
+    let sh = Arc::new(Shared {
+        local,
+        me,
+        statuses: Mutex::new(HashMap::new()),
+        busy: Mutex::new(HashSet::new()),
+        syncs: Semaphore::new(syncs),
+    });
+    let mut peers: HashMap<String, SiteClient> = HashMap::new();
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
+    let mut int =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("SIGINT");
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = scan(&sh, &mut peers).await {
+            tracing::warn!(error = %e, "scan failed");
+        }
+        // Heartbeat: re-send every status so sites see this daemon alive.
+        let all: Vec<Reported> = sh.statuses.lock().await.values().cloned().collect();
+        for r in &all {
+            push(&sh, r).await;
+        }
+    }
+    tracing::info!("tern-mirror stopping");
+    Ok(())
+}
+
+fn peer_client(p: &pb::MirrorPeer) -> Result<SiteClient, ClientError> {
+    let ep = p
+        .mon_host
+        .first()
+        .ok_or_else(|| ClientError::new(ErrorKind::InvalidArgument, "peer has no mon_host"))?;
+    SiteClient::connect_with(
+        ep,
+        &TlsMode::Pinned(p.tls_fingerprint.clone()),
+        &p.client_name,
+        &p.key,
+    )
+}
+
+/// One pass over every mirrored pool.
+async fn scan(
+    sh: &Arc<Shared>,
+    peers: &mut HashMap<String, SiteClient>,
+) -> Result<(), ClientError> {
+    let pools = sh.local.pool_list(pb::Empty {}).await?.pools;
+    for p in pools {
+        let info = sh
+            .local
+            .mirror_pool_get(pb::MirrorPoolInfoRequest {
+                pool: p.name.clone(),
+                with_keys: true,
+            })
+            .await?;
+        if info.mode == "disabled" || info.mode.is_empty() {
+            continue;
+        }
+        // Send heartbeats under the pool's site name so the site matches them.
+        let _ = sh
+            .local
+            .mirror_daemon_heartbeat(sh.me.info(&info.site_name))
+            .await;
+        let local_list = sh
+            .local
+            .mirror_image_list(pb::PoolRequest {
+                pool: p.name.clone(),
+            })
+            .await?;
+        let mut peer_clients = Vec::new();
+        for peer in &info.peers {
+            let key = format!("{}/{}/{}", peer.uuid, peer.key, peer.tls_fingerprint);
+            if !peers.contains_key(&key) {
+                match peer_client(peer) {
+                    Ok(c) => {
+                        peers.insert(key.clone(), c);
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer = %peer.site_name, error = %e, "cannot set up peer client");
+                        continue;
+                    }
+                }
+            }
+            peer_clients.push((peer.clone(), peers[&key].clone()));
+        }
+        let report_to: Vec<(SiteClient, String)> = peer_clients
+            .iter()
+            .map(|(p, c)| (c.clone(), p.remote_pool.clone()))
+            .collect();
+        // Local primaries: report them as such (peers show our state from this).
+        for img in local_list.images.iter().filter(|i| i.primary) {
+            let r = Reported {
+                pool: p.name.clone(),
+                global_id: img.global_id.clone(),
+                status: pb::MirrorSiteStatus {
+                    site_name: info.site_name.clone(),
+                    mirror_uuids: info.mirror_uuid.clone(),
+                    state: "stopped".into(),
+                    description: "local image is primary".into(),
+                    reason: "primary".into(),
+                    up: true,
+                    ..Default::default()
+                },
+                peers: report_to.clone(),
+            };
+            let key = format!("{}/{}", r.pool, r.global_id);
+            let changed = sh
+                .statuses
+                .lock()
+                .await
+                .get(&key)
+                .is_none_or(|old| old.status.state != "stopped");
+            if changed {
+                sh.report(r).await;
+            } else {
+                sh.statuses.lock().await.insert(key, r);
+            }
+        }
+        for (peer, client) in &peer_clients {
+            if peer.direction == "tx-only" {
+                continue;
+            }
+            let remote = match client
+                .mirror_image_list(pb::PoolRequest {
+                    pool: peer.remote_pool.clone(),
+                })
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    mark_unreachable(sh, &p.name, &info, &local_list, peer, &report_to, &e).await;
+                    continue;
+                }
+            };
+            // A demoted image is followed too, so its final (demotion) snapshot
+            // reaches us and a plain promote here loses nothing.
+            for rimg in remote.images.iter().filter(|i| i.primary || i.demoted) {
+                let key = format!("{}/{}", p.name, rimg.global_id);
+                if !sh.busy.lock().await.insert(key.clone()) {
+                    continue;
+                }
+                let job = replay::Job {
+                    pool: p.name.clone(),
+                    local_mirror_uuid: info.mirror_uuid.clone(),
+                    site_name: info.site_name.clone(),
+                    peer: peer.clone(),
+                    remote: client.clone(),
+                    remote_mirror_uuid: remote.mirror_uuid.clone(),
+                    remote_image: rimg.clone(),
+                    local_image: local_list
+                        .images
+                        .iter()
+                        .find(|i| i.global_id == rimg.global_id)
+                        .cloned(),
+                    report_to: report_to.clone(),
+                };
+                let sh2 = sh.clone();
+                tokio::spawn(async move {
+                    replay::run(&sh2, job).await;
+                    sh2.busy.lock().await.remove(&key);
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The primary's site cannot be reached: say so for every copy we hold of
+/// its images instead of repeating the last good state.
+async fn mark_unreachable(
+    sh: &Arc<Shared>,
+    pool: &str,
+    info: &pb::MirrorPoolInfo,
+    local: &pb::MirrorImageListReply,
+    peer: &pb::MirrorPeer,
+    report_to: &[(SiteClient, String)],
+    e: &ClientError,
+) {
+    for img in local.images.iter().filter(|i| !i.primary) {
+        let r = Reported {
+            pool: pool.to_string(),
+            global_id: img.global_id.clone(),
+            status: pb::MirrorSiteStatus {
+                site_name: info.site_name.clone(),
+                mirror_uuids: info.mirror_uuid.clone(),
+                state: "unknown".into(),
+                description: format!(
+                    "cannot reach the primary site {}: {}",
+                    peer.site_name, e.message
+                ),
+                reason: "peer-unreachable".into(),
+                up: true,
+                ..Default::default()
+            },
+            peers: report_to.to_vec(),
+        };
+        sh.report(r).await;
+    }
+}

@@ -1,0 +1,50 @@
+use clap::Parser;
+
+/// The tern mirror daemon (like rbd-mirror): runs at one site with the
+/// `client.rbd-mirror` key, finds every mirrored pool and its peers, and
+/// copies images whose primary is at a peer into local non-primary copies,
+/// reporting status to both sites.
+#[derive(Parser)]
+#[command(name = "tern-mirror", version)]
+struct Args {
+    /// Cluster name of the local site (reads <conf dir>/<NAME>.conf).
+    #[arg(long)]
+    cluster: Option<String>,
+    /// Local cluster config file.
+    #[arg(short = 'c', long)]
+    conf: Option<std::path::PathBuf>,
+    /// Client id (default rbd-mirror).
+    #[arg(long, default_value = "rbd-mirror")]
+    id: String,
+    /// Keyring for client.ID.
+    #[arg(short = 'k', long)]
+    keyring: Option<std::path::PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let opts = tern_mirror::Options {
+        cluster: args.cluster,
+        conf: args.conf,
+        id: args.id,
+        keyring: args.keyring,
+    };
+    match rt.block_on(tern_mirror::run(opts)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tern-mirror: {}", e.message);
+            std::process::ExitCode::from(e.kind.exit_code() as u8)
+        }
+    }
+}

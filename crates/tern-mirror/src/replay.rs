@@ -1,0 +1,409 @@
+//! One image's snapshot replay: bring the local non-primary copy to the
+//! primary's newest complete mirror snapshot by copying only the extents
+//! that changed since the newest snapshot both sites share.
+
+use crate::{Reported, Shared};
+use std::sync::Arc;
+use std::time::Instant;
+use tern_client::{ClientError, SiteClient, pb, snap_ref};
+
+pub(crate) struct Job {
+    pub pool: String,
+    pub local_mirror_uuid: String,
+    pub site_name: String,
+    pub peer: pb::MirrorPeer,
+    pub remote: SiteClient,
+    pub remote_mirror_uuid: String,
+    pub remote_image: pb::MirrorImageInfo,
+    pub local_image: Option<pb::MirrorImageInfo>,
+    pub report_to: Vec<(SiteClient, String)>,
+}
+
+impl Job {
+    fn status(&self, state: &str, reason: &str, description: String) -> Reported {
+        Reported {
+            pool: self.pool.clone(),
+            global_id: self.remote_image.global_id.clone(),
+            status: pb::MirrorSiteStatus {
+                site_name: self.site_name.clone(),
+                mirror_uuids: self.local_mirror_uuid.clone(),
+                state: state.into(),
+                description,
+                reason: reason.into(),
+                up: true,
+                ..Default::default()
+            },
+            peers: self.report_to.clone(),
+        }
+    }
+
+    fn spec(&self) -> String {
+        format!("{}/{}", self.pool, self.remote_image.name)
+    }
+}
+
+pub(crate) async fn run(sh: &Arc<Shared>, job: Job) {
+    if let Err(e) = replay(sh, &job).await {
+        tracing::warn!(image = %job.spec(), error = %e, "replay failed");
+        let r = job.status("error", "error", format!("error: {}", e.message));
+        sh.report(r).await;
+    }
+}
+
+fn is_primary_state(s: &str) -> bool {
+    s == "primary" || s == "demoted"
+}
+
+async fn replay(sh: &Arc<Shared>, job: &Job) -> Result<(), ClientError> {
+    let rimg = &job.remote_image;
+    // The local copy: adopt the image the first time.
+    let local = match &job.local_image {
+        Some(l) => l.clone(),
+        None => {
+            sh.report(job.status(
+                "starting_replay",
+                "starting",
+                "starting replay: creating the local copy".into(),
+            ))
+            .await;
+            tracing::info!(image = %job.spec(), from = %job.peer.site_name, "creating the local non-primary image");
+            sh.local
+                .mirror_image_adopt(pb::MirrorImageAdoptRequest {
+                    pool: job.pool.clone(),
+                    name: rimg.name.clone(),
+                    global_id: rimg.global_id.clone(),
+                    mode: rimg.mode.clone(),
+                    size: rimg.size,
+                    object_size: rimg.object_size,
+                    stripe_unit: rimg.stripe_unit,
+                    stripe_count: rimg.stripe_count,
+                    features: rimg.features,
+                    primary_mirror_uuid: job.remote_mirror_uuid.clone(),
+                })
+                .await?
+        }
+    };
+    if local.primary && !rimg.primary {
+        // We are the primary; the peer is our demoted former primary and pulls from us.
+        return Ok(());
+    }
+    if local.primary {
+        let r = job.status(
+            "error",
+            "split-brain",
+            format!(
+                "split-brain: the image is primary both here and at {}. Neither side was overwritten. \
+                 Demote the side whose writes you give up, then `tern mirror image resync` it",
+                job.peer.site_name
+            ),
+        );
+        sh.report(r).await;
+        return Ok(());
+    }
+    let Some(target) = rimg
+        .mirror_snaps
+        .iter()
+        .filter(|s| {
+            s.namespace == "mirror" && is_primary_state(&s.mirror_state) && s.mirror_complete
+        })
+        .max_by_key(|s| s.id)
+    else {
+        sh.report(job.status(
+            "starting_replay",
+            "starting",
+            "waiting for the primary's first mirror snapshot".into(),
+        ))
+        .await;
+        return Ok(());
+    };
+    // The newest point both sites hold with the same content.
+    let local_synced = local
+        .mirror_snaps
+        .iter()
+        .filter(|s| {
+            s.mirror_state.starts_with("non-primary")
+                && s.mirror_complete
+                && s.primary_mirror_uuid == job.remote_mirror_uuid
+        })
+        .max_by_key(|s| s.id);
+    if local_synced.is_some_and(|s| s.primary_snap_id == target.id) {
+        report_idle(sh, job, &local, target).await;
+        return Ok(());
+    }
+    let mut base: Option<(u64, String)> = None; // (local snap id, remote snap name)
+    if let Some(l) = local_synced
+        && let Some(r) = rimg.mirror_snaps.iter().find(|r| r.id == l.primary_snap_id)
+    {
+        base = Some((l.id, r.name.clone()));
+    }
+    // After a failback: our own (demoted) snapshot that the peer copied.
+    for l in local
+        .mirror_snaps
+        .iter()
+        .filter(|s| is_primary_state(&s.mirror_state))
+    {
+        if let Some(r) = rimg.mirror_snaps.iter().find(|r| {
+            r.mirror_state.starts_with("non-primary")
+                && r.mirror_complete
+                && r.primary_mirror_uuid == job.local_mirror_uuid
+                && r.primary_snap_id == l.id
+        }) && base.as_ref().is_none_or(|(id, _)| l.id > *id)
+        {
+            base = Some((l.id, r.name.clone()));
+        }
+    }
+    let _permit = sh.syncs.acquire().await.expect("semaphore");
+    let state = sh
+        .local
+        .mirror_sync_begin(pb::MirrorSyncBeginRequest {
+            image: Some(snap_ref(&job.pool, &local.name, None)),
+            snap_name: target.name.clone(),
+            primary_mirror_uuid: job.remote_mirror_uuid.clone(),
+            primary_snap_id: target.id,
+            size: target.size,
+            demoted: target.mirror_state == "demoted",
+        })
+        .await?;
+    let unit = rimg.object_size.max(4096);
+    let resume_from = state.last_copied_object_number * unit;
+    let full = base.is_none();
+    tracing::info!(
+        image = %job.spec(), target = target.id, base = ?base.as_ref().map(|b| &b.1), resume_from, full,
+        "syncing from {}", job.peer.site_name
+    );
+    let started = Instant::now();
+    let mut stream = job
+        .remote
+        .raw()
+        .read_stream(pb::ReadStreamRequest {
+            image: Some(snap_ref(
+                &job.peer.remote_pool,
+                &rimg.name,
+                Some(&target.name),
+            )),
+            offset: 0,
+            length: 0,
+            chunk_size: 0,
+            diff: true,
+            diff_from: base.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
+            whole_object: false,
+        })
+        .await
+        .map_err(|s| job.remote.err(s))?
+        .into_inner();
+    let local_ref = snap_ref(&job.pool, &local.name, None);
+    let mut writer: Option<Writer> = None;
+    let (mut sent, mut since_ckpt) = (0u64, 0u64);
+    let mut pos;
+    let mut last_report = Instant::now();
+    while let Some(ch) = stream.message().await.map_err(|s| job.remote.err(s))? {
+        let end = ch.offset + ch.length;
+        if end <= resume_from {
+            continue;
+        }
+        if writer.is_none() {
+            writer = Some(Writer::open(&sh.local, local_ref.clone()).await?);
+        }
+        let w = writer.as_mut().expect("writer");
+        if !ch.zero {
+            sent += ch.data.len() as u64;
+            since_ckpt += ch.data.len() as u64;
+        }
+        w.send(ch).await?;
+        pos = end;
+        // A checkpoint per object's worth of data: an interrupted sync redoes at most one object.
+        if since_ckpt >= unit {
+            writer.take().expect("writer").commit().await?;
+            since_ckpt = 0;
+            sh.local
+                .mirror_sync_progress(pb::MirrorSyncProgressRequest {
+                    image: Some(local_ref.clone()),
+                    snap_id: target.id,
+                    last_copied_object_number: pos / unit,
+                })
+                .await?;
+        }
+        if last_report.elapsed().as_millis() >= 500 {
+            last_report = Instant::now();
+            let pct = if target.size > 0 {
+                pos as f64 / target.size as f64
+            } else {
+                0.0
+            };
+            let mut r = job.status(
+                "syncing",
+                "syncing",
+                format!("syncing, {:.0}% ({} bytes copied)", pct * 100.0, sent),
+            );
+            r.status.progress = pct;
+            r.status.bytes_synced = sent;
+            sh.report(r).await;
+        }
+    }
+    if let Some(w) = writer {
+        w.commit().await?;
+    }
+    sh.local
+        .mirror_sync_complete(pb::MirrorSyncProgressRequest {
+            image: Some(local_ref.clone()),
+            snap_id: target.id,
+            last_copied_object_number: target.size.div_ceil(unit),
+        })
+        .await?;
+    // Tell the primary we hold this snapshot, so it may prune older ones but never this base.
+    let _ = job
+        .remote
+        .mirror_snapshot_ack(pb::MirrorSnapshotAckRequest {
+            pool: job.peer.remote_pool.clone(),
+            global_id: rimg.global_id.clone(),
+            peer_mirror_uuid: job.local_mirror_uuid.clone(),
+            primary_snap_id: target.id,
+        })
+        .await;
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(image = %job.spec(), target = target.id, bytes = sent, secs, "synced");
+    let local_now = sh.local.mirror_image_get(local_ref).await?;
+    let mut r = job.status(
+        "replaying",
+        "replaying",
+        replaying_description(&local_now, target, sent, secs),
+    );
+    r.status.bytes_synced = sent;
+    r.status.last_sync = crate::now();
+    sh.report(r).await;
+    Ok(())
+}
+
+fn replaying_description(
+    local: &pb::MirrorImageInfo,
+    target: &pb::SnapInfo,
+    bytes: u64,
+    secs: f64,
+) -> String {
+    let local_ts = local
+        .mirror_snaps
+        .iter()
+        .map(|s| s.created)
+        .max()
+        .unwrap_or(0);
+    let d = serde_json::json!({
+        "bytes_per_second": if secs > 0.0 { bytes as f64 / secs } else { 0.0 },
+        "bytes_per_snapshot": bytes as f64,
+        "last_snapshot_bytes": bytes,
+        "last_snapshot_sync_seconds": secs.round() as u64,
+        "local_snapshot_timestamp": local_ts,
+        "remote_snapshot_timestamp": target.created,
+        "replay_state": "idle",
+    });
+    format!("replaying, {d}")
+}
+
+async fn report_idle(
+    sh: &Arc<Shared>,
+    job: &Job,
+    local: &pb::MirrorImageInfo,
+    target: &pb::SnapInfo,
+) {
+    let key = format!("{}/{}", job.pool, job.remote_image.global_id);
+    let prev = sh.statuses.lock().await.get(&key).map(|r| r.status.clone());
+    // Keep the byte figures of the last sync in the description.
+    if let Some(p) = &prev
+        && p.state == "replaying"
+        && p.reason == "replaying"
+    {
+        return;
+    }
+    let last_sync = local
+        .mirror_snaps
+        .iter()
+        .map(|s| s.created)
+        .max()
+        .unwrap_or(0);
+    let mut r = job.status(
+        "replaying",
+        "replaying",
+        replaying_description(local, target, 0, 0.0),
+    );
+    r.status.last_sync = last_sync;
+    sh.report(r).await;
+}
+
+/// A write stream into the local non-primary image (mirror sync mode).
+struct Writer {
+    tx: tokio::sync::mpsc::Sender<pb::WriteStreamMessage>,
+    call: tokio::task::JoinHandle<Result<pb::WriteStreamReply, ClientError>>,
+    total: u64,
+}
+
+impl Writer {
+    async fn open(local: &SiteClient, image: pb::ImageRef) -> Result<Writer, ClientError> {
+        use pb::write_stream_message::Msg;
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::WriteStreamMessage>(8);
+        let open = pb::WriteStreamOpen {
+            image: Some(image),
+            mirror_sync: true,
+            ..Default::default()
+        };
+        tx.send(pb::WriteStreamMessage {
+            msg: Some(Msg::Open(open)),
+        })
+        .await
+        .ok();
+        let c = local.clone();
+        let call = tokio::spawn(async move {
+            let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+            c.raw()
+                .write_stream(stream)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| c.err(s))
+        });
+        Ok(Writer { tx, call, total: 0 })
+    }
+
+    async fn send(&mut self, ch: pb::DataChunk) -> Result<(), ClientError> {
+        use pb::write_stream_message::Msg;
+        self.total += ch.length;
+        if self
+            .tx
+            .send(pb::WriteStreamMessage {
+                msg: Some(Msg::Chunk(ch)),
+            })
+            .await
+            .is_err()
+        {
+            // The local site ended the call: its status says why.
+            return Err(match (&mut self.call).await {
+                Ok(Err(e)) => e,
+                Ok(Ok(_)) => ClientError::new(
+                    tern_types::ErrorKind::Internal,
+                    "the local write stream ended early",
+                ),
+                Err(e) => ClientError::new(tern_types::ErrorKind::Internal, e.to_string()),
+            });
+        }
+        Ok(())
+    }
+
+    async fn commit(self) -> Result<(), ClientError> {
+        use pb::write_stream_message::Msg;
+        let commit = pb::WriteStreamCommit {
+            final_size: 0,
+            total_bytes: self.total,
+        };
+        let _ = self
+            .tx
+            .send(pb::WriteStreamMessage {
+                msg: Some(Msg::Commit(commit)),
+            })
+            .await;
+        drop(self.tx);
+        match self.call.await {
+            Ok(r) => r.map(|_| ()),
+            Err(e) => Err(ClientError::new(
+                tern_types::ErrorKind::Internal,
+                e.to_string(),
+            )),
+        }
+    }
+}

@@ -1,0 +1,920 @@
+//! Mirroring state kept by a site (DESIGN §6): per-pool mode, site name,
+//! mirror uuid and peers; per-image mirror record (global id, mode, role,
+//! promotion epoch); mirror snapshots; status reports from mirror daemons.
+//! All of it lives in the store's `Mirror` table, one JSON record per key:
+//!
+//! ```text
+//! pool/<pool>                      PoolMirror
+//! image/<image id>                 ImageMirror
+//! status/<global id>/<site name>   SiteStatus (what a daemon last reported)
+//! daemon/<site name>/<service id>  Daemon (heartbeat)
+//! ack/<global id>/<peer uuid>      the newest primary snapshot id a peer holds
+//! ```
+//!
+//! This module decides; the mirror daemon (tern-mirror) moves data.
+
+use crate::site::{Site, now_secs};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use tern_store::{
+    KvTable, MirrorSnap, MirrorSnapState, SnapInfo, SnapNamespace, Store, StoreError,
+};
+use tern_types::ErrorKind;
+use tern_types::error::Error;
+
+pub const PEER_CLIENT: &str = "client.rbd-mirror-peer";
+/// Primary mirror snapshots kept per image (rbd_mirroring_max_mirroring_snapshots).
+pub const DEFAULT_MAX_SNAPS: usize = 5;
+
+fn serr(e: StoreError) -> Error {
+    Error::new(e.kind(), e.to_string())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct PeerRec {
+    pub uuid: String,
+    pub site_name: String,
+    pub client_name: String,
+    pub direction: String,
+    #[serde(default)]
+    pub mirror_uuid: String,
+    pub fsid: String,
+    pub mon_host: Vec<String>,
+    pub tls_fingerprint: String,
+    pub remote_pool: String,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct PoolMirror {
+    pub mode: String,
+    pub site_name: String,
+    pub mirror_uuid: String,
+    #[serde(default)]
+    pub peers: Vec<PeerRec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct ImageMirror {
+    pub global_id: String,
+    pub mode: String,
+    pub state: String,
+    pub primary: bool,
+    pub epoch: u64,
+    #[serde(default)]
+    pub demoted: bool,
+    /// For non-primary images: the mirror uuid of the site it copies.
+    #[serde(default)]
+    pub primary_mirror_uuid: String,
+    #[serde(default)]
+    pub resync_requested: bool,
+    /// A sync from the primary in progress: the image head is being
+    /// overwritten and is consistent only at its last complete snapshot.
+    #[serde(default)]
+    pub sync: Option<SyncState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct SyncState {
+    pub primary_mirror_uuid: String,
+    pub primary_snap_id: u64,
+    pub demoted: bool,
+    pub size: u64,
+    pub last_copied_object_number: u64,
+    pub started: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct SiteStatus {
+    pub site_name: String,
+    pub mirror_uuids: String,
+    pub state: String,
+    pub description: String,
+    pub last_update: u64,
+    pub reason: String,
+    pub lag_seconds: f64,
+    pub last_sync: u64,
+    pub progress: f64,
+    pub daemon_id: String,
+    pub bytes_synced: u64,
+    /// Set by the site when it stored the report (its own clock).
+    #[serde(default)]
+    pub received: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Daemon {
+    pub service_id: String,
+    pub instance_id: String,
+    pub client_id: String,
+    pub hostname: String,
+    pub version: String,
+    pub site_name: String,
+    pub last_heartbeat: u64,
+    #[serde(default)]
+    pub received_ms: u64,
+}
+
+pub struct Mirror {
+    pub site: Arc<Site>,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn get<T: for<'a> Deserialize<'a>>(store: &Store, key: &str) -> Result<Option<T>, Error> {
+    match store.kv_get(KvTable::Mirror, key).map_err(serr)? {
+        Some(v) => serde_json::from_str(&v).map(Some).map_err(|e| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!("mirror record {key} is damaged: {e}"),
+            )
+        }),
+        None => Ok(None),
+    }
+}
+
+fn put<T: Serialize>(store: &Store, key: &str, v: &T) -> Result<(), Error> {
+    store
+        .kv_put(
+            KvTable::Mirror,
+            key,
+            &serde_json::to_string(v).expect("serialisable"),
+        )
+        .map_err(serr)
+}
+
+pub fn valid_direction(d: &str) -> Result<(), Error> {
+    match d {
+        "rx-only" | "rx-tx" | "tx-only" => Ok(()),
+        _ => Err(Error::invalid(format!(
+            "direction '{d}' must be rx-only, rx-tx or tx-only"
+        ))),
+    }
+}
+
+impl Mirror {
+    fn store(&self) -> &Store {
+        &self.site.store
+    }
+
+    pub fn pool(&self, pool: &str) -> Result<Option<PoolMirror>, Error> {
+        self.store().pool_get(pool).map_err(serr)?;
+        get(self.store(), &format!("pool/{pool}"))
+    }
+
+    /// The pool's mirroring config, or an error saying mirroring is off.
+    pub fn pool_enabled(&self, pool: &str) -> Result<PoolMirror, Error> {
+        match self.pool(pool)? {
+            Some(p) if p.mode != "disabled" => Ok(p),
+            _ => Err(Error::invalid(format!(
+                "mirroring is not enabled on pool '{pool}': run `tern mirror pool enable {pool} image` first"
+            ))),
+        }
+    }
+
+    pub fn save_pool(&self, pool: &str, p: &PoolMirror) -> Result<(), Error> {
+        put(self.store(), &format!("pool/{pool}"), p)
+    }
+
+    pub fn pool_enable(
+        &self,
+        pool: &str,
+        mode: &str,
+        site_name: &str,
+    ) -> Result<PoolMirror, Error> {
+        if !matches!(mode, "image" | "pool") {
+            return Err(Error::invalid(format!(
+                "mirror mode '{mode}' must be 'image' or 'pool'"
+            )));
+        }
+        let mut p = self.pool(pool)?.unwrap_or_default();
+        if p.mirror_uuid.is_empty() {
+            p.mirror_uuid = uuid::Uuid::new_v4().to_string();
+        }
+        p.mode = mode.to_string();
+        if !site_name.is_empty() {
+            p.site_name = site_name.to_string();
+        } else if p.site_name.is_empty() {
+            p.site_name = self.site.site_name.clone();
+        }
+        self.save_pool(pool, &p)?;
+        if mode == "pool" {
+            for img in self.store().image_list(pool).map_err(serr)? {
+                if self.image(&img.id.to_string())?.is_none() {
+                    self.image_enable(pool, &img.name, "snapshot")?;
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    pub fn pool_disable(&self, pool: &str) -> Result<(), Error> {
+        for img in self.store().image_list(pool).map_err(serr)? {
+            if self.image(&img.id.to_string())?.is_some() {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "pool '{pool}' still has mirrored images (e.g. '{}'): disable mirroring on them first",
+                        img.name
+                    ),
+                ));
+            }
+        }
+        let mut p = self.pool(pool)?.unwrap_or_default();
+        p.mode = "disabled".into();
+        self.save_pool(pool, &p)
+    }
+
+    /// Adds or (same fsid) updates a peer; returns it.
+    pub fn peer_upsert(&self, pool: &str, mut peer: PeerRec) -> Result<PeerRec, Error> {
+        valid_direction(&peer.direction)?;
+        let mut p = self.pool_enabled(pool)?;
+        if peer.fsid == self.site.site_id {
+            return Err(Error::invalid(
+                "a site cannot be its own peer: the token was made on this site",
+            ));
+        }
+        match p
+            .peers
+            .iter_mut()
+            .find(|x| !peer.fsid.is_empty() && x.fsid == peer.fsid)
+        {
+            Some(existing) => {
+                peer.uuid = existing.uuid.clone();
+                *existing = peer.clone();
+            }
+            None => {
+                if peer.uuid.is_empty() {
+                    peer.uuid = uuid::Uuid::new_v4().to_string();
+                }
+                p.peers.push(peer.clone());
+            }
+        }
+        self.save_pool(pool, &p)?;
+        Ok(peer)
+    }
+
+    pub fn peer_remove(&self, pool: &str, uuid: &str) -> Result<(), Error> {
+        let mut p = self.pool_enabled(pool)?;
+        let before = p.peers.len();
+        p.peers.retain(|x| x.uuid != uuid);
+        if p.peers.len() == before {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("pool '{pool}' has no peer {uuid}"),
+            ));
+        }
+        self.save_pool(pool, &p)
+    }
+
+    pub fn peer_set(&self, pool: &str, uuid: &str, key: &str, value: &str) -> Result<(), Error> {
+        let mut p = self.pool_enabled(pool)?;
+        let peer = p.peers.iter_mut().find(|x| x.uuid == uuid).ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("pool '{pool}' has no peer {uuid}"),
+            )
+        })?;
+        match key {
+            "client" => peer.client_name = value.into(),
+            "site-name" | "site_name" => peer.site_name = value.into(),
+            "mon-host" | "mon_host" => peer.mon_host = value.split(',').map(String::from).collect(),
+            "key" => peer.key = value.into(),
+            "direction" => {
+                valid_direction(value)?;
+                peer.direction = value.into()
+            }
+            "tls-fingerprint" | "tls_fingerprint" => peer.tls_fingerprint = value.into(),
+            _ => {
+                return Err(Error::invalid(format!(
+                    "unknown peer attribute '{key}': use client, site-name, mon-host, key, direction or tls-fingerprint"
+                )));
+            }
+        }
+        self.save_pool(pool, &p)
+    }
+
+    pub fn image(&self, image_id: &str) -> Result<Option<ImageMirror>, Error> {
+        get(self.store(), &format!("image/{image_id}"))
+    }
+
+    pub fn image_of(
+        &self,
+        pool: &str,
+        name: &str,
+    ) -> Result<(tern_store::ImageInfo, Option<ImageMirror>), Error> {
+        let info = self.store().image_info(pool, name).map_err(serr)?;
+        let m = self.image(&info.id.to_string())?;
+        Ok((info, m))
+    }
+
+    fn save_image(&self, image_id: &str, m: &ImageMirror) -> Result<(), Error> {
+        put(self.store(), &format!("image/{image_id}"), m)
+    }
+
+    /// Mirror snapshots of an image, oldest first.
+    pub fn mirror_snaps(
+        &self,
+        pool: &str,
+        name: &str,
+    ) -> Result<Vec<(SnapInfo, MirrorSnap)>, Error> {
+        Ok(self
+            .store()
+            .snap_list(pool, name)
+            .map_err(serr)?
+            .into_iter()
+            .filter_map(|s| match &s.namespace {
+                SnapNamespace::Mirror(m) => {
+                    let m = m.clone();
+                    Some((s, m))
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    pub fn image_enable(&self, pool: &str, name: &str, mode: &str) -> Result<ImageMirror, Error> {
+        let p = self.pool_enabled(pool)?;
+        match mode {
+            "snapshot" => {}
+            "journal" => {
+                return Err(Error::invalid(
+                    "journal-based mirroring is not supported yet: enable the image in snapshot mode",
+                ));
+            }
+            _ => {
+                return Err(Error::invalid(format!(
+                    "mirror image mode '{mode}' must be snapshot or journal"
+                )));
+            }
+        }
+        let (info, existing) = self.image_of(pool, name)?;
+        if let Some(m) = existing {
+            // Idempotent, like rbd.
+            return Ok(m);
+        }
+        let m = ImageMirror {
+            global_id: uuid::Uuid::new_v4().to_string(),
+            mode: mode.into(),
+            state: "enabled".into(),
+            primary: true,
+            epoch: 1,
+            demoted: false,
+            primary_mirror_uuid: p.mirror_uuid.clone(),
+            resync_requested: false,
+            sync: None,
+        };
+        self.save_image(&info.id.to_string(), &m)?;
+        self.primary_snapshot(pool, name, MirrorSnapState::Primary)?;
+        Ok(m)
+    }
+
+    pub fn image_disable(&self, pool: &str, name: &str, force: bool) -> Result<(), Error> {
+        let (info, m) = self.image_of(pool, name)?;
+        let Some(m) = m else {
+            return Err(Error::invalid(format!(
+                "mirroring is not enabled on image '{pool}/{name}'"
+            )));
+        };
+        if !m.primary && !force {
+            return Err(Error::invalid(format!(
+                "'{pool}/{name}' is non-primary: disable mirroring on the primary, or use --force here"
+            )));
+        }
+        for (s, _) in self.mirror_snaps(pool, name)? {
+            self.store()
+                .snap_remove(pool, name, &s.name, true)
+                .map_err(serr)?;
+        }
+        let id = info.id.to_string();
+        self.store()
+            .kv_delete(KvTable::Mirror, &format!("image/{id}"))
+            .map_err(serr)?;
+        for (k, _) in self
+            .store()
+            .kv_list(KvTable::Mirror, &format!("status/{}/", m.global_id))
+            .map_err(serr)?
+        {
+            let _ = self.store().kv_delete(KvTable::Mirror, &k);
+        }
+        Ok(())
+    }
+
+    fn peers_tx(&self, pool: &str) -> Result<Vec<PeerRec>, Error> {
+        Ok(self
+            .pool_enabled(pool)?
+            .peers
+            .into_iter()
+            .filter(|p| p.direction != "tx-only")
+            .collect())
+    }
+
+    /// Takes a primary (or demoted) mirror snapshot, then prunes old ones.
+    pub fn primary_snapshot(
+        &self,
+        pool: &str,
+        name: &str,
+        state: MirrorSnapState,
+    ) -> Result<SnapInfo, Error> {
+        let (_, m) = self.image_of(pool, name)?;
+        let m = m.ok_or_else(|| {
+            Error::invalid(format!("mirroring is not enabled on image '{pool}/{name}'"))
+        })?;
+        if !m.primary {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!(
+                    "'{pool}/{name}' is non-primary: mirror snapshots are taken on the primary"
+                ),
+            ));
+        }
+        let peers = self.peers_tx(pool)?;
+        let n = self.mirror_snaps(pool, name)?.len();
+        let snap_name = format!(
+            ".mirror.primary.{}.{}",
+            m.global_id,
+            uuid::Uuid::new_v4().simple()
+        );
+        let ms = MirrorSnap {
+            state,
+            complete: true,
+            mirror_peer_uuids: peers.iter().map(|p| p.uuid.clone()).collect(),
+            primary_mirror_uuid: String::new(),
+            primary_snap_id: 0,
+            last_copied_object_number: 0,
+        };
+        let snap = self
+            .store()
+            .snap_create(pool, name, &snap_name, SnapNamespace::Mirror(ms))
+            .map_err(serr)?;
+        let _ = n;
+        self.prune(pool, name, &m)?;
+        Ok(snap)
+    }
+
+    /// Removes primary mirror snapshots that every peer has moved past,
+    /// keeping the newest ones. A snapshot that a peer still needs as the
+    /// base of its next delta is never removed: the peer's acknowledgement
+    /// names the newest snapshot it holds, and only older ones go.
+    fn prune(&self, pool: &str, name: &str, m: &ImageMirror) -> Result<(), Error> {
+        let max = DEFAULT_MAX_SNAPS;
+        let snaps: Vec<(SnapInfo, MirrorSnap)> = self
+            .mirror_snaps(pool, name)?
+            .into_iter()
+            .filter(|(_, ms)| {
+                matches!(
+                    ms.state,
+                    MirrorSnapState::Primary | MirrorSnapState::PrimaryDemoted
+                )
+            })
+            .collect();
+        if snaps.len() <= max {
+            return Ok(());
+        }
+        let peers = self.peers_tx(pool)?;
+        // The oldest base any peer may still diff from.
+        let mut floor = u64::MAX;
+        for p in &peers {
+            let acked: u64 =
+                get(self.store(), &format!("ack/{}/{}", m.global_id, p.uuid))?.unwrap_or(0);
+            floor = floor.min(acked);
+        }
+        let removable = snaps.len() - max;
+        for (s, _) in snaps.iter().take(removable) {
+            if s.id < floor {
+                self.store()
+                    .snap_remove(pool, name, &s.name, true)
+                    .map_err(serr)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn ack(
+        &self,
+        pool: &str,
+        global_id: &str,
+        peer_uuid: &str,
+        snap_id: u64,
+    ) -> Result<(), Error> {
+        let key = format!("ack/{global_id}/{peer_uuid}");
+        let old: u64 = get(self.store(), &key)?.unwrap_or(0);
+        if snap_id > old {
+            put(self.store(), &key, &snap_id)?;
+        }
+        let _ = pool;
+        Ok(())
+    }
+
+    pub fn find_by_global(
+        &self,
+        pool: &str,
+        global_id: &str,
+    ) -> Result<Option<(tern_store::ImageInfo, ImageMirror)>, Error> {
+        for img in self.store().image_list(pool).map_err(serr)? {
+            if let Some(m) = self.image(&img.id.to_string())?
+                && m.global_id == global_id
+            {
+                return Ok(Some((img, m)));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn demote(&self, pool: &str, name: &str) -> Result<ImageMirror, Error> {
+        let (info, m) = self.image_of(pool, name)?;
+        let mut m = m.ok_or_else(|| {
+            Error::invalid(format!("mirroring is not enabled on image '{pool}/{name}'"))
+        })?;
+        if !m.primary {
+            return Err(Error::invalid(format!(
+                "'{pool}/{name}' is already non-primary"
+            )));
+        }
+        self.store()
+            .open_image(pool, name)
+            .and_then(|i| i.flush())
+            .map_err(serr)?;
+        self.primary_snapshot(pool, name, MirrorSnapState::PrimaryDemoted)?;
+        m.primary = false;
+        m.demoted = true;
+        self.save_image(&info.id.to_string(), &m)?;
+        Ok(m)
+    }
+
+    /// Promote. Plain: only once this site holds a complete copy of the old
+    /// primary's demotion (zero data loss). Forced: at once; an incomplete
+    /// sync is rolled back to the last complete snapshot so the image is
+    /// crash-consistent, and the promotion epoch rises.
+    pub fn promote(&self, pool: &str, name: &str, force: bool) -> Result<ImageMirror, Error> {
+        let (info, m) = self.image_of(pool, name)?;
+        let mut m = m.ok_or_else(|| {
+            Error::invalid(format!("mirroring is not enabled on image '{pool}/{name}'"))
+        })?;
+        if m.primary {
+            return Err(Error::invalid(format!(
+                "'{pool}/{name}' is already primary"
+            )));
+        }
+        let snaps = self.mirror_snaps(pool, name)?;
+        let last_complete = snaps.iter().rev().find(|(_, ms)| ms.complete);
+        let from = self
+            .pool_enabled(pool)?
+            .peers
+            .iter()
+            .find(|p| p.mirror_uuid == m.primary_mirror_uuid)
+            .map(|p| p.site_name.clone())
+            .unwrap_or_else(|| "the primary site".into());
+        if !force {
+            if m.sync.is_some() {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "cannot promote '{pool}/{name}': a sync from {from} is in progress, so the demotion of {from} \
+                         has not been replayed yet. Wait until `tern mirror image status {pool}/{name}` shows it synced, \
+                         or use --force if {from} is lost"
+                    ),
+                ));
+            }
+            let demotion_replayed = matches!(
+                snaps.last(),
+                Some((_, ms)) if ms.complete && ms.state == MirrorSnapState::NonPrimaryDemoted
+            );
+            if m.demoted
+                && snaps
+                    .iter()
+                    .all(|(_, ms)| ms.state != MirrorSnapState::NonPrimaryDemoted)
+            {
+                // Demoted here and never promoted elsewhere: promoting back is safe.
+            } else if !demotion_replayed {
+                let why = match snaps.last() {
+                    Some((_, ms)) if !ms.complete => "a sync from it is still in progress",
+                    _ => "it has not been demoted, or its demotion has not been replayed here yet",
+                };
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "cannot promote '{pool}/{name}': the demotion of {from} has not been replayed yet ({why}). \
+                         Demote it on {from} and wait until `tern mirror image status {pool}/{name}` shows it synced, \
+                         or use --force if {from} is lost"
+                    ),
+                ));
+            }
+        } else {
+            // A sync cut short left the head half-written: go back to the
+            // last complete copy so the promoted image is crash-consistent.
+            if m.sync.take().is_some()
+                && let Some((s, _)) = last_complete
+            {
+                self.store()
+                    .snap_rollback(pool, name, &s.name)
+                    .map_err(serr)?;
+            }
+        }
+        m.primary = true;
+        m.demoted = false;
+        m.epoch += 1;
+        m.primary_mirror_uuid = self.pool_enabled(pool)?.mirror_uuid;
+        self.save_image(&info.id.to_string(), &m)?;
+        self.primary_snapshot(pool, name, MirrorSnapState::Primary)?;
+        Ok(m)
+    }
+
+    /// Creates the local non-primary copy of a remote primary image.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adopt(
+        &self,
+        pool: &str,
+        name: &str,
+        global_id: &str,
+        mode: &str,
+        opts: &tern_store::CreateOpts,
+        primary_mirror_uuid: &str,
+    ) -> Result<ImageMirror, Error> {
+        self.pool_enabled(pool)?;
+        if let Some((img, m)) = self.find_by_global(pool, global_id)? {
+            let _ = img;
+            return Ok(m);
+        }
+        match self.store().image_info(pool, name) {
+            Ok(_) => {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "'{pool}/{name}' exists here but is not a copy of the remote image {global_id}: \
+                         rename or remove it so mirroring can create its copy"
+                    ),
+                ));
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(serr(e)),
+        }
+        let info = self.store().image_create(pool, name, opts).map_err(serr)?;
+        let m = ImageMirror {
+            global_id: global_id.into(),
+            mode: mode.into(),
+            state: "enabled".into(),
+            primary: false,
+            epoch: 0,
+            demoted: false,
+            primary_mirror_uuid: primary_mirror_uuid.into(),
+            resync_requested: false,
+            sync: None,
+        };
+        self.save_image(&info.id.to_string(), &m)?;
+        Ok(m)
+    }
+
+    pub fn store_flush(&self, pool: &str, name: &str) -> Result<(), Error> {
+        self.store()
+            .open_image(pool, name)
+            .and_then(|i| i.flush())
+            .map_err(serr)
+    }
+
+    /// Starts (or resumes) copying a primary snapshot into this non-primary image.
+    pub fn sync_begin(
+        &self,
+        pool: &str,
+        name: &str,
+        q: &tern_proto::v1::MirrorSyncBeginRequest,
+    ) -> Result<SyncState, Error> {
+        let (info, m) = self.image_of(pool, name)?;
+        let mut m = m.ok_or_else(|| {
+            Error::invalid(format!("mirroring is not enabled on image '{pool}/{name}'"))
+        })?;
+        if m.primary {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "'{pool}/{name}' is primary here: refusing to overwrite it with a remote copy (split-brain?)"
+                ),
+            ));
+        }
+        if let Some(s) = &m.sync
+            && s.primary_snap_id == q.primary_snap_id
+            && s.primary_mirror_uuid == q.primary_mirror_uuid
+        {
+            return Ok(s.clone());
+        }
+        let s = SyncState {
+            primary_mirror_uuid: q.primary_mirror_uuid.clone(),
+            primary_snap_id: q.primary_snap_id,
+            demoted: q.demoted,
+            size: q.size,
+            last_copied_object_number: 0,
+            started: now_secs(),
+        };
+        if q.size != info.size {
+            self.store()
+                .image_resize(pool, name, q.size, true)
+                .map_err(serr)?;
+        }
+        m.sync = Some(s.clone());
+        m.primary_mirror_uuid = q.primary_mirror_uuid.clone();
+        self.save_image(&info.id.to_string(), &m)?;
+        Ok(s)
+    }
+
+    /// Records progress; with `complete`, flushes and takes the non-primary
+    /// mirror snapshot that marks this copy complete.
+    pub fn sync_progress(
+        &self,
+        pool: &str,
+        name: &str,
+        primary_snap_id: u64,
+        last: u64,
+        complete: bool,
+    ) -> Result<SnapInfo, Error> {
+        let (info, m) = self.image_of(pool, name)?;
+        let mut m = m.ok_or_else(|| {
+            Error::invalid(format!("mirroring is not enabled on image '{pool}/{name}'"))
+        })?;
+        let mut s = match m.sync.clone() {
+            Some(s) if s.primary_snap_id == primary_snap_id => s,
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("no sync of snapshot {primary_snap_id} in progress on '{pool}/{name}'"),
+                ));
+            }
+        };
+        s.last_copied_object_number = last;
+        if !complete {
+            m.sync = Some(s);
+            self.save_image(&info.id.to_string(), &m)?;
+            return Ok(SnapInfo {
+                id: 0,
+                name: String::new(),
+                namespace: SnapNamespace::User,
+                size: 0,
+                created: 0,
+                protected: false,
+            });
+        }
+        self.store_flush(pool, name)?;
+        let ms = MirrorSnap {
+            state: if s.demoted {
+                MirrorSnapState::NonPrimaryDemoted
+            } else {
+                MirrorSnapState::NonPrimary
+            },
+            complete: true,
+            mirror_peer_uuids: vec![],
+            primary_mirror_uuid: s.primary_mirror_uuid.clone(),
+            primary_snap_id: s.primary_snap_id,
+            last_copied_object_number: last,
+        };
+        let snap_name = format!(
+            ".mirror.non_primary.{}.{}",
+            m.global_id,
+            uuid::Uuid::new_v4().simple()
+        );
+        let snap = self
+            .store()
+            .snap_create(pool, name, &snap_name, SnapNamespace::Mirror(ms))
+            .map_err(serr)?;
+        m.sync = None;
+        m.resync_requested = false;
+        self.save_image(&info.id.to_string(), &m)?;
+        // Keep a bounded number of non-primary snapshots: the newest is the base of the next delta.
+        let olds: Vec<_> = self
+            .mirror_snaps(pool, name)?
+            .into_iter()
+            .filter(|(_, x)| {
+                matches!(
+                    x.state,
+                    MirrorSnapState::NonPrimary | MirrorSnapState::NonPrimaryDemoted
+                )
+            })
+            .collect();
+        if olds.len() > DEFAULT_MAX_SNAPS {
+            for (x, _) in olds.iter().take(olds.len() - DEFAULT_MAX_SNAPS) {
+                self.store()
+                    .snap_remove(pool, name, &x.name, true)
+                    .map_err(serr)?;
+            }
+        }
+        Ok(snap)
+    }
+
+    pub fn set_image(&self, image_id: &str, m: &ImageMirror) -> Result<(), Error> {
+        self.save_image(image_id, m)
+    }
+
+    pub fn store_status(&self, global_id: &str, mut s: SiteStatus) -> Result<(), Error> {
+        s.received = now_ms();
+        put(
+            self.store(),
+            &format!("status/{global_id}/{}", s.site_name),
+            &s,
+        )
+    }
+
+    pub fn statuses(&self, global_id: &str) -> Result<Vec<SiteStatus>, Error> {
+        let mut v = Vec::new();
+        for (k, val) in self
+            .store()
+            .kv_list(KvTable::Mirror, &format!("status/{global_id}/"))
+            .map_err(serr)?
+        {
+            match serde_json::from_str(&val) {
+                Ok(s) => v.push(s),
+                Err(e) => tracing::warn!(key = %k, error = %e, "skipping a damaged status record"),
+            }
+        }
+        Ok(v)
+    }
+
+    pub fn heartbeat(&self, mut d: Daemon) -> Result<(), Error> {
+        d.received_ms = now_ms();
+        put(
+            self.store(),
+            &format!("daemon/{}/{}", d.site_name, d.service_id),
+            &d,
+        )
+    }
+
+    pub fn daemons(&self) -> Result<Vec<Daemon>, Error> {
+        Ok(self
+            .store()
+            .kv_list(KvTable::Mirror, "daemon/")
+            .map_err(serr)?
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_str(&v).ok())
+            .collect())
+    }
+}
+
+/// The token of `mirror pool peer bootstrap create`: Ceph's four keys plus ours.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Token {
+    pub fsid: String,
+    pub client_id: String,
+    pub key: String,
+    pub mon_host: String,
+    #[serde(default)]
+    pub site_name: String,
+    #[serde(default)]
+    pub tls_fingerprint: String,
+    #[serde(default)]
+    pub pool: String,
+    #[serde(default)]
+    pub mirror_uuid: String,
+}
+
+impl Token {
+    pub fn encode(&self) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(serde_json::to_string(self).expect("json"))
+    }
+
+    pub fn decode(s: &str) -> Result<Token, Error> {
+        use base64::Engine;
+        let bad = |why: &str| Error::invalid(format!("malformed bootstrap token: {why}"));
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(s.trim())
+            .map_err(|_| bad("not base64"))?;
+        let t: Token = serde_json::from_slice(&raw)
+            .map_err(|e| bad(&format!("not the expected JSON ({e})")))?;
+        tern_types::SiteId::parse(&t.fsid).map_err(|_| bad("fsid is not a site id"))?;
+        if t.key.is_empty() || t.client_id.is_empty() {
+            return Err(bad("no key or client_id"));
+        }
+        if t.tls_fingerprint.len() != 64
+            || !t.tls_fingerprint.chars().all(|c| c.is_ascii_hexdigit())
+        {
+            return Err(bad(
+                "tls_fingerprint is missing or not a SHA-256 (a Ceph token cannot be used: tern pins certificates)",
+            ));
+        }
+        if t.mon_host_list().is_empty() {
+            return Err(bad("mon_host names no endpoint"));
+        }
+        Ok(t)
+    }
+
+    /// Accepts ours (`h:p,h:p`) and Ceph's (`[v2:h:p/0,v1:h:p/0]`).
+    pub fn mon_host_list(&self) -> Vec<String> {
+        self.mon_host
+            .trim_matches(|c| c == '[' || c == ']')
+            .split([',', ' '])
+            .filter(|s| !s.is_empty())
+            .filter(|s| !s.starts_with("v1:"))
+            .map(|s| {
+                s.trim_start_matches("v2:")
+                    .trim_end_matches("/0")
+                    .to_string()
+            })
+            .collect()
+    }
+}
+
+pub fn now() -> u64 {
+    now_secs()
+}
