@@ -241,7 +241,7 @@ fn snapshot_mirroring_end_to_end() {
     let sent = d["last_snapshot_bytes"].as_u64().unwrap();
     eprintln!("16 MiB changed, delta sent {sent} bytes");
     assert!(
-        sent >= 16 * MIB && sent <= 18 * MIB,
+        (16 * MIB..=18 * MIB).contains(&sent),
         "delta sent {sent} bytes for a 16 MiB change"
     );
     let (copy, _) = newest_copy(&b, "vol").unwrap();
