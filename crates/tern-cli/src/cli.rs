@@ -133,6 +133,14 @@ pub enum Cmd {
     /// Mirroring between sites (rbd mirror …).
     #[command(subcommand)]
     Mirror(MirrorCmd),
+    /// A local two-site lab on loopback: up, down, status.
+    Lab {
+        #[arg(value_parser = ["up", "down", "status"])]
+        action: String,
+        /// Where the lab keeps its sites, configs and logs.
+        #[arg(long, default_value = "lab")]
+        dir: std::path::PathBuf,
+    },
     /// Measure I/O against an image, like `rbd bench`.
     Bench(BenchArgs),
     /// Site health and usage, like `ceph status`.

@@ -84,7 +84,18 @@ fn two_sites() -> (Site, Site) {
 
 /// The newest complete non-primary mirror snapshot on a site, if any.
 fn newest_copy(s: &Site, image: &str) -> Option<(String, u64)> {
-    let ls = s.tern_json(&["snap", "ls", "--all", &format!("rbd/{image}")]);
+    let o = s.tern(&[
+        "snap",
+        "ls",
+        "--all",
+        &format!("rbd/{image}"),
+        "--format",
+        "json",
+    ]);
+    if !o.status.success() {
+        return None; // not adopted yet
+    }
+    let ls: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
     ls.as_array()?
         .iter()
         .filter(|x| {
@@ -280,4 +291,332 @@ fn snapshot_mirroring_end_to_end() {
     );
     let (code, _) = a.tern_err(&["bench", "rbd/vol", "--io-type", "write", "--io-total", "4K"]);
     assert_eq!(code, 30);
+}
+
+fn setup_image(a: &Site, image: &str, size: &str) {
+    a.tern_ok(&[
+        "create",
+        &format!("rbd/{image}"),
+        "--size",
+        size,
+        "--image-feature",
+        "exclusive-lock",
+    ]);
+    a.tern_ok(&[
+        "mirror",
+        "image",
+        "enable",
+        &format!("rbd/{image}"),
+        "snapshot",
+    ]);
+}
+
+fn status_json(s: &Site, image: &str) -> serde_json::Value {
+    s.tern_json(&["mirror", "image", "status", &format!("rbd/{image}")])
+}
+
+/// Status does not lie: synced shows within a second of the copy; a dead
+/// primary site shows as down within two heartbeats.
+#[test]
+fn status_tells_the_truth() {
+    let (mut a, b) = two_sites();
+    let mut ma = a.start_mirror();
+    let _mb = b.start_mirror();
+    setup_image(&a, "s", "256M");
+    write_random(&a, "s", 7, 32 * MIB, MIB, 256 * MIB);
+    a.tern_ok(&["mirror", "image", "snapshot", "rbd/s"]);
+    let (_, want) = newest_primary(&a, "s");
+    assert!(wait_until(Duration::from_secs(60), || newest_copy(&b, "s")
+        .is_some_and(|(_, id)| id == want)));
+    let copied = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(1), || {
+            let st = status_json(&b, "s");
+            st["state"] == "up+replaying" && st["bytes_synced"].as_u64().unwrap_or(0) > 0
+        }),
+        "status did not say synced within 1 s of the copy: {}",
+        status_json(&b, "s")
+    );
+    eprintln!(
+        "status showed the sync {:?} after the copy appeared",
+        copied.elapsed()
+    );
+
+    // The seed's check-mirror-lag.sh runs unchanged with `rbd` calling tern.
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/check-mirror-lag.sh"
+    );
+    let run_check = |s: &Site| {
+        let tern = tern_testkit::bin("tern");
+        let o = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "rbd() {{ {} --cluster {} \"$@\"; }}; export -f rbd; bash {script} rbd 300",
+                tern.display(),
+                s.name
+            ))
+            .env("TERN_CONF_DIR", &s.conf_dir)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+        )
+    };
+    let (code, out) = run_check(&b);
+    assert_eq!(
+        code,
+        Some(0),
+        "check-mirror-lag.sh on a healthy pool: {out}"
+    );
+    assert!(
+        out.contains("Image: s") && out.contains("Overall Health: OK"),
+        "{out}"
+    );
+
+    // Kill the primary site's processes: within two heartbeats the secondary
+    // shows that peer as down, not as its last good state.
+    ma.kill9();
+    a.kill9();
+    let killed = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(3), || {
+            let st = status_json(&b, "s");
+            st["peer_sites"][0]["state"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("down+")
+        }),
+        "peer still shown up 3 s after it died: {}",
+        status_json(&b, "s")
+    );
+    eprintln!("dead peer shown down after {:?}", killed.elapsed());
+    let st = status_json(&b, "s");
+    assert_eq!(st["peer_sites"][0]["reason"], "unreachable", "{st}");
+    // And the pool is no longer OK; the check script notices.
+    assert!(wait_until(Duration::from_secs(5), || b
+        .tern_json(&["mirror", "pool", "status", "rbd"])["summary"]["health"]
+        != "OK"));
+    let (code, out) = run_check(&b);
+    assert_eq!(code, Some(1), "{out}");
+
+    // Split-brain is an error on both sites, and nothing is overwritten.
+    a.restart();
+    let _ma2 = a.start_mirror();
+    b.tern_ok(&["mirror", "image", "promote", "--force", "rbd/s"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let st = status_json(&a, "s");
+            st["peer_sites"][0]["state"] == "up+error"
+        }),
+        "split-brain not reported: {}",
+        status_json(&a, "s")
+    );
+    let (code, out) = run_check(&a);
+    assert_eq!(
+        code,
+        Some(1),
+        "check-mirror-lag.sh with an image in error: {out}"
+    );
+    assert!(out.contains("Overall Health: ERROR"), "{out}");
+}
+
+/// The mirror daemon killed mid initial sync resumes where it stopped.
+#[test]
+fn killed_daemon_resumes_the_initial_sync() {
+    let (a, b) = two_sites();
+    let _ma = a.start_mirror();
+    setup_image(&a, "big", "2G");
+    write_random(&a, "big", 9, 768 * MIB, 4 * MIB, 2 << 30);
+    a.tern_ok(&["mirror", "image", "snapshot", "rbd/big"]);
+    let mut mb = b.start_mirror();
+    let mut at_kill = 0.0;
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let st = b.tern_json(&["mirror", "pool", "status", "rbd"]);
+            let p = st["images"]
+                .as_array()
+                .and_then(|a| a.first())
+                .and_then(|i| i["progress"].as_f64())
+                .unwrap_or(0.0);
+            at_kill = p;
+            p > 0.2
+        }),
+        "no sync progress seen"
+    );
+    mb.kill9();
+    eprintln!(
+        "daemon killed at {:.0}% of the initial sync",
+        at_kill * 100.0
+    );
+    let mut mb = b.start_mirror();
+    wait_synced(&b, &a, "big", Duration::from_secs(120));
+    let st = status_json(&b, "big");
+    let d: serde_json::Value = serde_json::from_str(
+        st["description"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("replaying, "),
+    )
+    .unwrap();
+    let sent_after = d["last_snapshot_bytes"].as_u64().unwrap();
+    let total = 768 * MIB; // written; the copy sends what is allocated
+    let remaining = ((1.0 - at_kill) * total as f64) as u64;
+    eprintln!(
+        "after the restart the daemon sent {sent_after} bytes; {remaining} remained at the kill"
+    );
+    assert!(
+        sent_after < remaining + 4 * MIB + 64 * MIB,
+        "sync started over: sent {sent_after}, remaining {remaining}"
+    );
+    assert!(
+        sent_after < total * 9 / 10,
+        "sync started over: sent {sent_after} of {total}"
+    );
+    let (copy, _) = newest_copy(&b, "big").unwrap();
+    let (prim, _) = newest_primary(&a, "big");
+    assert_eq!(
+        export_sum(&b, &format!("rbd/big@{copy}")),
+        export_sum(&a, &format!("rbd/big@{prim}"))
+    );
+    assert!(mb.stop(), "tern-mirror did not stop cleanly on SIGTERM");
+}
+
+/// A site restarted mid-delta, bad tokens and a removed peer key: each is
+/// a clear error, and once fixed the images end equal.
+#[test]
+fn faults_end_in_clear_errors_then_equal_images() {
+    let a = Site::start("site-a");
+    let mut b = Site::start("site-b");
+    for (s, name) in [(&a, "site-a"), (&b, "site-b")] {
+        s.tern_ok(&["pool", "create", "rbd"]);
+        s.tern_ok(&[
+            "mirror",
+            "pool",
+            "enable",
+            "rbd",
+            "image",
+            "--site-name",
+            name,
+        ]);
+    }
+    let token = a.tern_ok(&[
+        "mirror",
+        "pool",
+        "peer",
+        "bootstrap",
+        "create",
+        "--site-name",
+        "site-a",
+        "rbd",
+    ]);
+    let token = token.trim().to_string();
+    let import = |t: &str| import_token(&b, t);
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut j: serde_json::Value = serde_json::from_slice(&b64.decode(&token).unwrap()).unwrap();
+    // Garbage, a changed key, a changed fingerprint, a changed site id.
+    let o = import("not a token");
+    assert!(
+        !o.status.success()
+            && String::from_utf8_lossy(&o.stderr).contains("malformed bootstrap token")
+    );
+    let good_key = j["key"].as_str().unwrap().to_string();
+    let mut bad_key: Vec<char> = good_key.chars().collect();
+    bad_key[10] = if bad_key[10] == 'B' { 'C' } else { 'B' };
+    j["key"] = serde_json::json!(bad_key.into_iter().collect::<String>());
+    let o = import(&b64.encode(j.to_string()));
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(13), "{err}");
+    assert!(err.contains("refused the token's key"), "{err}");
+    j["key"] = serde_json::json!(good_key);
+    let fp = j["tls_fingerprint"].as_str().unwrap().to_string();
+    j["tls_fingerprint"] = serde_json::json!(format!(
+        "{}{}",
+        if fp.starts_with('0') { "1" } else { "0" },
+        &fp[1..]
+    ));
+    let o = import(&b64.encode(j.to_string()));
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success() && err.contains("certificate"), "{err}");
+    j["tls_fingerprint"] = serde_json::json!(fp);
+    j["fsid"] = serde_json::json!("00000000-0000-0000-0000-000000000000");
+    let o = import(&b64.encode(j.to_string()));
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("altered"));
+    assert_eq!(
+        b.tern_json(&["mirror", "pool", "info", "rbd"])["peers"],
+        serde_json::json!([])
+    );
+    // The real token works.
+    assert!(import(&token).status.success());
+
+    let _ma = a.start_mirror();
+    let mut mb = b.start_mirror();
+    setup_image(&a, "f", "512M");
+    write_random(&a, "f", 11, 64 * MIB, MIB, 512 * MIB);
+    a.tern_ok(&["mirror", "image", "snapshot", "rbd/f"]);
+    wait_synced(&b, &a, "f", Duration::from_secs(60));
+
+    // Site B restarted in the middle of a delta.
+    write_random(&a, "f", 12, 256 * MIB, 4 * MIB, 512 * MIB);
+    a.tern_ok(&["mirror", "image", "snapshot", "rbd/f"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            status_json(&b, "f")["state"]
+                .as_str()
+                .unwrap_or("")
+                .contains("syncing")
+        }) || true
+    );
+    b.restart();
+    wait_synced(&b, &a, "f", Duration::from_secs(120));
+    let (copy, _) = newest_copy(&b, "f").unwrap();
+    let (prim, _) = newest_primary(&a, "f");
+    assert_eq!(
+        export_sum(&b, &format!("rbd/f@{copy}")),
+        export_sum(&a, &format!("rbd/f@{prim}"))
+    );
+
+    // The peer's key is removed on A: B says so, then a new token fixes it.
+    a.tern_ok(&["auth", "rm", "client.rbd-mirror-peer"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let st = status_json(&b, "f");
+            st["description"]
+                .as_str()
+                .unwrap_or("")
+                .contains("authentication failed")
+        }),
+        "no clear status after the peer key was removed: {}",
+        status_json(&b, "f")
+    );
+    write_random(&a, "f", 13, 8 * MIB, MIB, 512 * MIB);
+    a.tern_ok(&["mirror", "image", "snapshot", "rbd/f"]);
+    let token = a.tern_ok(&["mirror", "pool", "peer", "bootstrap", "create", "rbd"]);
+    assert!(import_token(&b, token.trim()).status.success());
+    mb.restart();
+    wait_synced(&b, &a, "f", Duration::from_secs(60));
+    let (copy, _) = newest_copy(&b, "f").unwrap();
+    let (prim, _) = newest_primary(&a, "f");
+    assert_eq!(
+        export_sum(&b, &format!("rbd/f@{copy}")),
+        export_sum(&a, &format!("rbd/f@{prim}"))
+    );
+}
+
+fn import_token(b: &Site, t: &str) -> std::process::Output {
+    let f = b.root.path().join(format!("t{}", rand::random::<u32>()));
+    std::fs::write(&f, t).unwrap();
+    b.tern(&[
+        "mirror",
+        "pool",
+        "peer",
+        "bootstrap",
+        "import",
+        "--site-name",
+        "site-b",
+        "rbd",
+        f.to_str().unwrap(),
+    ])
 }

@@ -50,6 +50,9 @@ fn image_status_json(st: &pb::MirrorImageStatus) -> Value {
         "last_update": datetime(local.last_update),
         "reason": local.reason,
         "lag_seconds": local.lag_seconds,
+        "progress": local.progress,
+        "bytes_synced": local.bytes_synced,
+        "last_sync": if local.last_sync > 0 { json!(datetime(local.last_sync)) } else { Value::Null },
         "peer_sites": st.peer_sites.iter().map(site_json).collect::<Vec<_>>(),
     })
 }
@@ -142,12 +145,13 @@ async fn pool(ctx: &Ctx, c: &SiteClient, cmd: MirrorPoolCmd) -> Result<()> {
             if ctx.json() {
                 let mut v = json!({"summary": {"health": s.health, "daemon_health": s.daemon_health,
                     "image_health": s.image_health, "states": s.states}});
+                // Images always: scripts written for Ceph read `.images[]` without --verbose.
+                v["images"] = json!(s.images.iter().map(image_status_json).collect::<Vec<_>>());
                 if verbose {
                     v["daemons"] = json!(s.daemons.iter().map(|d| json!({
                         "service_id": d.service_id, "instance_id": d.instance_id, "client_id": d.client_id,
                         "hostname": d.hostname, "ceph_version": d.version, "tern_version": d.version,
                         "leader": true, "health": d.health})).collect::<Vec<_>>());
-                    v["images"] = json!(s.images.iter().map(image_status_json).collect::<Vec<_>>());
                 }
                 ctx.print_json(&v);
             } else {

@@ -4,6 +4,7 @@ mod device;
 mod diff;
 mod image;
 mod io;
+mod lab;
 mod mirror;
 mod pool;
 mod snap;
@@ -49,6 +50,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Lock(c) => snap::lock(&ctx, c).await,
         Cmd::Device(c) => device::run_cmd(&ctx, c).await,
         Cmd::Mirror(c) => mirror::run(&ctx, c).await,
+        Cmd::Lab { action, dir } => lab::run(&action, &dir),
         Cmd::Diff {
             spec,
             from_snap,
