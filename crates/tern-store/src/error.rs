@@ -184,6 +184,44 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    #[error("journal of image '{spec}' failed at {path}: {source}")]
+    JournalIo {
+        spec: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "journal of image '{spec}' is damaged at {path}: {reason}; disable and re-enable journaling to start a new one (peers must resync)"
+    )]
+    JournalCorrupt {
+        spec: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "journal of image '{spec}' no longer holds entry {tid} (it starts at {first}): the client was disconnected or is too far behind and must resync"
+    )]
+    JournalTrimmed { spec: String, tid: u64, first: u64 },
+    #[error("journal of image '{spec}' has no client '{client}'")]
+    JournalClientNotFound { spec: String, client: String },
+    #[error(
+        "journal client '{client}' of image '{spec}' was disconnected for falling too far behind: resync it, then register it again"
+    )]
+    JournalClientDisconnected { spec: String, client: String },
+    #[error(
+        "journal client '{client}' of image '{spec}' cannot commit tid {tid}: the last durable entry is {last}"
+    )]
+    JournalCommitAhead {
+        spec: String,
+        client: String,
+        tid: u64,
+        last: u64,
+    },
+    #[error("image '{spec}' has no journal: enable the journaling feature first")]
+    JournalingDisabled { spec: String },
+    #[error("cannot change features of image '{spec}': {reason}")]
+    FeatureChange { spec: String, reason: String },
     #[error("cannot remove data of image '{spec}' at {path}: {source}")]
     RemoveData {
         spec: String,
@@ -205,6 +243,14 @@ impl StoreError {
                 ErrorKind::AlreadyExists
             }
             E::MirrorSnapshot { .. } | E::InvalidDiff { .. } => ErrorKind::InvalidArgument,
+            E::JournalClientNotFound { .. } => ErrorKind::NotFound,
+            // The client lost its place through no request of its own, as a
+            // fenced lock owner did: what it must do is resync.
+            E::JournalTrimmed { .. } | E::JournalClientDisconnected { .. } => ErrorKind::Fenced,
+            E::JournalCommitAhead { .. }
+            | E::JournalingDisabled { .. }
+            | E::FeatureChange { .. } => ErrorKind::InvalidArgument,
+            E::JournalCorrupt { .. } => ErrorKind::Corrupt,
             E::SnapProtected { .. }
             | E::ImageHasSnapshots { .. }
             | E::ProtectedSnapshots { .. } => ErrorKind::Busy,
@@ -243,6 +289,7 @@ impl StoreError {
             | E::Scan { .. }
             | E::SnapshotData { .. }
             | E::Marker { .. }
+            | E::JournalIo { .. }
             | E::RemoveData { .. } => ErrorKind::Internal,
         }
     }

@@ -25,6 +25,7 @@ use crate::extent::{
     ObjectSpan, ObjectSpans, merge_ranges, object_prefix_below, object_range_to_image, object_span,
 };
 use crate::header::HEADER_SIZE;
+use crate::journal::{Journal, JournalOp, MAX_WRITE_ENTRY};
 use crate::object::{self, ObjMeta, ObjectFile, OpenError};
 use crate::snap::SnapInfo;
 use crate::{ImageInfo, MAX_IMAGE_SIZE};
@@ -125,6 +126,10 @@ pub(crate) struct State {
     pub snap_seq: u64,
     /// Live snapshots, by id.
     pub snaps: Vec<SnapInfo>,
+    /// Present while the image has the journaling feature. Changed only
+    /// with `state` held for writing, so an operation sees one answer from
+    /// start to end.
+    pub journal: Option<Arc<Journal>>,
 }
 
 impl State {
@@ -150,6 +155,10 @@ pub struct Image {
     state: RwLock<State>,
     removed: AtomicBool,
     open_lock: Mutex<()>,
+    /// Serialises flushes: a flush that finds the dirty set empty because a
+    /// concurrent one swapped it out must still wait for that one's syncs
+    /// (a journal checkpoint relies on it).
+    flush_lock: Mutex<()>,
     slots: Mutex<HashMap<u64, Slot>>,
     pub(crate) dirty: Arc<DirtySet>,
     /// Which clones exist, filled by one directory listing the first time
@@ -193,9 +202,11 @@ impl Image {
                 info,
                 snap_seq,
                 snaps,
+                journal: None,
             }),
             removed: AtomicBool::new(false),
             open_lock: Mutex::new(()),
+            flush_lock: Mutex::new(()),
             slots: Mutex::new(HashMap::new()),
             dirty,
             clones: Mutex::new(None),
@@ -255,13 +266,19 @@ impl Image {
         let mut st = self.state.write();
         st.info.name = name.to_string();
         st.info.modified = modified;
+        if let Some(j) = &st.journal {
+            j.set_spec(&spec_of(&st.info));
+        }
     }
 
     /// Marks the image removed. Waits for in-flight I/O (it holds `state`),
     /// after which every call on this handle fails with NotFound.
     pub(crate) fn mark_removed(&self) {
-        let _st = self.state.write();
+        let mut st = self.state.write();
         self.removed.store(true, Ordering::SeqCst);
+        if let Some(j) = st.journal.take() {
+            j.close();
+        }
         self.slots.lock().clear();
         self.clone_files.lock().clear();
         self.dirty.files.lock().clear();
@@ -451,22 +468,157 @@ impl Image {
 
     /// Writes `data` at `off`. With `fua` the data is durable on return;
     /// otherwise once a later [`flush`](Self::flush) returns.
+    ///
+    /// On a journaled image the write is first appended to the journal and
+    /// is durable on return (see [`crate::journal`] for the `OnFlush` mode).
     pub fn write(&self, off: u64, data: &[u8], fua: bool) -> Result<(), StoreError> {
         let st = self.state.read();
         self.check(&st, "write", off, data.len() as u64)?;
+        if let Some(j) = &st.journal {
+            let mut tids = Vec::with_capacity(1);
+            for (i, chunk) in data.chunks(MAX_WRITE_ENTRY).enumerate() {
+                tids.push(j.append_write(off + (i * MAX_WRITE_ENTRY) as u64, chunk)?);
+            }
+            let last = tids.last().copied();
+            return self.journaled(&st, j, &tids, last, fua, || {
+                self.write_locked(&st, off, data, false)
+            });
+        }
+        self.write_locked(&st, off, data, fua)
+    }
+
+    /// The second half of every journaled mutation: wait until the entries
+    /// `tids` may be acted on (durable, in strict mode), apply them with
+    /// `apply`, mark them applied, and checkpoint if one is due. An entry
+    /// whose apply fails stays unapplied, so the next open replays it.
+    fn journaled(
+        &self,
+        st: &State,
+        j: &Journal,
+        tids: &[u64],
+        last: Option<u64>,
+        fua: bool,
+        apply: impl FnOnce() -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        if let Some(t) = last {
+            j.make_durable(t, fua)?;
+        }
+        // Fault point "journal appended, data not applied": a crash here
+        // is what replay at open is for (tests/journal_crash.rs).
+        apply()?;
+        for &t in tids {
+            j.applied(t);
+        }
+        if j.checkpoint_due(false) {
+            // Best effort: a failed lazy checkpoint only delays trimming,
+            // and a failed object sync is reported by every later flush.
+            let _ = self.checkpoint_locked(st, false);
+        }
+        Ok(())
+    }
+
+    /// Makes the object files hold every applied journal entry durably and
+    /// records that as the journal's checkpoint (then trims). With `wait`
+    /// false, skips if another checkpoint is running.
+    pub(crate) fn checkpoint_locked(&self, st: &State, wait: bool) -> Result<(), StoreError> {
+        match &st.journal {
+            Some(j) => j.checkpoint(wait, || self.flush_locked(st)),
+            None => Ok(()),
+        }
+    }
+
+    /// The image's journal, while it has the journaling feature.
+    pub fn journal(&self) -> Option<Arc<Journal>> {
+        self.state.read().journal.clone()
+    }
+
+    /// Appends a marker entry (mirroring's demote/promote) after every
+    /// mutation that returned before this call and before any that starts
+    /// after it; durable on return. Returns its tid.
+    pub fn journal_marker(&self, kind: &str, payload: &[u8]) -> Result<u64, StoreError> {
+        let st = self.state.write();
+        self.check(&st, "journal marker", 0, 0)?;
+        let Some(j) = &st.journal else {
+            return Err(StoreError::JournalingDisabled {
+                spec: spec_of(&st.info),
+            });
+        };
+        let tid = j.append(&JournalOp::Marker {
+            kind: kind.to_string(),
+            payload: payload.to_vec(),
+        })?;
+        j.sync_to(tid)?;
+        j.applied(tid);
+        Ok(tid)
+    }
+
+    /// Appends a barrier entry (resize, snapshot operation) for a caller
+    /// holding `state` for writing, durably. `None` if not journaled.
+    pub(crate) fn journal_barrier(
+        &self,
+        st: &State,
+        op: &JournalOp,
+    ) -> Result<Option<u64>, StoreError> {
+        let Some(j) = &st.journal else {
+            return Ok(None);
+        };
+        let tid = j.append(op)?;
+        if let Err(e) = j.sync_to(tid) {
+            j.applied(tid);
+            return Err(e);
+        }
+        Ok(Some(tid))
+    }
+
+    /// After a barrier's operation (successful or not): the entry counts as
+    /// applied, and since nothing else runs, a full checkpoint makes the
+    /// journal never need to replay across it. On failure the operation
+    /// did not happen here; a replay after a crash would redo it, as for
+    /// any unacknowledged write.
+    pub(crate) fn end_barrier(&self, st: &State, tid: Option<u64>) -> Result<(), StoreError> {
+        if let (Some(t), Some(j)) = (tid, &st.journal) {
+            j.applied(t);
+            self.checkpoint_locked(st, true)?;
+        }
+        Ok(())
+    }
+
+    /// Installs or removes the journal (feature toggles, open).
+    pub(crate) fn set_journal(&self, st: &mut State, j: Option<Arc<Journal>>) {
+        if let Some(old) = std::mem::replace(&mut st.journal, j) {
+            old.close();
+        }
+    }
+
+    pub(crate) fn state_write(&self) -> parking_lot::RwLockWriteGuard<'_, State> {
+        self.state.write()
+    }
+
+    pub(crate) fn state_read(&self) -> parking_lot::RwLockReadGuard<'_, State> {
+        self.state.read()
+    }
+
+    /// [`write`](Self::write) without journaling, for a caller holding `state`.
+    pub(crate) fn write_locked(
+        &self,
+        st: &State,
+        off: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<(), StoreError> {
         let spec = spec_of(&st.info);
         let mut touched: Vec<Arc<ObjectFile>> = Vec::new();
         let mut seen = HashSet::new();
         let mut result = Ok(());
         for e in self.layout.extents(off, data.len() as u64) {
-            let f = match self.object(&st, &spec, e.object_no, true) {
+            let f = match self.object(st, &spec, e.object_no, true) {
                 Ok(f) => f.expect("created on demand"),
                 Err(err) => {
                     result = Err(err);
                     break;
                 }
             };
-            if let Err(err) = self.before_mutation(&st, &spec, &f, e.offset, e.offset + e.len) {
+            if let Err(err) = self.before_mutation(st, &spec, &f, e.offset, e.offset + e.len) {
                 result = Err(err);
                 break;
             }
@@ -553,6 +705,28 @@ impl Image {
         if len == 0 {
             return Ok(());
         }
+        if let Some(j) = &st.journal {
+            let entry = if op == "discard" {
+                JournalOp::Discard { offset: off, len }
+            } else {
+                JournalOp::WriteZeroes { offset: off, len }
+            };
+            let tid = j.append(&entry)?;
+            return self.journaled(&st, j, &[tid], Some(tid), false, || {
+                self.zero_range_locked(&st, doing, off, len)
+            });
+        }
+        self.zero_range_locked(&st, doing, off, len)
+    }
+
+    /// Discard / write-zeroes without journaling, for a caller holding `state`.
+    pub(crate) fn zero_range_locked(
+        &self,
+        st: &State,
+        doing: &'static str,
+        off: u64,
+        len: u64,
+    ) -> Result<(), StoreError> {
         let spec = spec_of(&st.info);
         let os = self.layout.object_size;
         for (no, lo, hi) in self.spans(&spec, off, len)? {
@@ -563,8 +737,8 @@ impl Image {
             if lo == 0 && hi == os && st.snaps.is_empty() {
                 self.delete_object(no)
                     .map_err(|e| data_io(doing, &spec, path(), e, mk))?;
-            } else if let Some(f) = self.object(&st, &spec, no, false)? {
-                self.before_mutation(&st, &spec, &f, lo, hi)?;
+            } else if let Some(f) = self.object(st, &spec, no, false)? {
+                self.before_mutation(st, &spec, &f, lo, hi)?;
                 let r = object::punch_hole(&f.file, HEADER_SIZE + lo, hi - lo);
                 self.dirty.add(&f);
                 r.map_err(|e| data_io(doing, &spec, path(), e, mk))?;
@@ -576,10 +750,34 @@ impl Image {
     /// Makes every write that returned before this call durable: syncs each
     /// file written since the last flush, then the directory if entries
     /// were created or deleted.
+    ///
+    /// On a journaled image every acknowledged write is already durable in
+    /// the journal (strict mode) or becomes so now (`OnFlush`): a flush
+    /// appends a flush entry, waits for it, and checkpoints only lazily.
     pub fn flush(&self) -> Result<(), StoreError> {
         let st = self.state.read();
         self.check(&st, "flush", 0, 0)?;
+        if let Some(j) = &st.journal {
+            let tid = j.append(&JournalOp::Flush)?;
+            j.sync_to(tid)?;
+            j.applied(tid);
+            if j.checkpoint_due(true) {
+                self.checkpoint_locked(&st, false)?;
+            }
+            return Ok(());
+        }
         self.flush_locked(&st)
+    }
+
+    /// A flush that also checkpoints the journal fully, so the next open
+    /// has nothing to replay (clean shutdown).
+    pub(crate) fn flush_and_checkpoint(&self) -> Result<(), StoreError> {
+        let st = self.state.read();
+        self.check(&st, "flush", 0, 0)?;
+        match &st.journal {
+            Some(_) => self.checkpoint_locked(&st, true),
+            None => self.flush_locked(&st),
+        }
     }
 
     /// [`flush`](Self::flush) for a caller that holds `state`. Chunk maps
@@ -596,6 +794,7 @@ impl Image {
                 ),
             });
         }
+        let _one = self.flush_lock.lock();
         // Swap the set out so writes that land during the syncs are tracked
         // for the next flush instead of being lost from the set.
         let files = std::mem::take(&mut *self.dirty.files.lock());
@@ -651,10 +850,14 @@ impl Image {
     /// old size with its tail zeroed (what the user asked to lose) or the
     /// new size, never a size whose tail shows stale data after a later
     /// grow.
+    ///
+    /// On a journaled image the resize is journaled first (with `record`;
+    /// a replay passes false) and is a checkpoint barrier.
     pub(crate) fn resize(
         &self,
         new_size: u64,
         allow_shrink: bool,
+        record: bool,
         commit: impl FnOnce() -> Result<ImageInfo, StoreError>,
     ) -> Result<ImageInfo, StoreError> {
         let mut st = self.state.write();
@@ -662,20 +865,30 @@ impl Image {
         let spec = spec_of(&st.info);
         check_size(&spec, new_size)?;
         let old = st.info.size;
-        if new_size < old {
-            if !allow_shrink {
-                return Err(StoreError::ShrinkNotAllowed {
-                    spec,
-                    from: old,
-                    to: new_size,
-                });
-            }
-            self.cut_objects(&st, &spec, old, new_size)?;
+        if new_size < old && !allow_shrink {
+            return Err(StoreError::ShrinkNotAllowed {
+                spec,
+                from: old,
+                to: new_size,
+            });
         }
-        let info = commit()?;
-        st.info.size = info.size;
-        st.info.modified = info.modified;
-        Ok(st.info.clone())
+        let tid = if record {
+            self.journal_barrier(&st, &JournalOp::Resize { size: new_size })?
+        } else {
+            None
+        };
+        let r = (|| {
+            if new_size < old {
+                self.cut_objects(&st, &spec, old, new_size)?;
+            }
+            commit()
+        })();
+        if let Ok(info) = &r {
+            st.info.size = info.size;
+            st.info.modified = info.modified;
+        }
+        self.end_barrier(&st, tid)?;
+        r.map(|_| st.info.clone())
     }
 
     /// Deletes objects wholly past `new_size` and truncates the one that

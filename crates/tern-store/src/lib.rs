@@ -44,14 +44,25 @@
 //!   epoch and from an earlier opening are reported wholly changed. The
 //!   marker is written when the store is dropped (or [`Store::close`]d)
 //!   with nothing mutated since a successful [`Store::flush_all`].
+//!
+//! # Journaling
+//!
+//! Images with the `journaling` feature keep a write-ahead log of every
+//! mutation in `objects/<image id>/journal/`: see [`journal`]. Their writes
+//! are durable when acknowledged (group commit), their object files are
+//! synced only at checkpoints, and an open replays what the last
+//! checkpoint does not cover. [`Store::image_set_features`] turns the
+//! feature on and off on a live image.
 
 mod cow;
 mod diff;
 mod dirty;
 pub mod error;
 mod extent;
+mod features;
 pub mod header;
 mod image;
+pub mod journal;
 mod meta;
 mod object;
 mod snap;
@@ -59,6 +70,10 @@ mod snap;
 pub use diff::DiffExtent;
 pub use error::StoreError;
 pub use image::Image;
+pub use journal::{
+    ClientInfo, InspectReport, Journal, JournalDurability, JournalEntry, JournalInfo, JournalOp,
+    JournalOptions, SegmentInfo,
+};
 pub use meta::FORMAT_VERSION;
 pub use snap::{MirrorSnap, MirrorSnapState, SnapInfo, SnapNamespace};
 
@@ -140,7 +155,7 @@ pub(crate) fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn info_of(pool: &str, r: ImageRecord, snap_count: u64) -> ImageInfo {
+pub(crate) fn info_of(pool: &str, r: ImageRecord, snap_count: u64) -> ImageInfo {
     ImageInfo {
         snap_count,
         id: r.id,
@@ -190,6 +205,11 @@ pub struct Store {
     /// fresh handle with a cold fd cache (the map in `Shared` is weak to
     /// avoid a cycle through `Image::shared`).
     keep: Mutex<HashMap<ImageId, Arc<Image>>>,
+    /// Options for journals opened or created from now on.
+    journal_opts: Mutex<JournalOptions>,
+    /// Serialises the slow open of journaled images (replay runs outside
+    /// the open-image map lock, see `open_image`).
+    opening: Mutex<()>,
 }
 
 impl std::fmt::Debug for Store {
@@ -274,11 +294,33 @@ impl Store {
             admin: Mutex::new(()),
             flushed_clean: AtomicBool::new(false),
             keep: Mutex::new(HashMap::new()),
+            journal_opts: Mutex::new(JournalOptions::default()),
+            opening: Mutex::new(()),
         })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Sets the options of journals opened (or created) from now on;
+    /// journals already open keep theirs.
+    pub fn set_journal_options(&self, opts: JournalOptions) {
+        *self.journal_opts.lock() = opts;
+    }
+
+    pub fn journal_options(&self) -> JournalOptions {
+        *self.journal_opts.lock()
+    }
+
+    /// The journal of a journaled image (opening the image, and so
+    /// replaying, if needed).
+    pub fn journal(&self, pool: &str, image: &str) -> Result<Arc<Journal>, StoreError> {
+        self.open_image(pool, image)?
+            .journal()
+            .ok_or_else(|| StoreError::JournalingDisabled {
+                spec: format!("{pool}/{image}"),
+            })
     }
 
     /// Object files currently held open by this store.
@@ -438,7 +480,7 @@ impl Store {
     ) -> Result<ImageInfo, StoreError> {
         let _admin = self.admin.lock();
         let img = self.open_image(pool, name)?;
-        img.resize(new_size, allow_shrink, || {
+        img.resize(new_size, allow_shrink, true, || {
             let now = now_secs();
             let (p, r) = self.meta.image_update(pool, name, |r| {
                 r.size = new_size;
@@ -492,7 +534,7 @@ impl Store {
             for r in self.meta.image_list(p.id)? {
                 let res = self
                     .open_image(&p.name, &r.name)
-                    .and_then(|img| img.flush());
+                    .and_then(|img| img.flush_and_checkpoint());
                 if let Err(e) = res {
                     first.get_or_insert(e);
                 }
@@ -525,25 +567,81 @@ impl Store {
     }
 
     /// The shared handle of an image: the same `Arc` while any is alive.
+    ///
+    /// The first open of a journaled image replays its journal (entries
+    /// past the last checkpoint) before anyone sees the handle.
     pub fn open_image(&self, pool: &str, name: &str) -> Result<Arc<Image>, StoreError> {
-        // The map lock is held across the metadata read so that a removal
-        // (metadata commit, then map cleanup) cannot slip between the read
-        // and the insert and leave a live handle to a removed image.
-        let mut map = self.shared.images.lock();
+        {
+            // The map lock is held across the metadata read so that a
+            // removal (metadata commit, then map cleanup) cannot slip
+            // between the read and the insert and leave a live handle to a
+            // removed image.
+            let mut map = self.shared.images.lock();
+            let (p, rec) = self.meta.image_get(pool, name)?;
+            if let Some(img) = map.get(&rec.id).and_then(Weak::upgrade)
+                && !img.is_removed()
+            {
+                return Ok(img);
+            }
+            if !rec.features.has(Features::JOURNALING) {
+                map.retain(|_, w| w.strong_count() > 0);
+                let img = self.new_image(&p.name, rec)?;
+                // Left by a crash while journaling was being turned on
+                // (before the feature commit) or off (after it).
+                if Journal::exists(img.data_dir()) {
+                    Journal::remove(img.data_dir(), &format!("{pool}/{name}"))?;
+                }
+                map.insert(img.id().clone(), Arc::downgrade(&img));
+                self.keep.lock().insert(img.id().clone(), img.clone());
+                return Ok(img);
+            }
+        }
+        // Journaled: the replay does I/O that may take the map lock (fd
+        // shedding) and must end before anyone else sees the handle, so it
+        // runs outside the map lock, under `opening`, which makes one
+        // opener do it while the others wait.
+        let _opening = self.opening.lock();
         let (p, rec) = self.meta.image_get(pool, name)?;
-        if let Some(img) = map.get(&rec.id).and_then(Weak::upgrade)
+        if let Some(img) = self.live_image(&rec.id)
             && !img.is_removed()
         {
             return Ok(img);
         }
+        let id = rec.id.clone();
+        let spec = format!("{}/{}", p.name, rec.name);
+        let img = self.new_image(&p.name, rec)?;
+        if !img.data_dir().join(journal::JOURNAL_DIR).exists() {
+            // First open of an image created with journaling.
+            Journal::create(img.data_dir(), &spec, &id, 1)?;
+        }
+        let j = Journal::open(img.data_dir(), &spec, &id, self.journal_options())?;
+        img.set_journal(&mut img.state_write(), Some(Arc::new(j)));
+        self.replay_journal(&img)?;
+        let mut map = self.shared.images.lock();
+        // A removal may have committed while the replay ran.
+        match self.meta.image_get(pool, name) {
+            Ok((_, r)) if r.id == id => {}
+            _ => {
+                img.mark_removed();
+                return Err(StoreError::ImageNotFound { spec });
+            }
+        }
         map.retain(|_, w| w.strong_count() > 0);
+        map.insert(id.clone(), Arc::downgrade(&img));
+        self.keep.lock().insert(id, img.clone());
+        Ok(img)
+    }
+
+    fn new_image(&self, pool: &str, rec: ImageRecord) -> Result<Arc<Image>, StoreError> {
         let snaps = self.meta.snap_list(&rec.id)?;
         let snap_seq = rec.snap_seq;
-        let info = info_of(&p.name, rec, snaps.len() as u64);
-        let img = Arc::new(Image::new(self.shared.clone(), info, snap_seq, snaps));
-        map.insert(img.id().clone(), Arc::downgrade(&img));
-        self.keep.lock().insert(img.id().clone(), img.clone());
-        Ok(img)
+        let info = info_of(pool, rec, snaps.len() as u64);
+        Ok(Arc::new(Image::new(
+            self.shared.clone(),
+            info,
+            snap_seq,
+            snaps,
+        )))
     }
 
     /// On-disk bytes of all object data.

@@ -8,6 +8,8 @@
 //! side lives in `cow.rs` (clones), `dirty.rs` (epoch maps) and `diff.rs`.
 
 use crate::error::StoreError;
+use crate::image::Image;
+use crate::journal::JournalOp;
 use crate::meta::SnapSel;
 use crate::{Store, now_secs};
 use serde::{Deserialize, Serialize};
@@ -100,21 +102,55 @@ impl Store {
         check_snap_name(name)?;
         let _admin = self.admin.lock();
         let img = self.open_image(pool, image)?;
+        self.snap_create_on(&img, pool, image, name, ns, true)
+    }
+
+    /// [`snap_create`](Self::snap_create) on an open handle, for callers
+    /// holding the admin lock (or replaying). With `record`, a journaled
+    /// image journals it first; it is a checkpoint barrier.
+    pub(crate) fn snap_create_on(
+        &self,
+        img: &Image,
+        pool: &str,
+        image: &str,
+        name: &str,
+        ns: SnapNamespace,
+        record: bool,
+    ) -> Result<SnapInfo, StoreError> {
         img.with_snapshots_locked(|st| {
-            img.flush_locked(st)?;
-            let now = now_secs();
-            let (rec, snap) = self.meta.snap_create(pool, image, |r| SnapInfo {
-                id: r.snap_seq + 1,
-                name: name.to_string(),
-                namespace: ns,
-                size: r.size,
-                created: now,
-                protected: false,
-            })?;
-            st.snap_seq = rec.snap_seq;
-            st.snaps.push(snap.clone());
-            st.info.snap_count = st.snaps.len() as u64;
-            Ok(snap)
+            let mut tid = None;
+            if record && st.journal.is_some() {
+                // Refused creates must not reach the journal (and peers).
+                if st.snaps.iter().any(|s| s.name == name) {
+                    return Err(StoreError::SnapExists {
+                        spec: format!("{pool}/{image}@{name}"),
+                    });
+                }
+                let op = JournalOp::SnapCreate {
+                    id: st.snap_seq + 1,
+                    name: name.to_string(),
+                    namespace: ns.clone(),
+                };
+                tid = img.journal_barrier(st, &op)?;
+            }
+            let r = (|| {
+                img.flush_locked(st)?;
+                let now = now_secs();
+                let (rec, snap) = self.meta.snap_create(pool, image, |r| SnapInfo {
+                    id: r.snap_seq + 1,
+                    name: name.to_string(),
+                    namespace: ns,
+                    size: r.size,
+                    created: now,
+                    protected: false,
+                })?;
+                st.snap_seq = rec.snap_seq;
+                st.snaps.push(snap.clone());
+                st.info.snap_count = st.snaps.len() as u64;
+                Ok(snap)
+            })();
+            img.end_barrier(st, tid)?;
+            r
         })
     }
 
@@ -254,14 +290,55 @@ impl Store {
     ) -> Result<u64, StoreError> {
         let _admin = self.admin.lock();
         let img = self.open_image(pool, image)?;
+        self.remove_snaps_on(&img, pool, image, pick, true)
+    }
+
+    /// The removal on an open handle (see [`Self::snap_create_on`]).
+    pub(crate) fn remove_snaps_on(
+        &self,
+        img: &Image,
+        pool: &str,
+        image: &str,
+        pick: impl FnOnce(&[SnapInfo]) -> Result<Vec<u64>, StoreError>,
+        record: bool,
+    ) -> Result<u64, StoreError> {
         img.with_snapshots_locked(|st| {
-            let (gone, kept) = self.meta.snap_remove(pool, image, pick)?;
-            st.snaps = kept;
-            st.info.snap_count = st.snaps.len() as u64;
-            if !gone.is_empty() {
-                img.gc_clones(st)?;
+            let mut pick = Some(pick);
+            let mut tids = Vec::new();
+            let mut picked = Vec::new();
+            if record && st.journal.is_some() {
+                // Decided before journaling (nothing else changes
+                // snapshots: the admin lock and `state` are held), so that
+                // a refusal is never journaled.
+                picked = (pick.take().expect("unused"))(&st.snaps)?;
+                for &id in &picked {
+                    match img.journal_barrier(st, &JournalOp::SnapRemove { id }) {
+                        Ok(t) => tids.extend(t),
+                        Err(e) => {
+                            for t in tids {
+                                img.end_barrier(st, Some(t))?;
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
             }
-            Ok(gone.len() as u64)
+            let r = (|| {
+                let (gone, kept) = self.meta.snap_remove(pool, image, |all| match pick {
+                    Some(p) => p(all),
+                    None => Ok(picked),
+                })?;
+                st.snaps = kept;
+                st.info.snap_count = st.snaps.len() as u64;
+                if !gone.is_empty() {
+                    img.gc_clones(st)?;
+                }
+                Ok(gone.len() as u64)
+            })();
+            for t in tids {
+                img.end_barrier(st, Some(t))?;
+            }
+            r
         })
     }
 
@@ -271,17 +348,38 @@ impl Store {
         let _admin = self.admin.lock();
         let img = self.open_image(pool, image)?;
         let snap = self.snap_get(pool, image, name)?;
+        self.snap_rollback_on(&img, pool, image, &snap, true)
+    }
+
+    /// The rollback on an open handle (see [`Self::snap_create_on`]).
+    pub(crate) fn snap_rollback_on(
+        &self,
+        img: &Image,
+        pool: &str,
+        image: &str,
+        snap: &SnapInfo,
+        record: bool,
+    ) -> Result<(), StoreError> {
         img.with_snapshots_locked(|st| {
-            img.rollback_locked(st, &snap)?;
-            img.flush_locked(st)?;
-            let now = now_secs();
-            let (_, r) = self.meta.image_update(pool, image, |r| {
-                r.size = snap.size;
-                r.modified = now;
-            })?;
-            st.info.size = r.size;
-            st.info.modified = r.modified;
-            Ok(())
+            let tid = if record {
+                img.journal_barrier(st, &JournalOp::SnapRollback { id: snap.id })?
+            } else {
+                None
+            };
+            let r = (|| {
+                img.rollback_locked(st, snap)?;
+                img.flush_locked(st)?;
+                let now = now_secs();
+                let (_, r) = self.meta.image_update(pool, image, |r| {
+                    r.size = snap.size;
+                    r.modified = now;
+                })?;
+                st.info.size = r.size;
+                st.info.modified = r.modified;
+                Ok(())
+            })();
+            img.end_barrier(st, tid)?;
+            r
         })
     }
 }

@@ -1,0 +1,1129 @@
+//! The per-image journal: a write-ahead log of every mutation of an image
+//! with the `journaling` feature, and the source of journal-mode mirroring.
+//!
+//! # On disk
+//!
+//! ```text
+//! objects/<image id>/journal/state                 checkpoint + clients (see `state`)
+//! objects/<image id>/journal/<segno 016x>.jseg     segments (see `format`, `segment`)
+//! ```
+//!
+//! A journal is created whole in `journal.new` and renamed into place, so
+//! a crash never leaves half of one.
+//!
+//! # Write path and durability
+//!
+//! A mutation of a journaled image appends an entry (tid strictly
+//! increasing by one) to an in-memory buffer, waits until the entry is
+//! durable (group commit, see `commit`), then applies it to the object
+//! files, which are not synced for it. In [`JournalDurability::OnFlush`]
+//! mode the entry is only written to the segment (page cache) before the
+//! apply, and is durable at the next flush or FUA, as with a disk's write
+//! cache.
+//!
+//! # Checkpoint, replay and trimming
+//!
+//! The checkpoint says "every entry up to tid X is applied to the object
+//! files durably". It advances lazily (every `checkpoint_bytes` of journal,
+//! at a flush a few seconds after the last one, at a clean close, and at
+//! every snapshot operation or resize, which are barriers): the journal is
+//! synced up to X, the image's dirty object files are synced, then X is
+//! recorded. On open, entries after the checkpoint are replayed in order.
+//! Replaying is idempotent (writes, discards and resizes set state; snapshot
+//! operations check whether they already happened), so a crash during
+//! replay just replays again.
+//!
+//! Segments whose every entry is at or below the checkpoint and the
+//! committed position of every connected client are deleted. A client that
+//! would make the journal exceed `max_size` is disconnected instead: it no
+//! longer holds back trimming, and reading a trimmed position fails with
+//! [`StoreError::JournalTrimmed`] (kind `Fenced`: the client has lost its
+//! place and must resync).
+
+mod commit;
+pub mod format;
+pub(crate) mod replay;
+mod segment;
+mod state;
+
+pub use commit::CommitStats;
+pub use format::{FormatError, JournalEntry, JournalOp};
+
+use crate::error::{StoreError, is_no_space};
+use crate::now_secs;
+use format::{ENTRY_HEADER_LEN, SEG_HEADER_LEN, SegmentHeader};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use state::{ClientRecord, PersistState};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tern_types::ImageId;
+
+/// Name of the journal directory inside an image's data directory.
+pub const JOURNAL_DIR: &str = "journal";
+const JOURNAL_NEW: &str = "journal.new";
+/// The id under which the local image's own position (the applied
+/// checkpoint) is listed among the clients; not available to others.
+pub const LOCAL_CLIENT: &str = "local";
+/// Writes larger than this are journaled as several entries, so one entry
+/// stays a reasonable unit for readers and for `max_bytes`.
+pub const MAX_WRITE_ENTRY: usize = 4 << 20;
+/// A flush checkpoints if the last checkpoint is older than this.
+const CHECKPOINT_AGE: Duration = Duration::from_secs(5);
+
+/// When an appended entry is durable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JournalDurability {
+    /// Before the mutation is acknowledged (group-committed fdatasync).
+    #[default]
+    Strict,
+    /// At the next flush or FUA write, like a disk's volatile write cache.
+    /// Entries still reach the segment file (page cache) before the object
+    /// files, so a process crash loses nothing; a power cut may lose the
+    /// unflushed tail of the journal while the object files kept some of
+    /// those writes, as a disk's cache may.
+    OnFlush,
+}
+
+/// Journal tunables (`rbd_journal_object_size` maps to `segment_size`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalOptions {
+    /// A segment is closed and a new one started once it would grow past
+    /// this (an entry larger than it gets a segment of its own).
+    pub segment_size: u64,
+    /// Journal size above which lagging clients are disconnected.
+    pub max_size: u64,
+    /// Journal bytes appended between two lazy checkpoints.
+    pub checkpoint_bytes: u64,
+    pub durability: JournalDurability,
+}
+
+impl Default for JournalOptions {
+    fn default() -> Self {
+        JournalOptions {
+            segment_size: 16 << 20,
+            max_size: 1 << 30,
+            checkpoint_bytes: 32 << 20,
+            durability: JournalDurability::Strict,
+        }
+    }
+}
+
+/// A client of the journal and how far it has got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    pub id: String,
+    /// Every entry with tid <= this has been processed by the client.
+    pub commit_tid: u64,
+    /// Fell too far behind: it no longer holds back trimming and must resync.
+    pub disconnected: bool,
+    /// Durable entries after `commit_tid`.
+    pub entries_behind: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentInfo {
+    pub segno: u64,
+    pub first_tid: u64,
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// What `tern journal info|status` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalInfo {
+    pub image_id: ImageId,
+    pub segments: Vec<SegmentInfo>,
+    pub bytes: u64,
+    /// Oldest tid still held (or the next tid, if the journal is empty).
+    pub first_tid: u64,
+    /// Last tid appended (0: none yet).
+    pub last_tid: u64,
+    /// Last tid on stable storage and visible to readers.
+    pub durable_tid: u64,
+    /// Applied checkpoint: the local image's position.
+    pub applied_tid: u64,
+    /// The local image first ([`LOCAL_CLIENT`]), then registered clients.
+    pub clients: Vec<ClientInfo>,
+    pub options: JournalOptions,
+    /// fdatasyncs done by group commit since the journal was opened.
+    pub syncs: u64,
+}
+
+/// What `tern journal inspect` reports: every segment and entry checked
+/// from the files, independently of the in-memory state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InspectReport {
+    pub segments: u64,
+    pub entries: u64,
+    pub bytes: u64,
+    pub first_tid: Option<u64>,
+    pub last_tid: Option<u64>,
+    /// Entries per op name.
+    pub counts: BTreeMap<String, u64>,
+    /// One sentence per problem; empty means clean.
+    pub errors: Vec<String>,
+}
+
+struct Seg {
+    first_tid: u64,
+    /// File offset of entry `first_tid + i`.
+    offsets: Vec<u64>,
+    /// Bytes, header and buffered entries included.
+    len: u64,
+}
+
+struct Writer {
+    segs: BTreeMap<u64, Seg>,
+    cur_no: u64,
+    cur: Arc<File>,
+    /// Entries appended but not yet written to `cur`, which they continue
+    /// at file offset `buf_off`.
+    buf: Vec<u8>,
+    buf_off: u64,
+    next_tid: u64,
+    /// Appended, not yet applied to the object files: the checkpoint stays
+    /// below the smallest. An entry whose apply failed stays here, so it
+    /// is replayed at the next open.
+    inflight: BTreeSet<u64>,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+    /// A write-out failed; nothing more may be appended.
+    failed: bool,
+}
+
+impl Writer {
+    fn cur_seg(&mut self) -> &mut Seg {
+        self.segs.get_mut(&self.cur_no).expect("current segment")
+    }
+
+    fn last_tid(&self) -> u64 {
+        self.next_tid - 1
+    }
+}
+
+/// An image's journal. Shared (`Arc`) by the image handle and by readers.
+pub struct Journal {
+    spec: RwLock<String>,
+    dir: PathBuf,
+    image_id: ImageId,
+    opts: JournalOptions,
+    w: Mutex<Writer>,
+    commit: commit::GroupCommit,
+    /// The persisted state; its lock also serialises writing the file.
+    st: Mutex<PersistState>,
+    /// One checkpoint at a time.
+    ckpt: Mutex<()>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal").field("dir", &self.dir).finish()
+    }
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+impl Journal {
+    fn io_err(&self, path: &Path, e: io::Error) -> StoreError {
+        io_error(&self.spec.read(), path, e)
+    }
+
+    fn corrupt(&self, path: &Path, reason: String) -> StoreError {
+        StoreError::JournalCorrupt {
+            spec: self.spec.read().clone(),
+            path: path.to_path_buf(),
+            reason,
+        }
+    }
+
+    /// Creates an empty journal in `<image dir>/journal` whose first entry
+    /// will have tid `first_tid`, replacing any leftover. Durable on return.
+    pub(crate) fn create(
+        image_dir: &Path,
+        spec: &str,
+        image_id: &ImageId,
+        first_tid: u64,
+    ) -> Result<(), StoreError> {
+        let new = image_dir.join(JOURNAL_NEW);
+        let dir = image_dir.join(JOURNAL_DIR);
+        let err = |p: &Path, e| io_error(spec, p, e);
+        if !image_dir.exists() {
+            std::fs::create_dir_all(image_dir).map_err(|e| err(image_dir, e))?;
+            if let Some(parent) = image_dir.parent() {
+                crate::object::fsync_dir(parent).map_err(|e| err(parent, e))?;
+            }
+        }
+        remove_dir_if_exists(&new).map_err(|e| err(&new, e))?;
+        remove_dir_if_exists(&dir).map_err(|e| err(&dir, e))?;
+        std::fs::create_dir(&new).map_err(|e| err(&new, e))?;
+        segment::create(&new, &SegmentHeader::new(image_id, 0, first_tid))
+            .map_err(|e| err(&new, e))?;
+        let st = PersistState {
+            checkpoint: first_tid - 1,
+            clients: Vec::new(),
+        };
+        state::store(&new, &st).map_err(|e| err(&new, e))?;
+        std::fs::rename(&new, &dir).map_err(|e| err(&dir, e))?;
+        crate::object::fsync_dir(image_dir).map_err(|e| err(image_dir, e))
+    }
+
+    /// Deletes the journal directory (and any half-created one).
+    pub(crate) fn remove(image_dir: &Path, spec: &str) -> Result<(), StoreError> {
+        for d in [JOURNAL_NEW, JOURNAL_DIR] {
+            let p = image_dir.join(d);
+            remove_dir_if_exists(&p).map_err(|e| io_error(spec, &p, e))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn exists(image_dir: &Path) -> bool {
+        image_dir.join(JOURNAL_DIR).exists() || image_dir.join(JOURNAL_NEW).exists()
+    }
+
+    /// Opens the journal, dropping a torn tail of the last segment (and a
+    /// last segment whose creation a crash interrupted). Everything kept is
+    /// synced, so it is all durable and readable. Damage anywhere else is
+    /// refused as corruption.
+    pub(crate) fn open(
+        image_dir: &Path,
+        spec: &str,
+        image_id: &ImageId,
+        opts: JournalOptions,
+    ) -> Result<Journal, StoreError> {
+        let dir = image_dir.join(JOURNAL_DIR);
+        // A leftover of an interrupted create is garbage.
+        let new = image_dir.join(JOURNAL_NEW);
+        remove_dir_if_exists(&new).map_err(|e| io_error(spec, &new, e))?;
+        let corrupt = |path: &Path, reason: String| StoreError::JournalCorrupt {
+            spec: spec.to_string(),
+            path: path.to_path_buf(),
+            reason,
+        };
+        let st = state::load(&dir)
+            .map_err(|e| io_error(spec, &dir, e))?
+            .map_err(|r| corrupt(&dir.join(state::STATE_FILE), r))?;
+        let mut nos = segment::list_segments(&dir).map_err(|e| io_error(spec, &dir, e))?;
+        let mut segs = BTreeMap::new();
+        let mut next_tid = None::<u64>;
+        let mut cur = None;
+        while let Some(&no) = nos.first() {
+            let last = nos.len() == 1;
+            let path = segment::seg_path(&dir, no);
+            let f = segment::open_rw(&dir, no).map_err(|e| io_error(spec, &path, e))?;
+            let hdr = segment::read_header(&f).map_err(|e| io_error(spec, &path, e))?;
+            let hdr = match hdr {
+                Ok(h) => h,
+                // Created but its header never made it: no entry was ever
+                // durable in it (creation syncs before first use).
+                Err(_) if last && !segs.is_empty() => {
+                    std::fs::remove_file(&path).map_err(|e| io_error(spec, &path, e))?;
+                    nos.remove(0);
+                    continue;
+                }
+                Err(e) => return Err(corrupt(&path, e.to_string())),
+            };
+            if hdr.segno != no {
+                return Err(corrupt(
+                    &path,
+                    format!("header names segment {}", hdr.segno),
+                ));
+            }
+            if hdr.image_id != image_id.as_str() {
+                return Err(corrupt(
+                    &path,
+                    format!("segment belongs to image '{}'", hdr.image_id),
+                ));
+            }
+            if let Some(n) = next_tid
+                && hdr.first_tid != n
+            {
+                return Err(corrupt(
+                    &path,
+                    format!("segment starts at tid {}, expected {n}", hdr.first_tid),
+                ));
+            }
+            let file_len = f.metadata().map_err(|e| io_error(spec, &path, e))?.len();
+            let mut offsets = Vec::new();
+            let mut expect = hdr.first_tid;
+            let mut gap = None;
+            let end = segment::scan(&f, SEG_HEADER_LEN as u64, file_len, |off, e, _| {
+                if e.tid != expect {
+                    gap = Some((expect, e.tid));
+                    return false;
+                }
+                offsets.push(off);
+                expect += 1;
+                true
+            })
+            .map_err(|e| io_error(spec, &path, e))?;
+            if let Some((want, found)) = gap {
+                return Err(corrupt(
+                    &path,
+                    format!("entry tid {found} where {want} was expected"),
+                ));
+            }
+            let mut seg_end = end.end;
+            if let Some(why) = end.stop {
+                if !last {
+                    return Err(corrupt(
+                        &path,
+                        format!(
+                            "damaged entry at offset {} ({why}) before the last segment",
+                            end.end
+                        ),
+                    ));
+                }
+                // The torn tail of the newest segment: an append that was
+                // never acknowledged. Cut it off so appends continue after
+                // the last whole entry.
+                f.set_len(end.end)
+                    .and_then(|()| f.sync_data())
+                    .map_err(|e| io_error(spec, &path, e))?;
+                seg_end = end.end;
+            } else if last {
+                // What a killed process left in the page cache is durable
+                // from now on, so it may be acknowledged and read.
+                f.sync_data().map_err(|e| io_error(spec, &path, e))?;
+            }
+            next_tid = Some(expect);
+            segs.insert(
+                no,
+                Seg {
+                    first_tid: hdr.first_tid,
+                    offsets,
+                    len: seg_end,
+                },
+            );
+            if last {
+                cur = Some((no, f, seg_end));
+            }
+            nos.remove(0);
+        }
+        let Some((cur_no, cur, cur_len)) = cur else {
+            return Err(corrupt(&dir, "the journal has no segments".into()));
+        };
+        let next_tid = next_tid.expect("a segment was read");
+        if st.checkpoint >= next_tid {
+            return Err(corrupt(
+                &dir,
+                format!(
+                    "checkpoint {} is past the last entry {}",
+                    st.checkpoint,
+                    next_tid - 1
+                ),
+            ));
+        }
+        Ok(Journal {
+            spec: RwLock::new(spec.to_string()),
+            dir,
+            image_id: image_id.clone(),
+            opts,
+            w: Mutex::new(Writer {
+                segs,
+                cur_no,
+                cur: Arc::new(cur),
+                buf: Vec::new(),
+                buf_off: cur_len,
+                next_tid,
+                inflight: BTreeSet::new(),
+                since_checkpoint: 0,
+                last_checkpoint: Instant::now(),
+                failed: false,
+            }),
+            commit: commit::GroupCommit::new(next_tid - 1),
+            st: Mutex::new(st),
+            ckpt: Mutex::new(()),
+        })
+    }
+
+    pub(crate) fn set_spec(&self, spec: &str) {
+        *self.spec.write() = spec.to_string();
+    }
+
+    pub fn options(&self) -> JournalOptions {
+        self.opts
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    // ---- appending ----
+
+    /// Appends `op`; returns its tid. Not yet durable: see [`Self::make_durable`].
+    pub(crate) fn append(&self, op: &JournalOp) -> Result<u64, StoreError> {
+        let len = ENTRY_HEADER_LEN + format::payload_len(op);
+        self.push(len, |tid, out| {
+            JournalEntry::encode_op_into(tid, now_us(), op, out);
+        })
+    }
+
+    /// [`Self::append`] for a write, without copying `data` twice: its crc
+    /// is computed before the writer lock is taken.
+    pub(crate) fn append_write(&self, offset: u64, data: &[u8]) -> Result<u64, StoreError> {
+        let pre = format::WritePayload::new(offset, data);
+        self.push(ENTRY_HEADER_LEN + pre.len(), |tid, out| {
+            pre.encode_into(tid, now_us(), out);
+        })
+    }
+
+    fn push(&self, len: usize, encode: impl FnOnce(u64, &mut Vec<u8>)) -> Result<u64, StoreError> {
+        let mut w = self.w.lock();
+        if w.failed {
+            return Err(self.io_err(
+                &self.dir,
+                io::Error::other("an earlier journal write failed; the image needs checking"),
+            ));
+        }
+        let seg_len = w.segs[&w.cur_no].len;
+        let has_entries = !w.segs[&w.cur_no].offsets.is_empty();
+        if has_entries && seg_len + len as u64 > self.opts.segment_size {
+            self.roll(&mut w)?;
+        }
+        let tid = w.next_tid;
+        let start = w.buf.len();
+        encode(tid, &mut w.buf);
+        debug_assert_eq!(w.buf.len() - start, len);
+        let seg = w.cur_seg();
+        seg.offsets.push(seg.len);
+        seg.len += len as u64;
+        w.next_tid += 1;
+        w.inflight.insert(tid);
+        w.since_checkpoint += len as u64;
+        Ok(tid)
+    }
+
+    /// Closes the current segment (written out and synced, so only the
+    /// newest segment can ever have a torn tail) and starts the next.
+    fn roll(&self, w: &mut Writer) -> Result<(), StoreError> {
+        self.write_out_locked(w)?;
+        let path = segment::seg_path(&self.dir, w.cur_no);
+        w.cur.sync_data().map_err(|e| {
+            w.failed = true;
+            self.io_err(&path, e)
+        })?;
+        self.commit.mark_durable(w.last_tid());
+        let no = w.cur_no + 1;
+        let hdr = SegmentHeader::new(&self.image_id, no, w.next_tid);
+        let f = segment::create(&self.dir, &hdr)
+            .map_err(|e| self.io_err(&segment::seg_path(&self.dir, no), e))?;
+        w.segs.insert(
+            no,
+            Seg {
+                first_tid: w.next_tid,
+                offsets: Vec::new(),
+                len: SEG_HEADER_LEN as u64,
+            },
+        );
+        w.cur = Arc::new(f);
+        w.cur_no = no;
+        w.buf_off = SEG_HEADER_LEN as u64;
+        Ok(())
+    }
+
+    fn write_out_locked(&self, w: &mut Writer) -> Result<(), StoreError> {
+        if w.buf.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = w.cur.write_all_at(&w.buf, w.buf_off) {
+            // Part of the buffer may be in the file: appending after it
+            // would leave a hole of garbage in the middle of the segment.
+            w.failed = true;
+            return Err(self.io_err(&segment::seg_path(&self.dir, w.cur_no), e));
+        }
+        w.buf_off += w.buf.len() as u64;
+        w.buf.clear();
+        Ok(())
+    }
+
+    /// Makes every entry up to `tid` durable (group commit).
+    pub(crate) fn sync_to(&self, tid: u64) -> Result<(), StoreError> {
+        self.commit
+            .sync_to(tid, || {
+                let mut w = self.w.lock();
+                self.write_out_locked(&mut w)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                Ok((w.cur.clone(), w.last_tid()))
+            })
+            .map_err(|e| self.io_err(&self.dir, e))
+    }
+
+    /// What a mutation waits for before it is applied: in strict mode the
+    /// entry durable, else in the segment file; with `fua`, durable anyway.
+    pub(crate) fn make_durable(&self, tid: u64, fua: bool) -> Result<(), StoreError> {
+        if fua || self.opts.durability == JournalDurability::Strict {
+            return self.sync_to(tid);
+        }
+        let mut w = self.w.lock();
+        self.write_out_locked(&mut w)
+    }
+
+    /// The entry is applied to the object files.
+    pub(crate) fn applied(&self, tid: u64) {
+        self.w.lock().inflight.remove(&tid);
+    }
+
+    /// Highest tid such that it and every entry before it are applied.
+    fn applied_watermark(&self) -> u64 {
+        let w = self.w.lock();
+        w.inflight.first().map_or(w.last_tid(), |&first| first - 1)
+    }
+
+    /// A lazy checkpoint is due: enough bytes since the last one, or (at a
+    /// flush) enough time.
+    pub(crate) fn checkpoint_due(&self, at_flush: bool) -> bool {
+        let w = self.w.lock();
+        w.since_checkpoint >= self.opts.checkpoint_bytes
+            || (at_flush && w.since_checkpoint > 0 && w.last_checkpoint.elapsed() >= CHECKPOINT_AGE)
+    }
+
+    /// Runs a checkpoint: `sync_objects` must make every applied write
+    /// durable in the object files. With `wait` false, gives up at once if
+    /// another checkpoint is running. Trims afterwards.
+    pub(crate) fn checkpoint(
+        &self,
+        wait: bool,
+        sync_objects: impl FnOnce() -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let _g = if wait {
+            self.ckpt.lock()
+        } else {
+            match self.ckpt.try_lock() {
+                Some(g) => g,
+                None => return Ok(()),
+            }
+        };
+        let x = self.applied_watermark();
+        if x <= self.st.lock().checkpoint {
+            return Ok(());
+        }
+        {
+            let mut w = self.w.lock();
+            w.since_checkpoint = 0;
+            w.last_checkpoint = Instant::now();
+        }
+        // The journal first: an object file must never hold a write whose
+        // entry a crash could lose, or peers would miss it.
+        self.sync_to(x)?;
+        sync_objects()?;
+        {
+            let mut st = self.st.lock();
+            if x > st.checkpoint {
+                let mut next = st.clone();
+                next.checkpoint = x;
+                state::store(&self.dir, &next).map_err(|e| self.io_err(&self.dir, e))?;
+                *st = next;
+            }
+        }
+        self.trim()
+    }
+
+    pub fn applied_tid(&self) -> u64 {
+        self.st.lock().checkpoint
+    }
+
+    pub fn last_tid(&self) -> u64 {
+        self.w.lock().last_tid()
+    }
+
+    pub fn durable_tid(&self) -> u64 {
+        self.commit.durable()
+    }
+
+    pub fn stats(&self) -> CommitStats {
+        self.commit.stats()
+    }
+
+    // ---- trimming ----
+
+    /// Deletes segments every holder is done with; disconnects clients that
+    /// would keep the journal above `max_size`.
+    fn trim(&self) -> Result<(), StoreError> {
+        let mut st = self.st.lock();
+        // (segno, last tid, bytes) of closed segments, oldest first, and
+        // the total size.
+        let (closed, total): (Vec<(u64, u64, u64)>, u64) = {
+            let w = self.w.lock();
+            let total = w.segs.values().map(|s| s.len).sum();
+            let closed = w
+                .segs
+                .iter()
+                .filter(|(no, _)| **no != w.cur_no)
+                .map(|(no, s)| {
+                    let last = (s.first_tid + s.offsets.len() as u64).saturating_sub(1);
+                    (*no, last, s.len)
+                })
+                .collect();
+            (closed, total)
+        };
+        let keep_from = |st: &PersistState| {
+            st.clients
+                .iter()
+                .filter(|c| !c.disconnected)
+                .map(|c| c.commit)
+                .fold(st.checkpoint, u64::min)
+        };
+        let trimmable = |pos: u64| -> (Vec<u64>, u64) {
+            let mut nos = Vec::new();
+            let mut bytes = 0;
+            for &(no, last, len) in &closed {
+                if last > pos {
+                    break;
+                }
+                nos.push(no);
+                bytes += len;
+            }
+            (nos, bytes)
+        };
+        let (mut nos, mut freed) = trimmable(keep_from(&st));
+        let mut changed = false;
+        while total - freed > self.opts.max_size {
+            // The furthest-behind client that holds back more than the
+            // local image does goes first.
+            let checkpoint = st.checkpoint;
+            let victim = st
+                .clients
+                .iter_mut()
+                .filter(|c| !c.disconnected && c.commit < checkpoint)
+                .min_by_key(|c| c.commit);
+            let Some(v) = victim else { break };
+            v.disconnected = true;
+            changed = true;
+            (nos, freed) = trimmable(keep_from(&st));
+        }
+        if changed {
+            state::store(&self.dir, &st).map_err(|e| self.io_err(&self.dir, e))?;
+        }
+        drop(st);
+        if nos.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut w = self.w.lock();
+            for no in &nos {
+                w.segs.remove(no);
+            }
+        }
+        for no in nos {
+            let p = segment::seg_path(&self.dir, no);
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(self.io_err(&p, e)),
+            }
+        }
+        // Not strictly needed (a resurrected old segment is trimmed again),
+        // but keeps the directory honest.
+        crate::object::fsync_dir(&self.dir).map_err(|e| self.io_err(&self.dir, e))
+    }
+
+    // ---- clients ----
+
+    fn persist(&self, st: &mut PersistState, next: PersistState) -> Result<(), StoreError> {
+        state::store(&self.dir, &next).map_err(|e| self.io_err(&self.dir, e))?;
+        *st = next;
+        Ok(())
+    }
+
+    /// Registers a client (a peer's replayer) at the current end of the
+    /// journal: it holds back trimming of every entry after that. Idempotent
+    /// for a connected client; a disconnected one is reconnected at the
+    /// current end (it must have resynced).
+    pub fn register_client(&self, id: &str) -> Result<ClientInfo, StoreError> {
+        if id.is_empty() || id == LOCAL_CLIENT || id.len() > 250 {
+            return Err(StoreError::InvalidName {
+                what: "journal client",
+                name: id.to_string(),
+                reason: "client ids are 1 to 250 bytes and 'local' is reserved",
+            });
+        }
+        let end = self.durable_tid();
+        let mut st = self.st.lock();
+        let mut next = st.clone();
+        match next.clients.iter_mut().find(|c| c.id == id) {
+            Some(c) if !c.disconnected => {}
+            Some(c) => {
+                c.disconnected = false;
+                c.commit = end;
+            }
+            None => next.clients.push(ClientRecord {
+                id: id.to_string(),
+                commit: end,
+                disconnected: false,
+                registered: now_secs(),
+            }),
+        }
+        if next != *st {
+            self.persist(&mut st, next)?;
+        }
+        let c = st.clients.iter().find(|c| c.id == id).expect("registered");
+        Ok(client_info(c, end))
+    }
+
+    pub fn unregister_client(&self, id: &str) -> Result<(), StoreError> {
+        {
+            let mut st = self.st.lock();
+            if !st.clients.iter().any(|c| c.id == id) {
+                return Err(self.no_client(id));
+            }
+            let mut next = st.clone();
+            next.clients.retain(|c| c.id != id);
+            self.persist(&mut st, next)?;
+        }
+        self.trim()
+    }
+
+    fn no_client(&self, id: &str) -> StoreError {
+        StoreError::JournalClientNotFound {
+            spec: self.spec.read().clone(),
+            client: id.to_string(),
+        }
+    }
+
+    /// Records that `client` has processed every entry up to `tid`
+    /// (persisted), then trims what nobody needs any more. Positions only
+    /// move forward; an older `tid` is ignored.
+    pub fn commit(&self, client: &str, tid: u64) -> Result<(), StoreError> {
+        let durable = self.durable_tid();
+        {
+            let mut st = self.st.lock();
+            let Some(c) = st.clients.iter().find(|c| c.id == client) else {
+                return Err(self.no_client(client));
+            };
+            if c.disconnected {
+                return Err(StoreError::JournalClientDisconnected {
+                    spec: self.spec.read().clone(),
+                    client: client.to_string(),
+                });
+            }
+            if tid > durable {
+                return Err(StoreError::JournalCommitAhead {
+                    spec: self.spec.read().clone(),
+                    client: client.to_string(),
+                    tid,
+                    last: durable,
+                });
+            }
+            if tid <= c.commit {
+                return Ok(());
+            }
+            let mut next = st.clone();
+            if let Some(c) = next.clients.iter_mut().find(|c| c.id == client) {
+                c.commit = tid;
+            }
+            self.persist(&mut st, next)?;
+        }
+        self.trim()
+    }
+
+    pub fn client(&self, id: &str) -> Result<ClientInfo, StoreError> {
+        let end = self.durable_tid();
+        let st = self.st.lock();
+        st.clients
+            .iter()
+            .find(|c| c.id == id)
+            .map(|c| client_info(c, end))
+            .ok_or_else(|| self.no_client(id))
+    }
+
+    // ---- reading ----
+
+    /// Durable entries from `tid` on, in order, about `max_bytes` of them
+    /// (at least one if any exists). Empty when `tid` is past the last
+    /// durable entry. Fails with [`StoreError::JournalTrimmed`] if `tid` was
+    /// trimmed.
+    pub fn read_from(&self, tid: u64, max_bytes: u64) -> Result<Vec<JournalEntry>, StoreError> {
+        let durable = self.durable_tid();
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        let mut next = tid.max(1);
+        while next <= durable && (out.is_empty() || bytes < max_bytes) {
+            // Plan one segment's read under the lock, read outside it.
+            let (no, start, limit, count) = {
+                let w = self.w.lock();
+                let first = w.segs.values().next().map_or(w.next_tid, |s| s.first_tid);
+                if next < first {
+                    return Err(StoreError::JournalTrimmed {
+                        spec: self.spec.read().clone(),
+                        tid: next,
+                        first,
+                    });
+                }
+                let Some((no, s)) = w.segs.iter().rev().find(|(_, s)| s.first_tid <= next) else {
+                    break;
+                };
+                let i = (next - s.first_tid) as usize;
+                if i >= s.offsets.len() {
+                    break;
+                }
+                let last_in_seg = s.first_tid + s.offsets.len() as u64 - 1;
+                let upto = last_in_seg.min(durable);
+                let j = (upto - s.first_tid) as usize;
+                let limit = s.offsets.get(j + 1).copied().unwrap_or(s.len);
+                (*no, s.offsets[i], limit, upto - next + 1)
+            };
+            let path = segment::seg_path(&self.dir, no);
+            let f = match segment::open_ro(&self.dir, no) {
+                Ok(f) => f,
+                // Trimmed between the plan and the open.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(StoreError::JournalTrimmed {
+                        spec: self.spec.read().clone(),
+                        tid: next,
+                        first: self.first_tid(),
+                    });
+                }
+                Err(e) => return Err(self.io_err(&path, e)),
+            };
+            let mut got = 0u64;
+            let end = segment::scan(&f, start, limit, |_, e, n| {
+                if e.tid != next {
+                    return false;
+                }
+                out.push(e);
+                next += 1;
+                got += 1;
+                bytes += n as u64;
+                got < count && bytes < max_bytes
+            })
+            .map_err(|e| self.io_err(&path, e))?;
+            if let Some(why) = end.stop {
+                return Err(self.corrupt(&path, format!("at offset {}: {why}", end.end)));
+            }
+            if got == 0 {
+                return Err(
+                    self.corrupt(&path, format!("entry {next} is not where the index says"))
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    fn first_tid(&self) -> u64 {
+        let w = self.w.lock();
+        w.segs.values().next().map_or(w.next_tid, |s| s.first_tid)
+    }
+
+    /// Blocks until an entry after `after_tid` is durable (so readable) or
+    /// `timeout` passes; returns the last durable tid. Lets a stream push
+    /// new entries without polling.
+    pub fn wait_for(&self, after_tid: u64, timeout: Duration) -> u64 {
+        self.commit.wait_for(after_tid, timeout)
+    }
+
+    /// Every durable entry from `from` on, for `journal export`.
+    pub fn entries(&self, from: u64) -> Entries<'_> {
+        Entries {
+            j: self,
+            next: from.max(1),
+            upto: self.durable_tid(),
+            batch: std::collections::VecDeque::new(),
+            done: false,
+        }
+    }
+
+    // ---- introspection ----
+
+    pub fn info(&self) -> JournalInfo {
+        let stats = self.commit.stats();
+        let durable = stats.durable_tid;
+        let st = self.st.lock().clone();
+        let w = self.w.lock();
+        let segments: Vec<SegmentInfo> = w
+            .segs
+            .iter()
+            .map(|(no, s)| SegmentInfo {
+                segno: *no,
+                first_tid: s.first_tid,
+                entries: s.offsets.len() as u64,
+                bytes: s.len,
+            })
+            .collect();
+        let mut clients = vec![ClientInfo {
+            id: LOCAL_CLIENT.to_string(),
+            commit_tid: st.checkpoint,
+            disconnected: false,
+            entries_behind: durable.saturating_sub(st.checkpoint),
+        }];
+        clients.extend(st.clients.iter().map(|c| client_info(c, durable)));
+        JournalInfo {
+            image_id: self.image_id.clone(),
+            bytes: segments.iter().map(|s| s.bytes).sum(),
+            first_tid: segments.first().map_or(w.next_tid, |s| s.first_tid),
+            segments,
+            last_tid: w.last_tid(),
+            durable_tid: durable,
+            applied_tid: st.checkpoint,
+            clients,
+            options: self.opts,
+            syncs: stats.syncs,
+        }
+    }
+
+    /// Reads every segment from disk and checks headers, every entry's crc
+    /// and the tid sequence. Only what has been written out is checked (an
+    /// entry still in memory is not on disk yet).
+    pub fn inspect(&self) -> Result<InspectReport, StoreError> {
+        let (nos, cur_no, cur_written) = {
+            let w = self.w.lock();
+            (
+                w.segs.keys().copied().collect::<Vec<_>>(),
+                w.cur_no,
+                w.buf_off,
+            )
+        };
+        let mut r = InspectReport::default();
+        let mut expect: Option<u64> = None;
+        for no in nos {
+            let path = segment::seg_path(&self.dir, no);
+            let f = match segment::open_ro(&self.dir, no) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // trimmed meanwhile
+                Err(e) => return Err(self.io_err(&path, e)),
+            };
+            r.segments += 1;
+            let len = f.metadata().map_err(|e| self.io_err(&path, e))?.len();
+            let limit = if no == cur_no {
+                cur_written.min(len)
+            } else {
+                len
+            };
+            r.bytes += limit;
+            let hdr = match segment::read_header(&f).map_err(|e| self.io_err(&path, e))? {
+                Ok(h) => h,
+                Err(e) => {
+                    r.errors.push(format!("{}: {e}", path.display()));
+                    continue;
+                }
+            };
+            if hdr.segno != no || hdr.image_id != self.image_id.as_str() {
+                r.errors.push(format!(
+                    "{}: header names segment {} of image '{}'",
+                    path.display(),
+                    hdr.segno,
+                    hdr.image_id
+                ));
+            }
+            if let Some(n) = expect
+                && hdr.first_tid != n
+            {
+                r.errors.push(format!(
+                    "{}: starts at tid {}, expected {n}",
+                    path.display(),
+                    hdr.first_tid
+                ));
+            }
+            let mut next = hdr.first_tid;
+            let mut errors = Vec::new();
+            let end = segment::scan(&f, SEG_HEADER_LEN as u64, limit, |off, e, _| {
+                if e.tid != next {
+                    errors.push(format!(
+                        "{}: entry at offset {off} has tid {}, expected {next}",
+                        path.display(),
+                        e.tid
+                    ));
+                }
+                next = e.tid + 1;
+                r.entries += 1;
+                r.first_tid.get_or_insert(e.tid);
+                r.last_tid = Some(e.tid);
+                *r.counts.entry(e.op.name().to_string()).or_default() += 1;
+                true
+            })
+            .map_err(|e| self.io_err(&path, e))?;
+            r.errors.extend(errors);
+            if let Some(why) = end.stop {
+                r.errors
+                    .push(format!("{}: at offset {}: {why}", path.display(), end.end));
+                // Where the next segment should start is unknown now.
+                expect = None;
+            } else {
+                expect = Some(next);
+            }
+        }
+        Ok(r)
+    }
+
+    /// Wakes every `wait_for` for good: the journal is going away.
+    pub(crate) fn close(&self) {
+        self.commit.close();
+    }
+}
+
+fn client_info(c: &ClientRecord, durable: u64) -> ClientInfo {
+    ClientInfo {
+        id: c.id.clone(),
+        commit_tid: c.commit,
+        disconnected: c.disconnected,
+        entries_behind: durable.saturating_sub(c.commit),
+    }
+}
+
+fn io_error(spec: &str, path: &Path, e: io::Error) -> StoreError {
+    if is_no_space(&e) {
+        StoreError::NoSpace {
+            doing: "journaling",
+            spec: spec.to_string(),
+            source: e,
+        }
+    } else {
+        StoreError::JournalIo {
+            spec: spec.to_string(),
+            path: path.to_path_buf(),
+            source: e,
+        }
+    }
+}
+
+fn remove_dir_if_exists(p: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(p) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Iterator over durable entries, read in batches (see [`Journal::entries`]).
+pub struct Entries<'a> {
+    j: &'a Journal,
+    next: u64,
+    upto: u64,
+    batch: std::collections::VecDeque<JournalEntry>,
+    done: bool,
+}
+
+impl Iterator for Entries<'_> {
+    type Item = Result<JournalEntry, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(e) = self.batch.pop_front() {
+            return Some(Ok(e));
+        }
+        if self.done || self.next > self.upto {
+            return None;
+        }
+        match self.j.read_from(self.next, 4 << 20) {
+            Ok(v) if v.is_empty() => None,
+            Ok(v) => {
+                self.next = v.last().expect("non-empty").tid + 1;
+                self.batch
+                    .extend(v.into_iter().filter(|e| e.tid <= self.upto));
+                self.batch.pop_front().map(Ok)
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
