@@ -396,6 +396,60 @@ pub enum MirrorCmd {
     Pool(MirrorPoolCmd),
     #[command(subcommand)]
     Image(MirrorImageCmd),
+    /// Mirror snapshot schedules.
+    #[command(subcommand)]
+    Snapshot(MirrorSnapshotCmd),
+}
+
+#[derive(Subcommand)]
+pub enum MirrorSnapshotCmd {
+    #[command(subcommand)]
+    Schedule(ScheduleCmd),
+}
+
+#[derive(Args, Clone)]
+pub struct ScheduleLevel {
+    /// Pool (default rbd).
+    #[arg(short = 'p', long)]
+    pub pool: Option<String>,
+    /// Image (name, or pool/image).
+    #[arg(long)]
+    pub image: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum ScheduleCmd {
+    /// Add a schedule: INTERVAL like 15m, 1h, 1d; optional start time HH:MM:SS (UTC).
+    Add {
+        #[command(flatten)]
+        level: ScheduleLevel,
+        interval: String,
+        start_time: Option<String>,
+        #[arg(long = "start-time")]
+        start_time_opt: Option<String>,
+    },
+    /// Remove one schedule (or all at that level without INTERVAL).
+    #[command(visible_alias = "remove")]
+    Rm {
+        #[command(flatten)]
+        level: ScheduleLevel,
+        interval: Option<String>,
+        start_time: Option<String>,
+        #[arg(long = "start-time")]
+        start_time_opt: Option<String>,
+    },
+    #[command(visible_alias = "list")]
+    Ls {
+        #[command(flatten)]
+        level: ScheduleLevel,
+        #[arg(short = 'R', long)]
+        recursive: bool,
+    },
+    /// When each image's next scheduled snapshot is due.
+    Status {
+        #[command(flatten)]
+        level: ScheduleLevel,
+    },
 }
 
 #[derive(Subcommand)]

@@ -212,6 +212,10 @@ rpc! {
     mirror_sync_progress(pb::MirrorSyncProgressRequest) -> pb::Empty;
     mirror_sync_complete(pb::MirrorSyncProgressRequest) -> pb::SnapInfo;
     mirror_snapshot_ack(pb::MirrorSnapshotAckRequest) -> pb::Empty;
+    mirror_schedule_add(pb::MirrorScheduleRequest) -> pb::Empty;
+    mirror_schedule_remove(pb::MirrorScheduleRequest) -> pb::Empty;
+    mirror_schedule_list(pb::MirrorScheduleRequest) -> pb::MirrorScheduleListReply;
+    mirror_schedule_status(pb::MirrorScheduleRequest) -> pb::MirrorScheduleStatusReply;
 }
 
 pub fn image_ref(pool: &str, image: &str) -> pb::ImageRef {

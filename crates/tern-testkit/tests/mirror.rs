@@ -622,3 +622,120 @@ fn import_token(b: &Site, t: &str) -> std::process::Output {
         f.to_str().unwrap(),
     ])
 }
+
+/// Snapshot schedules run on time at image and pool level, show in ls and
+/// status, and follow the primary role across an orderly switch.
+#[test]
+fn schedules_follow_the_primary() {
+    let (a, b) = two_sites();
+    let _ma = a.start_mirror();
+    let _mb = b.start_mirror();
+    setup_image(&a, "sch", "64M");
+    // 2 s and 3 s stand in for 1m in a test (tern accepts an `s` suffix for that).
+    a.tern_ok(&[
+        "mirror", "snapshot", "schedule", "add", "--pool", "rbd", "--image", "sch", "2s",
+    ]);
+    let start = {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let t = now % 86400;
+        format!("{:02}:{:02}:{:02}", t / 3600, t / 60 % 60, t % 60)
+    };
+    a.tern_ok(&[
+        "mirror",
+        "snapshot",
+        "schedule",
+        "add",
+        "--pool",
+        "rbd",
+        "3s",
+        "--start-time",
+        &start,
+    ]);
+    let ls = a.tern_json(&["mirror", "snapshot", "schedule", "ls", "--recursive"]);
+    let items: Vec<(String, String)> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["image"].as_str().unwrap().to_string(),
+                x["interval"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        items.contains(&("sch".into(), "2s".into())) && items.contains(&("".into(), "3s".into())),
+        "{ls}"
+    );
+    assert!(
+        ls.as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["start_time"] == start.as_str()),
+        "{ls}"
+    );
+    assert_eq!(
+        a.tern_ok(&[
+            "mirror", "snapshot", "schedule", "ls", "--pool", "rbd", "--image", "sch"
+        ])
+        .trim(),
+        "every 2s"
+    );
+    let st = a.tern_json(&["mirror", "snapshot", "schedule", "status", "--pool", "rbd"]);
+    assert_eq!(st["scheduled"][0]["image"], "rbd/sch", "{st}");
+
+    let newest = |s: &Site| -> u64 {
+        let ls = s.tern_json(&["snap", "ls", "--all", "rbd/sch"]);
+        ls.as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["namespace"]["state"] == "primary")
+            .map(|x| x["id"].as_u64().unwrap())
+            .max()
+            .unwrap_or(0)
+    };
+    let first = newest(&a);
+    assert!(
+        wait_until(Duration::from_secs(5), || newest(&a) > first),
+        "no scheduled snapshot within 5 s"
+    );
+    let second = newest(&a);
+    assert!(
+        wait_until(Duration::from_secs(5), || newest(&a) > second),
+        "schedule did not repeat"
+    );
+    // The copies follow.
+    assert!(wait_until(Duration::from_secs(15), || newest_copy(
+        &b, "sch"
+    )
+    .is_some()));
+
+    // Orderly switch: B's schedule runs (B has the same schedules), A's stops.
+    b.tern_ok(&[
+        "mirror", "snapshot", "schedule", "add", "--pool", "rbd", "--image", "sch", "2s",
+    ]);
+    a.tern_ok(&["mirror", "image", "demote", "rbd/sch"]);
+    wait_synced(&b, &a, "sch", Duration::from_secs(30));
+    b.tern_ok(&["mirror", "image", "promote", "rbd/sch"]);
+    let a_last = newest(&a);
+    let b_first = newest(&b);
+    assert!(
+        wait_until(Duration::from_secs(6), || newest(&b) > b_first),
+        "the new primary's schedule did not run"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        newest(&a),
+        a_last,
+        "the demoted side kept taking scheduled snapshots"
+    );
+    assert!(
+        a.tern_json(&["mirror", "snapshot", "schedule", "status", "--pool", "rbd"])["scheduled"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}

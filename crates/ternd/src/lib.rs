@@ -6,6 +6,7 @@ pub mod locks;
 pub mod mirror;
 pub mod nbd;
 pub mod options;
+pub mod schedule;
 pub mod service;
 pub mod site;
 
@@ -83,6 +84,27 @@ pub async fn run(opts: Options) -> Result<(), Error> {
         site.store
             .kv_delete(KvTable::Site, "nbd_endpoint")
             .map_err(|e| Error::new(e.kind(), e.to_string()))?;
+    }
+    // Mirror snapshot schedules: a pass every second.
+    {
+        let m = mirror::Mirror { site: site.clone() };
+        let m = Arc::new(m);
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.changed() => return,
+                }
+                let m = m.clone();
+                let r =
+                    tokio::task::spawn_blocking(move || m.run_schedules(site::now_secs())).await;
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(error = %e, "snapshot schedules");
+                }
+            }
+        });
     }
     let nbd_task = match opts.nbd_listen {
         Some(addr) => Some(start_nbd(&site, &locks, addr, &opts, stopped(stop_rx.clone())).await?),

@@ -6,6 +6,7 @@ use crate::auth::{Need, UserRecord};
 use crate::locks::Locks;
 use crate::mirror::{self, Mirror};
 use crate::options;
+use crate::schedule;
 use crate::site::Site;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
@@ -1720,6 +1721,109 @@ impl pb::site_server::Site for Service {
         })
         .await?;
         Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn mirror_schedule_add(
+        &self,
+        req: Request<pb::MirrorScheduleRequest>,
+    ) -> SResult<pb::Empty> {
+        let pool = req.get_ref().pool.clone();
+        self.check(&req, Need::Write(&pool))?;
+        let r = req.into_inner();
+        let m = self.mirror();
+        blocking(move || {
+            let s = schedule::Schedule {
+                interval: schedule::parse_interval(&r.interval)?,
+                start: if r.start_time.is_empty() {
+                    None
+                } else {
+                    Some(schedule::parse_start(&r.start_time)?)
+                },
+            };
+            m.schedule_add(&r.pool, &r.image, s)
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn mirror_schedule_remove(
+        &self,
+        req: Request<pb::MirrorScheduleRequest>,
+    ) -> SResult<pb::Empty> {
+        let pool = req.get_ref().pool.clone();
+        self.check(&req, Need::Write(&pool))?;
+        let r = req.into_inner();
+        let m = self.mirror();
+        blocking(move || {
+            let s = if r.interval.is_empty() {
+                None
+            } else {
+                Some(schedule::Schedule {
+                    interval: schedule::parse_interval(&r.interval)?,
+                    start: if r.start_time.is_empty() {
+                        None
+                    } else {
+                        Some(schedule::parse_start(&r.start_time)?)
+                    },
+                })
+            };
+            m.schedule_rm(&r.pool, &r.image, s)
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn mirror_schedule_list(
+        &self,
+        req: Request<pb::MirrorScheduleRequest>,
+    ) -> SResult<pb::MirrorScheduleListReply> {
+        let pool = req.get_ref().pool.clone();
+        self.check(&req, Need::SiteRead)?;
+        let r = req.into_inner();
+        let m = self.mirror();
+        let list = blocking(move || {
+            let mut out = Vec::new();
+            for (p, i, ss) in m.all_schedules()? {
+                let level_match = if r.recursive {
+                    (pool.is_empty() || p == pool) && (r.image.is_empty() || i == r.image)
+                } else {
+                    p == pool && i == r.image
+                };
+                if level_match {
+                    for s in ss {
+                        out.push(pb::MirrorScheduleEntry {
+                            pool: p.clone(),
+                            image: i.clone(),
+                            interval: schedule::fmt_interval(s.interval),
+                            start_time: s.start.map(schedule::fmt_start).unwrap_or_default(),
+                        });
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await?;
+        Ok(Response::new(pb::MirrorScheduleListReply {
+            schedules: list,
+        }))
+    }
+
+    async fn mirror_schedule_status(
+        &self,
+        req: Request<pb::MirrorScheduleRequest>,
+    ) -> SResult<pb::MirrorScheduleStatusReply> {
+        let pool = req.get_ref().pool.clone();
+        self.check(&req, Need::Read(&pool))?;
+        let r = req.into_inner();
+        let m = self.mirror();
+        let v = blocking(move || schedule::status(&m, &r.pool, &r.image, crate::site::now_secs()))
+            .await?;
+        Ok(Response::new(pb::MirrorScheduleStatusReply {
+            scheduled: v
+                .into_iter()
+                .map(|(image, time)| pb::MirrorScheduleNext { image, time })
+                .collect(),
+        }))
     }
 }
 

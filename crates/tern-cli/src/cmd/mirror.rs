@@ -2,7 +2,10 @@
 //! existing scripts (`jq '.summary.health'`, `.images[].state`) work.
 
 use super::image_spec;
-use crate::cli::{MirrorBootstrapCmd, MirrorCmd, MirrorImageCmd, MirrorPeerCmd, MirrorPoolCmd};
+use crate::cli::{
+    MirrorBootstrapCmd, MirrorCmd, MirrorImageCmd, MirrorPeerCmd, MirrorPoolCmd, MirrorSnapshotCmd,
+    ScheduleCmd, ScheduleLevel,
+};
 use crate::ctx::{Ctx, Result, invalid};
 use serde_json::{Value, json};
 use tern_client::{SiteClient, image_ref, pb};
@@ -13,7 +16,147 @@ pub async fn run(ctx: &Ctx, cmd: MirrorCmd) -> Result<()> {
     match cmd {
         MirrorCmd::Pool(p) => pool(ctx, &c, p).await,
         MirrorCmd::Image(i) => image(ctx, &c, i).await,
+        MirrorCmd::Snapshot(MirrorSnapshotCmd::Schedule(s)) => schedule(ctx, &c, s).await,
     }
+}
+
+fn level(l: &ScheduleLevel) -> Result<(String, String)> {
+    let pool = l.pool.clone().unwrap_or_else(|| "rbd".into());
+    match &l.image {
+        Some(i) if i.contains('/') => {
+            let s = image_spec(i)?;
+            Ok((s.pool, s.image))
+        }
+        Some(i) => Ok((pool, i.clone())),
+        None => Ok((pool, String::new())),
+    }
+}
+
+async fn schedule(ctx: &Ctx, c: &SiteClient, cmd: ScheduleCmd) -> Result<()> {
+    match cmd {
+        ScheduleCmd::Add {
+            level: l,
+            interval,
+            start_time,
+            start_time_opt,
+        } => {
+            let (pool, image) = level(&l)?;
+            let start_time = start_time_opt.or(start_time).unwrap_or_default();
+            c.mirror_schedule_add(pb::MirrorScheduleRequest {
+                pool,
+                image,
+                interval,
+                start_time,
+                recursive: false,
+            })
+            .await?;
+        }
+        ScheduleCmd::Rm {
+            level: l,
+            interval,
+            start_time,
+            start_time_opt,
+        } => {
+            let (pool, image) = level(&l)?;
+            let start_time = start_time_opt.or(start_time).unwrap_or_default();
+            c.mirror_schedule_remove(pb::MirrorScheduleRequest {
+                pool,
+                image,
+                interval: interval.unwrap_or_default(),
+                start_time,
+                recursive: false,
+            })
+            .await?;
+        }
+        ScheduleCmd::Ls {
+            level: l,
+            recursive,
+        } => {
+            let (pool, image) = level(&l)?;
+            let pool = if recursive && l.pool.is_none() && l.image.is_none() {
+                String::new()
+            } else {
+                pool
+            };
+            let r = c
+                .mirror_schedule_list(pb::MirrorScheduleRequest {
+                    pool,
+                    image,
+                    recursive,
+                    ..Default::default()
+                })
+                .await?;
+            if ctx.json() {
+                ctx.print_json(&json!(
+                    r.schedules
+                        .iter()
+                        .map(
+                            |s| json!({"pool": s.pool, "namespace": "", "image": s.image,
+                    "interval": s.interval, "start_time": s.start_time})
+                        )
+                        .collect::<Vec<_>>()
+                ));
+            } else if recursive {
+                let rows: Vec<Vec<String>> = r
+                    .schedules
+                    .iter()
+                    .map(|s| {
+                        let when = if s.start_time.is_empty() {
+                            format!("every {}", s.interval)
+                        } else {
+                            format!("every {} starting at {}", s.interval, s.start_time)
+                        };
+                        vec![
+                            s.pool.clone(),
+                            "-".into(),
+                            if s.image.is_empty() {
+                                "-".into()
+                            } else {
+                                s.image.clone()
+                            },
+                            when,
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    crate::out::table(&["POOL", "NAMESPACE", "IMAGE", "SCHEDULE"], &rows)
+                );
+            } else {
+                for s in &r.schedules {
+                    if s.start_time.is_empty() {
+                        println!("every {}", s.interval);
+                    } else {
+                        println!("every {} starting at {}", s.interval, s.start_time);
+                    }
+                }
+            }
+        }
+        ScheduleCmd::Status { level: l } => {
+            let (pool, image) = level(&l)?;
+            let r = c
+                .mirror_schedule_status(pb::MirrorScheduleRequest {
+                    pool,
+                    image,
+                    ..Default::default()
+                })
+                .await?;
+            if ctx.json() {
+                ctx.print_json(
+                    &json!({"scheduled": r.scheduled.iter().map(|s| json!({"image": s.image,
+                    "schedule_time": datetime(s.time)})).collect::<Vec<_>>()}),
+                );
+            } else {
+                let rows: Vec<Vec<String>> = r
+                    .scheduled
+                    .iter()
+                    .map(|s| vec![datetime(s.time), s.image.clone()])
+                    .collect();
+                print!("{}", crate::out::table(&["SCHEDULE TIME", "IMAGE"], &rows));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn peer_json(p: &pb::MirrorPeer) -> Value {
