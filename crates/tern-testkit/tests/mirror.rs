@@ -739,3 +739,79 @@ fn schedules_follow_the_primary() {
             .is_empty()
     );
 }
+
+/// 200 mirrored images in one pool sync with one daemon, and the verbose
+/// pool status answers in under a second.
+#[test]
+fn two_hundred_images_one_daemon() {
+    let (a, b) = two_sites();
+    // Pool mode: every image is mirrored as it is created.
+    a.tern_ok(&[
+        "mirror",
+        "pool",
+        "enable",
+        "rbd",
+        "pool",
+        "--site-name",
+        "site-a",
+    ]);
+    let rt = rt();
+    let c = a.client(&rt);
+    rt.block_on(async {
+        for i in 0..200u64 {
+            let name = format!("img{i:03}");
+            c.image_create(pb::ImageCreateRequest {
+                pool: "rbd".into(),
+                image: name.clone(),
+                size: 4 * MIB,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            let data = random_bytes(i, 64 * 1024);
+            c.write(pb::WriteRequest {
+                image: Some(image_ref("rbd", &name)),
+                offset: i * 4096,
+                data,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            c.mirror_image_snapshot(image_ref("rbd", &name))
+                .await
+                .unwrap();
+        }
+    });
+    let _ma = a.start_mirror();
+    let _mb = b.start_mirror();
+    let t = Instant::now();
+    let all_synced = || {
+        let st = b.tern_json(&["mirror", "pool", "status", "rbd"]);
+        st["summary"]["states"]["replaying"].as_u64() == Some(200)
+    };
+    assert!(
+        wait_until(Duration::from_secs(240), all_synced),
+        "200 images not replaying within 240 s"
+    );
+    eprintln!("200 images synced in {:?}", t.elapsed());
+    for side in [&a, &b] {
+        let t = Instant::now();
+        let st = side.tern_json(&["mirror", "pool", "status", "rbd", "--verbose"]);
+        let took = t.elapsed();
+        assert_eq!(st["images"].as_array().unwrap().len(), 200);
+        eprintln!(
+            "{}: pool status --verbose for 200 images in {took:?}",
+            side.name
+        );
+        assert!(took < Duration::from_secs(1), "pool status took {took:?}");
+    }
+    for i in [0u64, 99, 199] {
+        let name = format!("img{i:03}");
+        let (copy, _) = newest_copy(&b, &name).unwrap();
+        let (prim, _) = newest_primary(&a, &name);
+        assert_eq!(
+            export_sum(&b, &format!("rbd/{name}@{copy}")),
+            export_sum(&a, &format!("rbd/{name}@{prim}"))
+        );
+    }
+}
