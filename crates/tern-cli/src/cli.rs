@@ -578,4 +578,12 @@ pub enum MirrorImageCmd {
     Status {
         spec: String,
     },
+    /// Compare this non-primary copy with the primary at the last synced
+    /// mirror snapshot, by BLAKE3 hashes computed on each site.
+    Verify {
+        spec: String,
+        /// Bytes per compared extent.
+        #[arg(long, default_value = "4M")]
+        chunk: String,
+    },
 }

@@ -216,6 +216,7 @@ rpc! {
     mirror_schedule_remove(pb::MirrorScheduleRequest) -> pb::Empty;
     mirror_schedule_list(pb::MirrorScheduleRequest) -> pb::MirrorScheduleListReply;
     mirror_schedule_status(pb::MirrorScheduleRequest) -> pb::MirrorScheduleStatusReply;
+    image_checksum(pb::ChecksumRequest) -> pb::ChecksumReply;
 }
 
 pub fn image_ref(pool: &str, image: &str) -> pb::ImageRef {

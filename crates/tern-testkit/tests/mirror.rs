@@ -815,3 +815,51 @@ fn two_hundred_images_one_daemon() {
         );
     }
 }
+
+/// `mirror image verify` compares per-extent BLAKE3 hashes computed on
+/// each site, and names the extent a test corrupts behind tern's back.
+#[test]
+fn verify_names_a_corrupted_extent() {
+    let (a, b) = two_sites();
+    let _ma = a.start_mirror();
+    let _mb = b.start_mirror();
+    setup_image(&a, "v", "64M");
+    write_random(&a, "v", 21, 32 * MIB, MIB, 64 * MIB);
+    a.tern_ok(&["mirror", "image", "snapshot", "rbd/v"]);
+    wait_synced(&b, &a, "v", Duration::from_secs(60));
+    let v = b.tern_json(&["mirror", "image", "verify", "rbd/v"]);
+    assert_eq!(v["equal"], true, "{v}");
+    assert_eq!(v["compared_extents"], 16, "{v}");
+    assert!(
+        b.tern_ok(&["mirror", "image", "verify", "rbd/v"])
+            .contains("equal to site-a")
+    );
+
+    // Corrupt object 3 of the copy on disk.
+    let id = b.tern_json(&["info", "rbd/v"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let obj = b.data.join("objects").join(&id).join(format!("{:016x}", 3));
+    assert!(obj.exists(), "{} missing", obj.display());
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&obj).unwrap();
+        f.write_all_at(b"corrupted behind tern's back", 4096 + 1000)
+            .unwrap();
+    }
+    let o = b.tern(&["mirror", "image", "verify", "rbd/v", "--format", "json"]);
+    assert_eq!(
+        o.status.code(),
+        Some(74),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["equal"], false);
+    assert_eq!(
+        v["differing"],
+        serde_json::json!([{"offset": 3 * 4 * MIB, "length": 4 * MIB}]),
+        "{v}"
+    );
+}

@@ -1825,6 +1825,49 @@ impl pb::site_server::Site for Service {
                 .collect(),
         }))
     }
+
+    async fn image_checksum(
+        &self,
+        req: Request<pb::ChecksumRequest>,
+    ) -> SResult<pb::ChecksumReply> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::Read(&r.pool))?;
+        let chunk = req.get_ref().chunk_size;
+        let chunk = if chunk == 0 {
+            4 << 20
+        } else {
+            chunk.clamp(64 << 10, 64 << 20)
+        };
+        let (img, snap) = self.open_at(&r).map_err(status_of)?;
+        let size = snap.as_ref().map(|s| s.size).unwrap_or_else(|| img.size());
+        let at = snap.map(|s| s.id);
+        let hashes = blocking(move || {
+            let zero = blake3::hash(&vec![0u8; chunk as usize]);
+            let mut out = Vec::new();
+            let mut buf = vec![0u8; chunk as usize];
+            let mut off = 0;
+            while off < size {
+                let n = chunk.min(size - off);
+                // Holes need no reading: a chunk with no data hashes as zeros.
+                let allocated = img.allocated_extents_at(at, off, n).map_err(serr)?;
+                let h = if allocated.is_empty() && n == chunk {
+                    zero
+                } else {
+                    img.read_at(at, off, &mut buf[..n as usize]).map_err(serr)?;
+                    blake3::hash(&buf[..n as usize])
+                };
+                out.push(h.as_bytes().to_vec());
+                off += n;
+            }
+            Ok(out)
+        })
+        .await?;
+        Ok(Response::new(pb::ChecksumReply {
+            size,
+            chunk_size: chunk,
+            hashes,
+        }))
+    }
 }
 
 /// Sends [start, end) of an image as chunks: holes and all-zero blocks as

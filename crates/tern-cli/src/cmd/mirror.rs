@@ -8,7 +8,7 @@ use crate::cli::{
 };
 use crate::ctx::{Ctx, Result, invalid};
 use serde_json::{Value, json};
-use tern_client::{SiteClient, image_ref, pb};
+use tern_client::{ClientError, SiteClient, image_ref, pb};
 use tern_types::time::datetime;
 
 pub async fn run(ctx: &Ctx, cmd: MirrorCmd) -> Result<()> {
@@ -545,6 +545,7 @@ async fn image(ctx: &Ctx, c: &SiteClient, cmd: MirrorImageCmd) -> Result<()> {
                 println!("Snapshot ID: {}", snap.id);
             }
         }
+        MirrorImageCmd::Verify { spec, chunk } => verify(ctx, c, &spec, &chunk).await?,
         MirrorImageCmd::Status { spec } => {
             let s = image_spec(&spec)?;
             let st = c
@@ -558,4 +559,120 @@ async fn image(ctx: &Ctx, c: &SiteClient, cmd: MirrorImageCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+async fn verify(ctx: &Ctx, c: &SiteClient, spec: &str, chunk: &str) -> Result<()> {
+    use tern_types::ErrorKind;
+    let s = image_spec(spec)?;
+    let chunk = tern_types::size::parse_size_default_unit(chunk, 1)?;
+    let local = c.mirror_image_get(image_ref(&s.pool, &s.image)).await?;
+    if local.primary {
+        return Err(invalid(format!(
+            "{spec} is primary here: run verify on a site that holds a non-primary copy"
+        )));
+    }
+    let copy = local
+        .mirror_snaps
+        .iter()
+        .filter(|x| x.mirror_state.starts_with("non-primary") && x.mirror_complete)
+        .max_by_key(|x| x.id)
+        .ok_or_else(|| {
+            ClientError::new(
+                ErrorKind::Busy,
+                format!("{spec} has no complete copy yet: wait for the first sync"),
+            )
+        })?;
+    let pool = c
+        .mirror_pool_get(pb::MirrorPoolInfoRequest {
+            pool: s.pool.clone(),
+            with_keys: true,
+        })
+        .await?;
+    let peer = pool
+        .peers
+        .iter()
+        .find(|p| p.mirror_uuid == copy.primary_mirror_uuid)
+        .ok_or_else(|| {
+            ClientError::new(
+                ErrorKind::NotFound,
+                "the site this copy came from is no longer a peer of the pool",
+            )
+        })?;
+    let ep = peer.mon_host.first().cloned().unwrap_or_default();
+    let tls = tern_client::config::TlsMode::Pinned(peer.tls_fingerprint.clone());
+    let remote = SiteClient::connect_with(&ep, &tls, &peer.client_name, &peer.key)?;
+    let rlist = remote
+        .mirror_image_list(pb::PoolRequest {
+            pool: peer.remote_pool.clone(),
+        })
+        .await?;
+    let rimg = rlist
+        .images
+        .iter()
+        .find(|i| i.global_id == local.global_id)
+        .ok_or_else(|| {
+            ClientError::new(
+                ErrorKind::NotFound,
+                format!("{} has no image {}", peer.site_name, local.global_id),
+            )
+        })?;
+    let rsnap = rimg.mirror_snaps.iter().find(|x| x.id == copy.primary_snap_id).ok_or_else(|| {
+        ClientError::new(
+            ErrorKind::Busy,
+            format!("{} no longer has the snapshot this copy was synced to: verify after the next sync", peer.site_name),
+        )
+    })?;
+    let req = |pool: &str, name: &str, snap: &str| pb::ChecksumRequest {
+        image: Some(tern_client::snap_ref(pool, name, Some(snap))),
+        chunk_size: chunk,
+    };
+    let (mine, theirs) = tokio::join!(
+        c.image_checksum(req(&s.pool, &s.image, &copy.name)),
+        remote.image_checksum(req(&peer.remote_pool, &rimg.name, &rsnap.name))
+    );
+    let (mine, theirs) = (mine?, theirs?);
+    let mut bad: Vec<(u64, u64)> = Vec::new();
+    if mine.size != theirs.size {
+        bad.push((mine.size.min(theirs.size), mine.size.abs_diff(theirs.size)));
+    }
+    for (i, (a, b)) in mine.hashes.iter().zip(theirs.hashes.iter()).enumerate() {
+        if a != b {
+            let off = i as u64 * mine.chunk_size;
+            bad.push((off, mine.chunk_size.min(mine.size - off)));
+        }
+    }
+    if ctx.json() {
+        ctx.print_json(&json!({"image": spec, "equal": bad.is_empty(), "compared_extents": mine.hashes.len(),
+            "chunk_size": mine.chunk_size, "snapshot": copy.name, "primary_site": peer.site_name,
+            "differing": bad.iter().map(|(o, l)| json!({"offset": o, "length": l})).collect::<Vec<_>>()}));
+    } else if bad.is_empty() {
+        println!(
+            "{spec}: equal to {} at mirror snapshot {} ({} extents of {} bytes compared)",
+            peer.site_name,
+            copy.primary_snap_id,
+            mine.hashes.len(),
+            mine.chunk_size
+        );
+    } else {
+        println!(
+            "{spec}: {} extent(s) differ from {} at mirror snapshot {}:",
+            bad.len(),
+            peer.site_name,
+            copy.primary_snap_id
+        );
+        for (o, l) in &bad {
+            println!("  offset {o} length {l}");
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(ClientError::new(
+            ErrorKind::Corrupt,
+            format!(
+                "{spec}: the copy differs from the primary in {} extent(s)",
+                bad.len()
+            ),
+        ))
+    }
 }
