@@ -96,6 +96,14 @@ impl SiteClient {
         Self::connect_with(endpoint, &conf.tls, entity, key)
     }
 
+    /// Compresses requests with zstd and accepts zstd-compressed replies
+    /// (the site compresses bulk data for such clients).
+    pub fn compressed(mut self) -> SiteClient {
+        use tonic::codec::CompressionEncoding::Zstd;
+        self.raw = self.raw.send_compressed(Zstd).accept_compressed(Zstd);
+        self
+    }
+
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }

@@ -10,6 +10,7 @@
 //! every peer site, on each change and on every heartbeat, so a site shows a
 //! silent peer as down within two heartbeats instead of its last good state.
 
+mod limit;
 mod replay;
 
 use std::collections::{HashMap, HashSet};
@@ -78,6 +79,11 @@ pub(crate) struct Shared {
     pub statuses: Mutex<HashMap<String, Reported>>,
     pub busy: Mutex<HashSet<String>>,
     pub syncs: Semaphore,
+    /// Replication bandwidth for the whole daemon and per peer (uuid).
+    pub limit: limit::Limiter,
+    pub peer_limits: Mutex<HashMap<String, Arc<limit::Limiter>>>,
+    pub peer_rate: std::sync::atomic::AtomicU64,
+    pub compress: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -156,6 +162,10 @@ pub async fn run(opts: Options) -> Result<(), ClientError> {
         statuses: Mutex::new(HashMap::new()),
         busy: Mutex::new(HashSet::new()),
         syncs: Semaphore::new(syncs),
+        limit: limit::Limiter::new(0),
+        peer_limits: Mutex::new(HashMap::new()),
+        peer_rate: std::sync::atomic::AtomicU64::new(0),
+        compress: std::sync::atomic::AtomicBool::new(false),
     });
     let mut peers: HashMap<String, SiteClient> = HashMap::new();
     let mut term =
@@ -170,6 +180,7 @@ pub async fn run(opts: Options) -> Result<(), ClientError> {
             _ = int.recv() => break,
             _ = tick.tick() => {}
         }
+        refresh_limits(&sh, &entity).await;
         if let Err(e) = scan(&sh, &mut peers).await {
             tracing::warn!(error = %e, "scan failed");
         }
@@ -183,17 +194,53 @@ pub async fn run(opts: Options) -> Result<(), ClientError> {
     Ok(())
 }
 
-fn peer_client(p: &pb::MirrorPeer) -> Result<SiteClient, ClientError> {
+fn peer_client(p: &pb::MirrorPeer, compress: bool) -> Result<SiteClient, ClientError> {
     let ep = p
         .mon_host
         .first()
         .ok_or_else(|| ClientError::new(ErrorKind::InvalidArgument, "peer has no mon_host"))?;
-    SiteClient::connect_with(
+    let c = SiteClient::connect_with(
         ep,
         &TlsMode::Pinned(p.tls_fingerprint.clone()),
         &p.client_name,
         &p.key,
-    )
+    )?;
+    Ok(if compress { c.compressed() } else { c })
+}
+
+/// Reads the bandwidth and compression options (`tern config set
+/// client.rbd-mirror …`); changes apply within a tick.
+async fn refresh_limits(sh: &Arc<Shared>, entity: &str) {
+    use std::sync::atomic::Ordering;
+    let get = |key: &'static str| {
+        let local = sh.local.clone();
+        let who = entity.to_string();
+        async move {
+            local
+                .config_get(pb::ConfigGetRequest {
+                    who,
+                    key: key.into(),
+                })
+                .await
+                .ok()
+                .and_then(|r| r.entries.first().map(|e| e.value.clone()))
+                .unwrap_or_default()
+        }
+    };
+    let daemon_rate = get("rbd_mirror_bandwidth_limit").await.parse().unwrap_or(0);
+    sh.limit.set_rate(daemon_rate).await;
+    let peer_rate: u64 = get("rbd_mirror_peer_bandwidth_limit")
+        .await
+        .parse()
+        .unwrap_or(0);
+    sh.peer_rate.store(peer_rate, Ordering::Relaxed);
+    for l in sh.peer_limits.lock().await.values() {
+        l.set_rate(peer_rate).await;
+    }
+    sh.compress.store(
+        get("rbd_mirror_compression").await == "zstd",
+        Ordering::Relaxed,
+    );
 }
 
 /// One pass over every mirrored pool.
@@ -226,9 +273,13 @@ async fn scan(
             .await?;
         let mut peer_clients = Vec::new();
         for peer in &info.peers {
-            let key = format!("{}/{}/{}", peer.uuid, peer.key, peer.tls_fingerprint);
+            let compress = sh.compress.load(std::sync::atomic::Ordering::Relaxed);
+            let key = format!(
+                "{}/{}/{}/{compress}",
+                peer.uuid, peer.key, peer.tls_fingerprint
+            );
             if !peers.contains_key(&key) {
-                match peer_client(peer) {
+                match peer_client(peer, compress) {
                     Ok(c) => {
                         peers.insert(key.clone(), c);
                     }

@@ -192,6 +192,16 @@ async fn replay(sh: &Arc<Shared>, job: &Job) -> Result<(), ClientError> {
         .map_err(|s| job.remote.err(s))?
         .into_inner();
     let local_ref = snap_ref(&job.pool, &local.name, None);
+    let peer_limit = {
+        let mut m = sh.peer_limits.lock().await;
+        m.entry(job.peer.uuid.clone())
+            .or_insert_with(|| {
+                Arc::new(crate::limit::Limiter::new(
+                    sh.peer_rate.load(std::sync::atomic::Ordering::Relaxed),
+                ))
+            })
+            .clone()
+    };
     let mut writer: Option<Writer> = None;
     let (mut sent, mut since_ckpt) = (0u64, 0u64);
     let mut pos;
@@ -206,6 +216,9 @@ async fn replay(sh: &Arc<Shared>, job: &Job) -> Result<(), ClientError> {
         }
         let w = writer.as_mut().expect("writer");
         if !ch.zero {
+            let n = ch.data.len() as u64;
+            sh.limit.take(n).await;
+            peer_limit.take(n).await;
             sent += ch.data.len() as u64;
             since_ckpt += ch.data.len() as u64;
         }

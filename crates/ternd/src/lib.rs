@@ -115,7 +115,10 @@ pub async fn run(opts: Options) -> Result<(), Error> {
         locks.clone(),
     ))
     .max_decoding_message_size(tern_proto::MAX_MESSAGE)
-    .max_encoding_message_size(tern_proto::MAX_MESSAGE);
+    .max_encoding_message_size(tern_proto::MAX_MESSAGE)
+    // Compressed only for clients that ask (rbd_mirror_compression on a daemon).
+    .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
+    .send_compressed(tonic::codec::CompressionEncoding::Zstd);
     let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
