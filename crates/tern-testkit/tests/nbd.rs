@@ -266,11 +266,21 @@ fn a_writable_export_holds_the_lock() {
     // Keep the export open for writing with a long-running client.
     let mnt = s.root.path().join("hold");
     std::fs::create_dir_all(&mnt).unwrap();
-    let mut fuse = Command::new("nbdfuse")
+    let fuse = Command::new("nbdfuse")
         .arg(&mnt)
         .arg(s.nbd_uri("rbd/l"))
         .spawn()
         .unwrap();
+    // Unmounted and reaped even if an assertion below fails.
+    struct Fuse(std::process::Child, std::path::PathBuf);
+    impl Drop for Fuse {
+        fn drop(&mut self) {
+            let _ = Command::new("fusermount3").arg("-u").arg(&self.1).status();
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let fuse = Fuse(fuse, mnt.clone());
     assert!(tern_testkit::wait_until(
         std::time::Duration::from_secs(10),
         || mnt.join("nbd").exists()
@@ -298,8 +308,7 @@ fn a_writable_export_holds_the_lock() {
     ok(Command::new("qemu-io")
         .args(["-f", "raw", "-r", "-c", "read 0 4k"])
         .arg(s.nbd_uri("rbd/l")));
-    ok(Command::new("fusermount3").arg("-u").arg(&mnt));
-    let _ = fuse.wait();
+    drop(fuse);
     assert!(tern_testkit::wait_until(
         std::time::Duration::from_secs(5),
         || {
