@@ -40,7 +40,8 @@ impl Limiter {
         }
         let now = Instant::now();
         let rate = s.rate as f64;
-        // At most a quarter second of burst.
+        // At most a quarter second of burst: an idle link must not let a
+        // new transfer start with a flood.
         s.tokens = (s.tokens + now.duration_since(s.at).as_secs_f64() * rate).min(rate / 4.0);
         s.at = now;
         s.tokens -= n as f64;

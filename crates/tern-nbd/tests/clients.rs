@@ -470,6 +470,7 @@ async fn fio_randrw_is_served_concurrently_and_verifies() {
             "--iodepth=16",
             "--size=8m",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--do_verify=1",
         ],
     )

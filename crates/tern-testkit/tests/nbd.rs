@@ -337,6 +337,7 @@ fn fio_random_io_verifies() {
         "--iodepth=32",
         "--size=32M",
         "--verify=crc32c",
+        "--verify_state_save=0",
         "--do_verify=1",
         "--verify_fatal=1",
     ]));
