@@ -2,7 +2,7 @@
 # Installs what tern's tests, benchmarks and lab need on a Debian machine
 # (DESIGN §10). Safe to run again: it installs only what is missing.
 set -euo pipefail
-pkgs=(fio libnbd-bin nbdkit fuse3 jq iperf3 nftables ethtool protobuf-compiler qemu-utils)
+pkgs=(fio libnbd-bin nbdkit fuse3 jq bc iperf3 nftables ethtool protobuf-compiler qemu-utils)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
