@@ -78,6 +78,18 @@ pub fn fmt_start(s: u64) -> String {
 }
 
 impl Schedule {
+    /// From the words of the CLI: an interval and an optional start time ("" for none).
+    pub fn parse(interval: &str, start_time: &str) -> Result<Schedule, Error> {
+        Ok(Schedule {
+            interval: parse_interval(interval)?,
+            start: if start_time.is_empty() {
+                None
+            } else {
+                Some(parse_start(start_time)?)
+            },
+        })
+    }
+
     /// The newest slot at or before `now` (unix seconds).
     pub fn last_slot(&self, now: u64) -> u64 {
         let anchor = match self.start {

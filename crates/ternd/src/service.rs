@@ -1732,15 +1732,11 @@ impl pb::site_server::Site for Service {
         let r = req.into_inner();
         let m = self.mirror();
         blocking(move || {
-            let s = schedule::Schedule {
-                interval: schedule::parse_interval(&r.interval)?,
-                start: if r.start_time.is_empty() {
-                    None
-                } else {
-                    Some(schedule::parse_start(&r.start_time)?)
-                },
-            };
-            m.schedule_add(&r.pool, &r.image, s)
+            m.schedule_add(
+                &r.pool,
+                &r.image,
+                schedule::Schedule::parse(&r.interval, &r.start_time)?,
+            )
         })
         .await?;
         Ok(Response::new(pb::Empty {}))
@@ -1755,17 +1751,11 @@ impl pb::site_server::Site for Service {
         let r = req.into_inner();
         let m = self.mirror();
         blocking(move || {
+            // No interval: every schedule at this level.
             let s = if r.interval.is_empty() {
                 None
             } else {
-                Some(schedule::Schedule {
-                    interval: schedule::parse_interval(&r.interval)?,
-                    start: if r.start_time.is_empty() {
-                        None
-                    } else {
-                        Some(schedule::parse_start(&r.start_time)?)
-                    },
-                })
+                Some(schedule::Schedule::parse(&r.interval, &r.start_time)?)
             };
             m.schedule_rm(&r.pool, &r.image, s)
         })
