@@ -127,6 +127,12 @@ pub enum Cmd {
     /// Exclusive locks: ls, rm.
     #[command(subcommand)]
     Lock(LockCmd),
+    /// Turn image features on or off on a live image (rbd feature …).
+    #[command(subcommand)]
+    Feature(FeatureCmd),
+    /// The journal of a journaled image: info, status, inspect, export.
+    #[command(subcommand)]
+    Journal(JournalCmd),
     /// Block devices backed by images: map, unmap, list.
     #[command(subcommand)]
     Device(DeviceCmd),
@@ -286,6 +292,67 @@ pub enum ConfigCmd {
     Dump,
     /// Known options and their defaults.
     Help { key: Option<String> },
+    /// Per-image options (rbd config image …): set, get, rm, ls.
+    #[command(subcommand)]
+    Image(ConfigImageCmd),
+}
+
+#[derive(Subcommand)]
+pub enum ConfigImageCmd {
+    /// Set an rbd_* option for one image (e.g. rbd_journal_max_size).
+    Set {
+        spec: String,
+        key: String,
+        value: String,
+    },
+    /// The effective value of an option for the image.
+    Get { spec: String, key: String },
+    /// Remove the image's own value (the global one applies again).
+    #[command(visible_alias = "remove")]
+    Rm { spec: String, key: String },
+    /// Every option's effective value for the image.
+    #[command(visible_alias = "list")]
+    Ls { spec: String },
+}
+
+#[derive(Subcommand)]
+pub enum FeatureCmd {
+    /// Enable features (exclusive-lock, object-map, fast-diff, journaling).
+    Enable {
+        spec: String,
+        #[arg(required = true)]
+        features: Vec<String>,
+    },
+    /// Disable features.
+    Disable {
+        spec: String,
+        #[arg(required = true)]
+        features: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum JournalCmd {
+    /// Size, segments, positions and options of the journal.
+    Info { spec: String },
+    /// The journal's clients and how far behind each is.
+    Status { spec: String },
+    /// Read every segment and entry from disk and verify every crc.
+    Inspect {
+        spec: String,
+        /// Also list each entry.
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// Write the journal's entries to PATH ('-': stdout) in tern's entry
+    /// encoding; with --format json, one JSON object per entry.
+    Export {
+        spec: String,
+        path: String,
+        /// First tid to export (default: the oldest held).
+        #[arg(long)]
+        from_tid: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]

@@ -169,6 +169,10 @@ rpc! {
     image_resize(pb::ImageResizeRequest) -> pb::ImageInfo;
     image_rename(pb::ImageRenameRequest) -> pb::Empty;
     image_remove(pb::ImageRef) -> pb::Empty;
+    image_features(pb::ImageFeaturesRequest) -> pb::ImageInfo;
+    journal_info(pb::ImageRef) -> pb::JournalInfoReply;
+    journal_inspect(pb::ImageRef) -> pb::JournalInspectReply;
+    journal_client(pb::JournalClientRequest) -> pb::JournalClientInfo;
     read(pb::ReadRequest) -> pb::ReadReply;
     write(pb::WriteRequest) -> pb::Empty;
     discard(pb::RangeRequest) -> pb::Empty;

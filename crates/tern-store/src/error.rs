@@ -229,6 +229,10 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    /// An error met by the journal's committer on behalf of a writer, who
+    /// gets it when it collects its result; one error may answer several.
+    #[error("{0}")]
+    Shared(std::sync::Arc<StoreError>),
 }
 
 impl StoreError {
@@ -291,6 +295,7 @@ impl StoreError {
             | E::Marker { .. }
             | E::JournalIo { .. }
             | E::RemoveData { .. } => ErrorKind::Internal,
+            E::Shared(e) => e.kind(),
         }
     }
 

@@ -101,7 +101,12 @@ impl Store {
             // be durable without it.
             img.flush_locked(&st)?;
             Journal::create(&img.dir, &spec, img.id(), 1)?;
-            let opened = Journal::open(&img.dir, &spec, img.id(), self.journal_options());
+            let opened = Journal::open(
+                &img.dir,
+                &spec,
+                img.id(),
+                self.journal_options_for(img.id()),
+            );
             let j = match opened.and_then(|j| commit().map(|_| j)) {
                 Ok(j) => j,
                 Err(e) => {

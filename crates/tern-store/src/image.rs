@@ -180,6 +180,16 @@ impl std::fmt::Debug for Image {
     }
 }
 
+impl Drop for Image {
+    /// The last handle gone: the committer ends and readers of the journal
+    /// are woken for good.
+    fn drop(&mut self) {
+        if let Some(j) = self.state.get_mut().journal.take() {
+            j.close();
+        }
+    }
+}
+
 pub(crate) fn spec_of(info: &ImageInfo) -> String {
     format!("{}/{}", info.pool, info.name)
 }
@@ -475,46 +485,46 @@ impl Image {
         let st = self.state.read();
         self.check(&st, "write", off, data.len() as u64)?;
         if let Some(j) = &st.journal {
+            let j = j.clone();
             let mut tids = Vec::with_capacity(1);
             for (i, chunk) in data.chunks(MAX_WRITE_ENTRY).enumerate() {
-                tids.push(j.append_write(off + (i * MAX_WRITE_ENTRY) as u64, chunk)?);
+                let at = off + (i * MAX_WRITE_ENTRY) as u64;
+                tids.push(j.queue_write(at, chunk.to_vec(), fua)?);
             }
-            let last = tids.last().copied();
-            return self.journaled(&st, j, &tids, last, fua, || {
-                self.write_locked(&st, off, data, false)
-            });
+            // Never wait holding `state`: a barrier waiting for it would
+            // stall the committer, which needs it too.
+            drop(st);
+            return tids.into_iter().try_for_each(|t| j.wait_done(t));
         }
         self.write_locked(&st, off, data, fua)
     }
 
-    /// The second half of every journaled mutation: wait until the entries
-    /// `tids` may be acted on (durable, in strict mode), apply them with
-    /// `apply`, mark them applied, and checkpoint if one is due. An entry
-    /// whose apply fails stays unapplied, so the next open replays it.
-    fn journaled(
+    /// [`write`](Self::write) of an owned buffer, without blocking: on a
+    /// journaled image whose state lock is free, queues the write for the
+    /// committer and returns the ticket to wait on. Gives the data back
+    /// when the caller must use [`write`](Self::write) instead (plain
+    /// image, or lock busy, or a write too large for one entry).
+    #[allow(clippy::result_large_err)]
+    pub fn try_queue_write(
         &self,
-        st: &State,
-        j: &Journal,
-        tids: &[u64],
-        last: Option<u64>,
+        off: u64,
+        data: Vec<u8>,
         fua: bool,
-        apply: impl FnOnce() -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        if let Some(t) = last {
-            j.make_durable(t, fua)?;
+    ) -> Result<Result<crate::Ticket, StoreError>, Vec<u8>> {
+        let Some(st) = self.state.try_read() else {
+            return Err(data);
+        };
+        let Some(j) = &st.journal else {
+            return Err(data);
+        };
+        if data.len() > MAX_WRITE_ENTRY {
+            return Err(data);
         }
-        // Fault point "journal appended, data not applied": a crash here
-        // is what replay at open is for (tests/journal_crash.rs).
-        apply()?;
-        for &t in tids {
-            j.applied(t);
+        if let Err(e) = self.check(&st, "write", off, data.len() as u64) {
+            return Ok(Err(e));
         }
-        if j.checkpoint_due(false) {
-            // Best effort: a failed lazy checkpoint only delays trimming,
-            // and a failed object sync is reported by every later flush.
-            let _ = self.checkpoint_locked(st, false);
-        }
-        Ok(())
+        Ok(j.queue_write(off, data, fua)
+            .map(|tid| crate::Ticket { j: j.clone(), tid }))
     }
 
     /// Makes the object files hold every applied journal entry durably and
@@ -522,7 +532,12 @@ impl Image {
     /// false, skips if another checkpoint is running.
     pub(crate) fn checkpoint_locked(&self, st: &State, wait: bool) -> Result<(), StoreError> {
         match &st.journal {
-            Some(j) => j.checkpoint(wait, || self.flush_locked(st)),
+            Some(j) => {
+                if wait {
+                    self.commit_round(st, j);
+                }
+                j.checkpoint(wait, || self.flush_locked(st))
+            }
             None => Ok(()),
         }
     }
@@ -543,6 +558,7 @@ impl Image {
                 spec: spec_of(&st.info),
             });
         };
+        self.commit_round(&st, j);
         let tid = j.append(&JournalOp::Marker {
             kind: kind.to_string(),
             payload: payload.to_vec(),
@@ -562,6 +578,8 @@ impl Image {
         let Some(j) = &st.journal else {
             return Ok(None);
         };
+        // Everything queued before the barrier is applied before it.
+        self.commit_round(st, j);
         let tid = j.append(op)?;
         if let Err(e) = j.sync_to(tid) {
             j.applied(tid);
@@ -583,8 +601,12 @@ impl Image {
         Ok(())
     }
 
-    /// Installs or removes the journal (feature toggles, open).
-    pub(crate) fn set_journal(&self, st: &mut State, j: Option<Arc<Journal>>) {
+    /// Installs or removes the journal (feature toggles, open), starting
+    /// its committer.
+    pub(crate) fn set_journal(self: &Arc<Self>, st: &mut State, j: Option<Arc<Journal>>) {
+        if let Some(j) = &j {
+            self.start_committer(j);
+        }
         if let Some(old) = std::mem::replace(&mut st.journal, j) {
             old.close();
         }
@@ -706,15 +728,10 @@ impl Image {
             return Ok(());
         }
         if let Some(j) = &st.journal {
-            let entry = if op == "discard" {
-                JournalOp::Discard { offset: off, len }
-            } else {
-                JournalOp::WriteZeroes { offset: off, len }
-            };
-            let tid = j.append(&entry)?;
-            return self.journaled(&st, j, &[tid], Some(tid), false, || {
-                self.zero_range_locked(&st, doing, off, len)
-            });
+            let j = j.clone();
+            let tid = j.queue_zero(op == "discard", off, len, false)?;
+            drop(st);
+            return j.wait_done(tid);
         }
         self.zero_range_locked(&st, doing, off, len)
     }

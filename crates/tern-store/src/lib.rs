@@ -54,6 +54,7 @@
 //! checkpoint does not cover. [`Store::image_set_features`] turns the
 //! feature on and off on a live image.
 
+mod committer;
 mod cow;
 mod diff;
 mod dirty;
@@ -67,6 +68,7 @@ mod meta;
 mod object;
 mod snap;
 
+pub use committer::Ticket;
 pub use diff::DiffExtent;
 pub use error::StoreError;
 pub use image::Image;
@@ -207,6 +209,8 @@ pub struct Store {
     keep: Mutex<HashMap<ImageId, Arc<Image>>>,
     /// Options for journals opened or created from now on.
     journal_opts: Mutex<JournalOptions>,
+    /// Per-image journal options (`tern config image set`).
+    journal_overrides: Mutex<HashMap<ImageId, JournalOptions>>,
     /// Serialises the slow open of journaled images (replay runs outside
     /// the open-image map lock, see `open_image`).
     opening: Mutex<()>,
@@ -295,6 +299,7 @@ impl Store {
             flushed_clean: AtomicBool::new(false),
             keep: Mutex::new(HashMap::new()),
             journal_opts: Mutex::new(JournalOptions::default()),
+            journal_overrides: Mutex::new(HashMap::new()),
             opening: Mutex::new(()),
         })
     }
@@ -303,14 +308,46 @@ impl Store {
         &self.dir
     }
 
-    /// Sets the options of journals opened (or created) from now on;
-    /// journals already open keep theirs.
+    /// Sets the default options of journals, for those opened from now on
+    /// and for open ones without an override of their own.
     pub fn set_journal_options(&self, opts: JournalOptions) {
         *self.journal_opts.lock() = opts;
+        for img in self.live_images() {
+            if !self.journal_overrides.lock().contains_key(img.id())
+                && let Some(j) = img.journal()
+            {
+                j.set_options(opts);
+            }
+        }
     }
 
     pub fn journal_options(&self) -> JournalOptions {
         *self.journal_opts.lock()
+    }
+
+    /// Sets (or with `None` clears) one image's journal options, which
+    /// take precedence over the defaults; applies to its open journal too.
+    pub fn set_image_journal_options(&self, id: &ImageId, opts: Option<JournalOptions>) {
+        match opts {
+            Some(o) => self.journal_overrides.lock().insert(id.clone(), o),
+            None => self.journal_overrides.lock().remove(id),
+        };
+        if let Some(img) = self.live_image(id)
+            && let Some(j) = img.journal()
+        {
+            j.set_options(self.journal_options_for(id));
+        }
+    }
+
+    /// The journal options that apply to image `id`.
+    pub fn journal_options_for(&self, id: &ImageId) -> JournalOptions {
+        let o = self.journal_overrides.lock().get(id).copied();
+        o.unwrap_or_else(|| self.journal_options())
+    }
+
+    fn live_images(&self) -> Vec<Arc<Image>> {
+        let map = self.shared.images.lock();
+        map.values().filter_map(Weak::upgrade).collect()
     }
 
     /// The journal of a journaled image (opening the image, and so
@@ -614,7 +651,7 @@ impl Store {
             // First open of an image created with journaling.
             Journal::create(img.data_dir(), &spec, &id, 1)?;
         }
-        let j = Journal::open(img.data_dir(), &spec, &id, self.journal_options())?;
+        let j = Journal::open(img.data_dir(), &spec, &id, self.journal_options_for(&id))?;
         img.set_journal(&mut img.state_write(), Some(Arc::new(j)));
         self.replay_journal(&img)?;
         let mut map = self.shared.images.lock();

@@ -22,6 +22,7 @@ fn small_opts() -> JournalOptions {
         max_size: 1 << 30,
         checkpoint_bytes: 96 << 10,
         durability: JournalDurability::Strict,
+        commit_age_us: 0,
     }
 }
 
@@ -462,6 +463,7 @@ fn lagging_client_is_disconnected_past_max_size() {
         max_size: 256 << 10,
         checkpoint_bytes: 64 << 10,
         durability: JournalDurability::OnFlush,
+        commit_age_us: 0,
     });
     s.pool_create("p").unwrap();
     create(&s, "i", 4 << 20, Layout::simple(65536), journaled());

@@ -53,6 +53,7 @@ pub async fn run(opts: Options) -> Result<(), Error> {
         tracing::warn!(stored = %site.site_name, asked = %n, "--site-name differs from the name this site was created with; keeping the stored one");
     }
     service::clean_interrupted_imports(&site);
+    site.apply_journal_config()?;
 
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await

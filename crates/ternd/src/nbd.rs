@@ -272,6 +272,12 @@ impl BlockDevice for StoreDevice {
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {
         self.check_write()?;
         let img = self.img.clone();
+        // A journaled image takes the write without a blocking thread: it
+        // is queued for the journal's committer and awaited.
+        let data = match img.try_queue_write(offset, data, fua) {
+            Ok(queued) => return queued.map_err(dev_err)?.wait_async().await.map_err(dev_err),
+            Err(data) => data,
+        };
         blocking(move || img.write(offset, &data, fua)).await
     }
 

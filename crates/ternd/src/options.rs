@@ -35,7 +35,8 @@ opts! {
     "rbd_journal_object_size" Size "16777216" "size of one journal segment";
     "rbd_journal_splay_width" Int "4" "accepted for compatibility; tern writes one ordered journal";
     "rbd_journal_max_size" Size "1073741824" "journal size past which a lagging reader is disconnected";
-    "rbd_journal_commit_age" Float "0.005" "how long a journal append may wait to share an fsync";
+    "rbd_journal_commit_age" Float "0.005" "seconds after which a flush-mode journal syncs entries no flush has made durable";
+    "rbd_journal_durability" Str "strict" "strict: a write is acknowledged once its journal entry is on stable storage; flush: at the next flush or FUA, like a disk cache";
     "rbd_mirror_concurrent_image_syncs" Int "5" "images the mirror daemon fully syncs at once";
     "rbd_mirror_journal_commit_age" Float "5" "seconds between replay-position commits to the primary";
     "rbd_mirror_sync_point_update_age" Float "30" "seconds between sync-point updates during an initial sync";
@@ -76,7 +77,10 @@ pub fn find(name: &str) -> Result<&'static Opt, Error> {
 
 pub fn validate_who(who: &str) -> Result<(), Error> {
     let ok = matches!(who, "global" | "client" | "mon" | "osd" | "mgr")
-        || who.strip_prefix("client.").is_some_and(|n| !n.is_empty());
+        || who.strip_prefix("client.").is_some_and(|n| !n.is_empty())
+        || who
+            .strip_prefix("image.")
+            .is_some_and(|i| tern_types::ImageId::parse(i).is_ok());
     if ok {
         Ok(())
     } else {
@@ -88,6 +92,11 @@ pub fn validate_who(who: &str) -> Result<(), Error> {
 
 /// Checks and normalises a value for its option's type.
 pub fn check_value(opt: &Opt, value: &str) -> Result<String, Error> {
+    if opt.name == "rbd_journal_durability" && !matches!(value, "strict" | "flush") {
+        return Err(Error::invalid(format!(
+            "rbd_journal_durability: '{value}' is not strict or flush"
+        )));
+    }
     let bad = |want: &str| Error::invalid(format!("{}: '{value}' is not {want}", opt.name));
     Ok(match opt.kind {
         Kind::Int => value

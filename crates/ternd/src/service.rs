@@ -121,6 +121,22 @@ fn pool_pb(p: tern_store::PoolInfo) -> pb::PoolInfo {
     }
 }
 
+fn journal_client_pb(c: &tern_store::journal::ClientInfo) -> pb::JournalClientInfo {
+    pb::JournalClientInfo {
+        id: c.id.clone(),
+        commit_tid: c.commit_tid,
+        disconnected: c.disconnected,
+        entries_behind: c.entries_behind,
+    }
+}
+
+pub fn durability_name(d: tern_store::JournalDurability) -> &'static str {
+    match d {
+        tern_store::JournalDurability::Strict => "strict",
+        tern_store::JournalDurability::OnFlush => "flush",
+    }
+}
+
 fn image_ref(r: Option<pb::ImageRef>) -> Result<pb::ImageRef, Status> {
     r.ok_or_else(|| status_of(Error::invalid("the request names no image")))
 }
@@ -321,18 +337,34 @@ impl Service {
 
     /// The effective value of an option for `who` (set value or default).
     fn config_value(&self, who: &str, key: &str) -> Result<String, Error> {
-        let opt = options::find(key)?;
-        for w in options::lookup_chain(who) {
-            if let Some(v) = self
-                .site
-                .store
-                .kv_get(KvTable::Config, &format!("{w}\0{key}"))
-                .map_err(serr)?
-            {
-                return Ok(v);
-            }
+        self.site.config_value(who, key)
+    }
+
+    /// Checks the caller may change config section `who` and returns its
+    /// stored form: `image:POOL/IMAGE` (rbd config image) becomes
+    /// `image.<id>`, so the setting follows the image through renames.
+    fn config_who<T>(&self, req: &Request<T>, who: &str, key: &str) -> Result<String, Status> {
+        let Some(spec) = who.strip_prefix("image:") else {
+            self.check(req, Need::Admin)?;
+            return Ok(who.to_string());
+        };
+        let (pool, image) = spec.split_once('/').ok_or_else(|| {
+            status_of(Error::invalid(format!(
+                "'{spec}' is not an image spec: use POOL/IMAGE"
+            )))
+        })?;
+        self.check(req, Need::Write(pool))?;
+        if !key.is_empty() && !key.starts_with("rbd_") {
+            return Err(status_of(Error::invalid(format!(
+                "'{key}' is not an image option: only rbd_* options can be set per image"
+            ))));
         }
-        Ok(opt.default.to_string())
+        let info = self
+            .site
+            .store
+            .image_info(pool, image)
+            .map_err(|e| status_of(serr(e)))?;
+        Ok(format!("image.{}", info.id))
     }
 
     fn entity_pb(&self, rec: &UserRecord, created: bool) -> pb::AuthEntity {
@@ -599,6 +631,208 @@ impl pb::site_server::Site for Service {
         Ok(Response::new(pb::Empty {}))
     }
 
+    async fn image_features(
+        &self,
+        req: Request<pb::ImageFeaturesRequest>,
+    ) -> SResult<pb::ImageInfo> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::Write(&r.pool))?;
+        let q = req.into_inner();
+        let site = self.site.clone();
+        let info = blocking(move || {
+            let bits = |names: &[String]| -> Result<u64, Error> {
+                if names.is_empty() {
+                    return Ok(0);
+                }
+                Ok(Features::parse_list(names)?.0)
+            };
+            let (enable, disable) = (bits(&q.enable)?, bits(&q.disable)?);
+            if enable == 0 && disable == 0 {
+                return Err(Error::invalid("name at least one feature to change"));
+            }
+            site.store
+                .image_set_features(&r.pool, &r.image, enable, disable)
+                .map_err(serr)
+        })
+        .await?;
+        Ok(Response::new(image_info_pb(&info, None)))
+    }
+
+    async fn journal_info(&self, req: Request<pb::ImageRef>) -> SResult<pb::JournalInfoReply> {
+        let pool = req.get_ref().pool.clone();
+        self.check(&req, Need::Read(&pool))?;
+        let r = req.into_inner();
+        let site = self.site.clone();
+        let reply = blocking(move || {
+            let j = site.store.journal(&r.pool, &r.image).map_err(serr)?;
+            let i = j.info();
+            let age = site.config_f64(&format!("image.{}", i.image_id), "rbd_journal_commit_age");
+            let splay =
+                site.config_f64(&format!("image.{}", i.image_id), "rbd_journal_splay_width");
+            Ok(pb::JournalInfoReply {
+                image_id: i.image_id.to_string(),
+                segments: i
+                    .segments
+                    .iter()
+                    .map(|s| pb::JournalSegment {
+                        segno: s.segno,
+                        first_tid: s.first_tid,
+                        entries: s.entries,
+                        bytes: s.bytes,
+                    })
+                    .collect(),
+                bytes: i.bytes,
+                first_tid: i.first_tid,
+                last_tid: i.last_tid,
+                durable_tid: i.durable_tid,
+                applied_tid: i.applied_tid,
+                clients: i.clients.iter().map(journal_client_pb).collect(),
+                segment_size: i.options.segment_size,
+                max_size: i.options.max_size,
+                durability: durability_name(i.options.durability).into(),
+                syncs: i.syncs,
+                commit_age: age,
+                splay_width: splay as u64,
+            })
+        })
+        .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn journal_inspect(
+        &self,
+        req: Request<pb::ImageRef>,
+    ) -> SResult<pb::JournalInspectReply> {
+        let pool = req.get_ref().pool.clone();
+        self.check(&req, Need::Read(&pool))?;
+        let r = req.into_inner();
+        let site = self.site.clone();
+        let rep = blocking(move || {
+            let j = site.store.journal(&r.pool, &r.image).map_err(serr)?;
+            j.inspect().map_err(serr)
+        })
+        .await?;
+        Ok(Response::new(pb::JournalInspectReply {
+            segments: rep.segments,
+            entries: rep.entries,
+            bytes: rep.bytes,
+            first_tid: rep.first_tid.unwrap_or(0),
+            last_tid: rep.last_tid.unwrap_or(0),
+            counts: rep.counts.into_iter().collect(),
+            errors: rep.errors,
+        }))
+    }
+
+    type JournalReadStream = ReceiverStream<Result<pb::JournalChunk, Status>>;
+
+    async fn journal_read(
+        &self,
+        req: Request<pb::JournalReadRequest>,
+    ) -> SResult<Self::JournalReadStream> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::Read(&r.pool))?;
+        let q = req.into_inner();
+        let site = self.site.clone();
+        let (pool, image) = (r.pool.clone(), r.image.clone());
+        let j = blocking(move || site.store.journal(&pool, &image).map_err(serr)).await?;
+        let max = if q.max_bytes == 0 {
+            4 << 20
+        } else {
+            q.max_bytes.clamp(4096, 8 << 20)
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut next = if q.from_tid == 0 {
+                j.info().first_tid
+            } else {
+                q.from_tid
+            };
+            loop {
+                let jj = j.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    let entries = jj.read_from(next, max)?;
+                    if entries.is_empty() && q.follow {
+                        // A stream, not polling: woken by the next commit.
+                        jj.wait_for(next - 1, std::time::Duration::from_secs(1));
+                    }
+                    Ok::<_, tern_store::StoreError>((entries, jj.durable_tid()))
+                })
+                .await;
+                let (entries, durable) = match read {
+                    Ok(Ok(v)) => v,
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(status_of(serr(e)))).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        return;
+                    }
+                };
+                if entries.is_empty() {
+                    if !q.follow || tx.is_closed() {
+                        return;
+                    }
+                    continue;
+                }
+                let first_tid = entries[0].tid;
+                let last_tid = entries[entries.len() - 1].tid;
+                let mut buf = Vec::new();
+                for e in &entries {
+                    e.encode_into(&mut buf);
+                }
+                next = last_tid + 1;
+                let chunk = pb::JournalChunk {
+                    entries: buf,
+                    first_tid,
+                    last_tid,
+                    durable_tid: durable,
+                };
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn journal_client(
+        &self,
+        req: Request<pb::JournalClientRequest>,
+    ) -> SResult<pb::JournalClientInfo> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        let q = req.get_ref().clone();
+        // Reading positions is reading; holding back trimming is what a
+        // peer's replayer (or an image writer) may do.
+        if q.action == "get" {
+            self.check(&req, Need::Read(&r.pool))?;
+        } else if self.check(&req, Need::MirrorPeer(&r.pool)).is_err() {
+            self.check(&req, Need::Write(&r.pool))?;
+        }
+        let site = self.site.clone();
+        let info = blocking(move || {
+            let j = site.store.journal(&r.pool, &r.image).map_err(serr)?;
+            match q.action.as_str() {
+                "register" => j.register_client(&q.client).map_err(serr),
+                "unregister" => {
+                    let c = j.client(&q.client).map_err(serr)?;
+                    j.unregister_client(&q.client).map_err(serr)?;
+                    Ok(c)
+                }
+                "commit" => {
+                    j.commit(&q.client, q.tid).map_err(serr)?;
+                    j.client(&q.client).map_err(serr)
+                }
+                "get" => j.client(&q.client).map_err(serr),
+                other => Err(Error::invalid(format!(
+                    "unknown journal client action '{other}': use register, unregister, commit or get"
+                ))),
+            }
+        })
+        .await?;
+        Ok(Response::new(journal_client_pb(&info)))
+    }
+
     async fn read(&self, req: Request<pb::ReadRequest>) -> SResult<pb::ReadReply> {
         let r = image_ref(req.get_ref().image.clone())?;
         self.check(&req, Need::Read(&r.pool))?;
@@ -858,8 +1092,9 @@ impl pb::site_server::Site for Service {
     }
 
     async fn config_set(&self, req: Request<pb::ConfigSetRequest>) -> SResult<pb::Empty> {
-        self.check(&req, Need::Admin)?;
-        let r = req.into_inner();
+        let who = self.config_who(&req, &req.get_ref().who, &req.get_ref().key)?;
+        let mut r = req.into_inner();
+        r.who = who;
         let site = self.site.clone();
         blocking(move || {
             options::validate_who(&r.who)?;
@@ -870,7 +1105,11 @@ impl pb::site_server::Site for Service {
             }
             site.store
                 .kv_put(KvTable::Config, &format!("{}\0{}", r.who, r.key), &v)
-                .map_err(serr)
+                .map_err(serr)?;
+            if opt.name.starts_with("rbd_journal_") {
+                site.apply_journal_config()?;
+            }
+            Ok(())
         })
         .await?;
         Ok(Response::new(pb::Empty {}))
@@ -878,7 +1117,10 @@ impl pb::site_server::Site for Service {
 
     async fn config_get(&self, req: Request<pb::ConfigGetRequest>) -> SResult<pb::ConfigListReply> {
         self.check(&req, Need::SiteRead)?;
-        let r = req.into_inner();
+        let mut r = req.get_ref().clone();
+        if r.who.starts_with("image:") {
+            r.who = self.config_who(&req, &r.who, &r.key)?;
+        }
         options::validate_who(&r.who).map_err(status_of)?;
         let mut entries = Vec::new();
         if r.key.is_empty() {
@@ -901,13 +1143,22 @@ impl pb::site_server::Site for Service {
     }
 
     async fn config_remove(&self, req: Request<pb::ConfigGetRequest>) -> SResult<pb::Empty> {
-        self.check(&req, Need::Admin)?;
+        let who = self.config_who(&req, &req.get_ref().who, &req.get_ref().key)?;
         let r = req.into_inner();
-        options::find(&r.key).map_err(status_of)?;
+        let opt = options::find(&r.key).map_err(status_of)?;
         self.site
             .store
-            .kv_delete(KvTable::Config, &format!("{}\0{}", r.who, r.key))
+            .kv_delete(KvTable::Config, &format!("{}\0{}", who, r.key))
             .map_err(|e| status_of(serr(e)))?;
+        if opt.name.starts_with("rbd_journal_") {
+            if let Some(id) = who
+                .strip_prefix("image.")
+                .and_then(|i| tern_types::ImageId::parse(i).ok())
+            {
+                self.site.store.set_image_journal_options(&id, None);
+            }
+            self.site.apply_journal_config().map_err(status_of)?;
+        }
         Ok(Response::new(pb::Empty {}))
     }
 

@@ -330,3 +330,72 @@ fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
         .collect();
     base64::engine::general_purpose::STANDARD.decode(body).ok()
 }
+
+impl Site {
+    /// The effective value of an option for `who` (set value or default).
+    pub fn config_value(&self, who: &str, key: &str) -> Result<String, Error> {
+        let opt = crate::options::find(key)?;
+        for w in crate::options::lookup_chain(who) {
+            if let Some(v) = self
+                .store
+                .kv_get(KvTable::Config, &format!("{w}\0{key}"))
+                .map_err(store_err)?
+            {
+                return Ok(v);
+            }
+        }
+        Ok(opt.default.to_string())
+    }
+
+    /// A numeric option's effective value (0 if unreadable).
+    pub fn config_f64(&self, who: &str, key: &str) -> f64 {
+        self.config_value(who, key)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// The journal options for config section `who` (`global`, or
+    /// `image.<id>` for one image's overrides on top of it).
+    pub fn journal_options(&self, who: &str) -> tern_store::JournalOptions {
+        let size = |k| self.config_f64(who, k) as u64;
+        let durability = match self.config_value(who, "rbd_journal_durability").as_deref() {
+            Ok("flush") => tern_store::JournalDurability::OnFlush,
+            _ => tern_store::JournalDurability::Strict,
+        };
+        tern_store::JournalOptions {
+            segment_size: size("rbd_journal_object_size").max(64 << 10),
+            max_size: size("rbd_journal_max_size").max(1 << 20),
+            durability,
+            commit_age_us: (self.config_f64(who, "rbd_journal_commit_age") * 1e6) as u64,
+            ..tern_store::JournalOptions::default()
+        }
+    }
+
+    /// Hands the configured journal options to the store: the global ones
+    /// and every image's overrides. Run at start and after config changes.
+    pub fn apply_journal_config(&self) -> Result<(), Error> {
+        self.store
+            .set_journal_options(self.journal_options("global"));
+        let mut ids = std::collections::BTreeSet::new();
+        for (k, _) in self
+            .store
+            .kv_list(KvTable::Config, "image.")
+            .map_err(store_err)?
+        {
+            if let Some((who, _)) = k.split_once('\0') {
+                ids.insert(who.to_string());
+            }
+        }
+        for who in ids {
+            if let Some(id) = who
+                .strip_prefix("image.")
+                .and_then(|i| tern_types::ImageId::parse(i).ok())
+            {
+                let o = self.journal_options(&who);
+                self.store.set_image_journal_options(&id, Some(o));
+            }
+        }
+        Ok(())
+    }
+}

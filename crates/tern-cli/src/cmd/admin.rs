@@ -72,6 +72,9 @@ pub async fn config(ctx: &Ctx, cmd: ConfigCmd) -> Result<()> {
         }
         return Ok(());
     }
+    if let ConfigCmd::Image(c) = cmd {
+        return super::journal::config_image(ctx, c).await;
+    }
     let c = ctx.connect().await?;
     match cmd {
         ConfigCmd::Set { who, key, value } => {
@@ -137,7 +140,7 @@ pub async fn config(ctx: &Ctx, cmd: ConfigCmd) -> Result<()> {
                 print!("{}", table(&["WHO", "OPTION", "VALUE"], &rows));
             }
         }
-        ConfigCmd::Help { .. } => unreachable!(),
+        ConfigCmd::Help { .. } | ConfigCmd::Image(_) => unreachable!(),
     }
     Ok(())
 }

@@ -4,6 +4,7 @@ mod device;
 mod diff;
 mod image;
 mod io;
+mod journal;
 mod lab;
 mod mirror;
 mod pool;
@@ -48,6 +49,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Export { spec, path, .. } => io::export(&ctx, &spec, &path).await,
         Cmd::Snap(c) => snap::run(&ctx, c).await,
         Cmd::Lock(c) => snap::lock(&ctx, c).await,
+        Cmd::Feature(c) => journal::feature(&ctx, c).await,
+        Cmd::Journal(c) => journal::run(&ctx, c).await,
         Cmd::Device(c) => device::run_cmd(&ctx, c).await,
         Cmd::Mirror(c) => mirror::run(&ctx, c).await,
         Cmd::Lab { action, dir } => lab::run(&action, &dir),

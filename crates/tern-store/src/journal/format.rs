@@ -25,7 +25,7 @@
 //! | 16 | 8 | timestamp, unix microseconds |
 //! | 24 | 2 | op code (see below) |
 //! | 26 | 2 | flags, zero (a reader refuses unknown flags) |
-//! | 28 | 4 | crc32c of bytes 0..28 followed by the payload |
+//! | 28 | 4 | crc32c of the payload followed by bytes 0..28 |
 //! | 32 | len | payload |
 //!
 //! Payloads by op code (all integers u64 unless noted):
@@ -509,40 +509,43 @@ pub(crate) fn payload_len(op: &JournalOp) -> usize {
     op.payload_len()
 }
 
-/// A write's payload with its crc computed up front, so that the journal's
-/// writer lock covers only a copy: the entry crc is the header's crc
-/// combined with this one.
-pub(crate) struct WritePayload<'a> {
-    offset: u64,
-    data: &'a [u8],
-    crc: u32,
-}
+/// A write's entry, encoded in two steps so that the journal's writer lock
+/// covers only a copy: the payload crc is computed before the tid and
+/// timestamp are known, and finished under the lock by appending just the
+/// header's bytes.
+pub(crate) struct WritePayload;
 
-impl<'a> WritePayload<'a> {
-    pub fn new(offset: u64, data: &'a [u8]) -> WritePayload<'a> {
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&offset.to_le_bytes()), data);
-        WritePayload { offset, data, crc }
-    }
-
-    pub fn len(&self) -> usize {
-        8 + self.data.len()
+impl WritePayload {
+    /// The crc of a write's payload (offset, then data).
+    pub fn crc(offset: u64, data: &[u8]) -> u32 {
+        crc32c::crc32c_append(crc32c::crc32c(&offset.to_le_bytes()), data)
     }
 
     /// Same bytes as [`JournalEntry::encode_into`] of the equivalent entry.
-    pub fn encode_into(&self, tid: u64, timestamp_us: u64, out: &mut Vec<u8>) {
+    pub fn encode(
+        offset: u64,
+        data: &[u8],
+        payload_crc: u32,
+        tid: u64,
+        timestamp_us: u64,
+        out: &mut Vec<u8>,
+    ) {
         let start = out.len();
-        out.reserve(ENTRY_HEADER_LEN + self.len());
-        push_header(out, tid, timestamp_us, 1, self.len());
-        let head = crc32c::crc32c(&out[start..start + ENTRY_CRC_OFF]);
-        let crc = crc32c::crc32c_combine(head, self.crc, self.len());
+        let plen = 8 + data.len();
+        out.reserve(ENTRY_HEADER_LEN + plen);
+        push_header(out, tid, timestamp_us, 1, plen);
+        let crc = crc32c::crc32c_append(payload_crc, &out[start..start + ENTRY_CRC_OFF]);
         out[start + ENTRY_CRC_OFF..start + ENTRY_HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(&self.offset.to_le_bytes());
-        out.extend_from_slice(self.data);
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(data);
     }
 }
 
+/// The payload comes first so that a write's crc can be computed before
+/// its tid and timestamp are known, and finished under the writer lock by
+/// appending just the header (combining two crcs costs far more).
 fn entry_crc(head: &[u8], payload: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(head), payload)
+    crc32c::crc32c_append(crc32c::crc32c(payload), head)
 }
 
 #[cfg(test)]
@@ -632,13 +635,13 @@ mod tests {
             0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11,     // timestamp
             1, 0,                                               // op: write
             0, 0,                                               // flags
-            0xbc, 0x9f, 0x2d, 0x84,                             // crc32c (computed independently)
+            0xfb, 0xa1, 0xae, 0x5c,                             // crc32c (computed independently)
             0, 0x10, 0, 0, 0, 0, 0, 0,                          // offset
             b'h', b'i',                                         // data
         ];
         assert_eq!(b, expected);
-        let mut crc_in = expected[..28].to_vec();
-        crc_in.extend_from_slice(&expected[32..]);
+        let mut crc_in = expected[32..].to_vec();
+        crc_in.extend_from_slice(&expected[..28]);
         assert_eq!(le32(&b, 28), crc32c::crc32c(&crc_in));
         assert_eq!(JournalEntry::decode(&b).unwrap(), (e, 42));
 
@@ -681,7 +684,14 @@ mod tests {
                 },
             };
             let mut fast = vec![1, 2, 3];
-            WritePayload::new(777, &data).encode_into(99, 1234, &mut fast);
+            WritePayload::encode(
+                777,
+                &data,
+                WritePayload::crc(777, &data),
+                99,
+                1234,
+                &mut fast,
+            );
             assert_eq!(&fast[3..], &e.encode()[..]);
         }
     }

@@ -52,7 +52,7 @@ pub use format::{FormatError, JournalEntry, JournalOp};
 use crate::error::{StoreError, is_no_space};
 use crate::now_secs;
 use format::{ENTRY_HEADER_LEN, SEG_HEADER_LEN, SegmentHeader};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use state::{ClientRecord, PersistState};
 use std::collections::{BTreeMap, BTreeSet};
@@ -101,6 +101,11 @@ pub struct JournalOptions {
     /// Journal bytes appended between two lazy checkpoints.
     pub checkpoint_bytes: u64,
     pub durability: JournalDurability,
+    /// In `OnFlush` mode, entries not made durable by a flush or FUA are
+    /// synced in the background this long (microseconds) after they are
+    /// appended: it bounds what a power cut can take and how long a peer
+    /// waits to see an entry. 0: only flushes and FUA sync.
+    pub commit_age_us: u64,
 }
 
 impl Default for JournalOptions {
@@ -110,6 +115,7 @@ impl Default for JournalOptions {
             max_size: 1 << 30,
             checkpoint_bytes: 32 << 20,
             durability: JournalDurability::Strict,
+            commit_age_us: 5000,
         }
     }
 }
@@ -195,6 +201,41 @@ struct Writer {
     last_checkpoint: Instant,
     /// A write-out failed; nothing more may be appended.
     failed: bool,
+    /// Mutations appended and waiting for the committer, in tid order
+    /// (they are queued under this lock, so the order is the journal's).
+    pending: Vec<Pending>,
+    /// A queued mutation wants to be durable when acknowledged (FUA), in
+    /// `OnFlush` mode.
+    pending_fua: bool,
+    /// The journal is closing: the committer ends.
+    stopping: bool,
+}
+
+/// A mutation the committer applies once its entry may be acted on.
+pub(crate) struct Pending {
+    pub tid: u64,
+    pub op: PendingOp,
+}
+
+pub(crate) enum PendingOp {
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Zero {
+        discard: bool,
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// What the committer has finished: every queued entry with tid <=
+/// `through` is applied, or failed with the error kept here.
+#[derive(Default)]
+struct Done {
+    through: u64,
+    errors: BTreeMap<u64, Arc<StoreError>>,
+    closed: bool,
 }
 
 impl Writer {
@@ -212,13 +253,21 @@ pub struct Journal {
     spec: RwLock<String>,
     dir: PathBuf,
     image_id: ImageId,
-    opts: JournalOptions,
+    opts: Mutex<JournalOptions>,
     w: Mutex<Writer>,
     commit: commit::GroupCommit,
     /// The persisted state; its lock also serialises writing the file.
     st: Mutex<PersistState>,
     /// One checkpoint at a time.
     ckpt: Mutex<()>,
+    /// One committer round at a time, so batches apply in tid order.
+    pub(crate) round: Mutex<()>,
+    /// Wakes the committer (paired with `w`).
+    work: Condvar,
+    done: Mutex<Done>,
+    done_cv: Condvar,
+    /// `done.through`, for writers waiting without a thread of their own.
+    done_tx: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -428,7 +477,7 @@ impl Journal {
             spec: RwLock::new(spec.to_string()),
             dir,
             image_id: image_id.clone(),
-            opts,
+            opts: Mutex::new(opts),
             w: Mutex::new(Writer {
                 segs,
                 cur_no,
@@ -440,10 +489,21 @@ impl Journal {
                 since_checkpoint: 0,
                 last_checkpoint: Instant::now(),
                 failed: false,
+                pending: Vec::new(),
+                pending_fua: false,
+                stopping: false,
             }),
             commit: commit::GroupCommit::new(next_tid - 1),
             st: Mutex::new(st),
             ckpt: Mutex::new(()),
+            round: Mutex::new(()),
+            work: Condvar::new(),
+            done: Mutex::new(Done {
+                through: next_tid - 1,
+                ..Done::default()
+            }),
+            done_cv: Condvar::new(),
+            done_tx: tokio::sync::watch::Sender::new(next_tid - 1),
         })
     }
 
@@ -452,7 +512,13 @@ impl Journal {
     }
 
     pub fn options(&self) -> JournalOptions {
-        self.opts
+        *self.opts.lock()
+    }
+
+    /// Changes the tunables of an open journal; a new segment size applies
+    /// from the next segment on.
+    pub fn set_options(&self, opts: JournalOptions) {
+        *self.opts.lock() = opts;
     }
 
     pub fn dir(&self) -> &Path {
@@ -461,24 +527,71 @@ impl Journal {
 
     // ---- appending ----
 
-    /// Appends `op`; returns its tid. Not yet durable: see [`Self::make_durable`].
+    /// Appends `op`; returns its tid. Not yet durable: see [`Self::sync_to`].
     pub(crate) fn append(&self, op: &JournalOp) -> Result<u64, StoreError> {
         let len = ENTRY_HEADER_LEN + format::payload_len(op);
-        self.push(len, |tid, out| {
-            JournalEntry::encode_op_into(tid, now_us(), op, out);
-        })
+        self.push(
+            len,
+            |tid, out, _| {
+                JournalEntry::encode_op_into(tid, now_us(), op, out);
+            },
+            None,
+        )
     }
 
-    /// [`Self::append`] for a write, without copying `data` twice: its crc
-    /// is computed before the writer lock is taken.
-    pub(crate) fn append_write(&self, offset: u64, data: &[u8]) -> Result<u64, StoreError> {
-        let pre = format::WritePayload::new(offset, data);
-        self.push(ENTRY_HEADER_LEN + pre.len(), |tid, out| {
-            pre.encode_into(tid, now_us(), out);
-        })
+    /// Appends a discard or write-zeroes and queues it for the committer.
+    pub(crate) fn queue_zero(
+        &self,
+        discard: bool,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> Result<u64, StoreError> {
+        let op = if discard {
+            JournalOp::Discard { offset, len }
+        } else {
+            JournalOp::WriteZeroes { offset, len }
+        };
+        let elen = ENTRY_HEADER_LEN + format::payload_len(&op);
+        self.push(
+            elen,
+            |tid, out, _| JournalEntry::encode_op_into(tid, now_us(), &op, out),
+            Some((
+                PendingOp::Zero {
+                    discard,
+                    offset,
+                    len,
+                },
+                fua,
+            )),
+        )
     }
 
-    fn push(&self, len: usize, encode: impl FnOnce(u64, &mut Vec<u8>)) -> Result<u64, StoreError> {
+    /// Appends a write and queues it for the committer.
+    pub(crate) fn queue_write(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> Result<u64, StoreError> {
+        let crc = format::WritePayload::crc(offset, &data);
+        self.push(
+            ENTRY_HEADER_LEN + 8 + data.len(),
+            |tid, out, queued| {
+                if let Some(PendingOp::Write { data, .. }) = queued {
+                    format::WritePayload::encode(offset, data, crc, tid, now_us(), out)
+                }
+            },
+            Some((PendingOp::Write { offset, data }, fua)),
+        )
+    }
+
+    fn push(
+        &self,
+        len: usize,
+        encode: impl FnOnce(u64, &mut Vec<u8>, Option<&PendingOp>),
+        queue: Option<(PendingOp, bool)>,
+    ) -> Result<u64, StoreError> {
         let mut w = self.w.lock();
         if w.failed {
             return Err(self.io_err(
@@ -488,12 +601,12 @@ impl Journal {
         }
         let seg_len = w.segs[&w.cur_no].len;
         let has_entries = !w.segs[&w.cur_no].offsets.is_empty();
-        if has_entries && seg_len + len as u64 > self.opts.segment_size {
+        if has_entries && seg_len + len as u64 > self.options().segment_size {
             self.roll(&mut w)?;
         }
         let tid = w.next_tid;
         let start = w.buf.len();
-        encode(tid, &mut w.buf);
+        encode(tid, &mut w.buf, queue.as_ref().map(|(op, _)| op));
         debug_assert_eq!(w.buf.len() - start, len);
         let seg = w.cur_seg();
         seg.offsets.push(seg.len);
@@ -501,7 +614,109 @@ impl Journal {
         w.next_tid += 1;
         w.inflight.insert(tid);
         w.since_checkpoint += len as u64;
+        if let Some((op, fua)) = queue {
+            w.pending.push(Pending { tid, op });
+            w.pending_fua |= fua;
+            if w.pending.len() == 1 {
+                self.work.notify_one();
+            }
+        }
         Ok(tid)
+    }
+
+    // ---- the committer's side ----
+
+    /// Blocks until mutations are queued; returns false once the journal
+    /// is closing and nothing is left.
+    pub(crate) fn wait_work(&self) -> bool {
+        let mut w = self.w.lock();
+        while w.pending.is_empty() && !w.stopping {
+            let age = self.options().commit_age_us;
+            if age > 0 && self.commit.durable() < w.last_tid() {
+                let timeout = Duration::from_micros(age);
+                if self.work.wait_for(&mut w, timeout).timed_out() {
+                    let last = w.last_tid();
+                    drop(w);
+                    // Background commit of an `OnFlush` journal; a failure
+                    // is reported to the next writer that syncs.
+                    let _ = self.sync_to(last);
+                    w = self.w.lock();
+                }
+            } else {
+                self.work.wait(&mut w);
+            }
+        }
+        !w.pending.is_empty()
+    }
+
+    /// Takes every queued mutation, and whether one of them wants FUA.
+    pub(crate) fn take_pending(&self) -> (Vec<Pending>, bool) {
+        let mut w = self.w.lock();
+        let fua = std::mem::take(&mut w.pending_fua);
+        (std::mem::take(&mut w.pending), fua)
+    }
+
+    /// Publishes that every queued entry up to `through` is finished;
+    /// `errors` are the ones that failed.
+    pub(crate) fn finish(&self, through: u64, errors: Vec<(u64, Arc<StoreError>)>) {
+        let mut d = self.done.lock();
+        d.errors.extend(errors);
+        d.through = d.through.max(through);
+        self.done_tx.send_replace(d.through);
+        self.done_cv.notify_all();
+    }
+
+    fn result_of(&self, d: &mut Done, tid: u64) -> Option<Result<(), StoreError>> {
+        if let Some(e) = d.errors.remove(&tid) {
+            return Some(Err(StoreError::Shared(e)));
+        }
+        if d.through >= tid {
+            return Some(Ok(()));
+        }
+        if d.closed {
+            return Some(Err(StoreError::ImageRemoved {
+                spec: self.spec.read().clone(),
+            }));
+        }
+        None
+    }
+
+    /// Blocks until the committer has applied (or failed) entry `tid`.
+    pub(crate) fn wait_done(&self, tid: u64) -> Result<(), StoreError> {
+        let mut d = self.done.lock();
+        loop {
+            if let Some(r) = self.result_of(&mut d, tid) {
+                return r;
+            }
+            self.done_cv.wait(&mut d);
+        }
+    }
+
+    /// [`Self::wait_done`] without blocking a thread.
+    pub(crate) async fn wait_done_async(&self, tid: u64) -> Result<(), StoreError> {
+        let mut rx = self.done_tx.subscribe();
+        loop {
+            if let Some(r) = self.result_of(&mut self.done.lock(), tid) {
+                return r;
+            }
+            if rx.changed().await.is_err() {
+                return Err(StoreError::ImageRemoved {
+                    spec: self.spec.read().clone(),
+                });
+            }
+        }
+    }
+
+    /// Entries are visible to readers once durable; in `OnFlush` mode the
+    /// committer only writes them out, unless a FUA asks for more.
+    pub(crate) fn wants_sync(&self, fua: bool) -> bool {
+        fua || self.options().durability == JournalDurability::Strict
+    }
+
+    /// Makes every appended entry reach the segment file (page cache).
+    pub(crate) fn write_out(&self) -> Result<(), StoreError> {
+        let mut w = self.w.lock();
+        self.write_out_locked(&mut w)
     }
 
     /// Closes the current segment (written out and synced, so only the
@@ -559,16 +774,6 @@ impl Journal {
             .map_err(|e| self.io_err(&self.dir, e))
     }
 
-    /// What a mutation waits for before it is applied: in strict mode the
-    /// entry durable, else in the segment file; with `fua`, durable anyway.
-    pub(crate) fn make_durable(&self, tid: u64, fua: bool) -> Result<(), StoreError> {
-        if fua || self.opts.durability == JournalDurability::Strict {
-            return self.sync_to(tid);
-        }
-        let mut w = self.w.lock();
-        self.write_out_locked(&mut w)
-    }
-
     /// The entry is applied to the object files.
     pub(crate) fn applied(&self, tid: u64) {
         self.w.lock().inflight.remove(&tid);
@@ -584,7 +789,7 @@ impl Journal {
     /// flush) enough time.
     pub(crate) fn checkpoint_due(&self, at_flush: bool) -> bool {
         let w = self.w.lock();
-        w.since_checkpoint >= self.opts.checkpoint_bytes
+        w.since_checkpoint >= self.options().checkpoint_bytes
             || (at_flush && w.since_checkpoint > 0 && w.last_checkpoint.elapsed() >= CHECKPOINT_AGE)
     }
 
@@ -688,7 +893,7 @@ impl Journal {
         };
         let (mut nos, mut freed) = trimmable(keep_from(&st));
         let mut changed = false;
-        while total - freed > self.opts.max_size {
+        while total - freed > self.options().max_size {
             // The furthest-behind client that holds back more than the
             // local image does goes first.
             let checkpoint = st.checkpoint;
@@ -966,7 +1171,7 @@ impl Journal {
             durable_tid: durable,
             applied_tid: st.checkpoint,
             clients,
-            options: self.opts,
+            options: self.options(),
             syncs: stats.syncs,
         }
     }
@@ -1057,7 +1262,13 @@ impl Journal {
 
     /// Wakes every `wait_for` for good: the journal is going away.
     pub(crate) fn close(&self) {
+        self.w.lock().stopping = true;
+        self.work.notify_all();
         self.commit.close();
+        let mut d = self.done.lock();
+        d.closed = true;
+        self.done_cv.notify_all();
+        self.done_tx.send_modify(|_| {});
     }
 }
 

@@ -1,0 +1,129 @@
+//! The committer of a journaled image: one thread per journal that turns
+//! queued mutations into acknowledged ones.
+//!
+//! A writer appends its entry and queues the mutation under the journal's
+//! writer lock (so the queue is in tid order), then waits, holding no
+//! thread if it is async. The committer takes everything queued, makes it
+//! durable with one `fdatasync` (or, in `OnFlush` mode without FUA, just
+//! writes it to the segment file), applies the batch to the object files in
+//! tid order, and wakes the writers. So the write-ahead rule holds (no
+//! object file ever holds a write its journal could lose), concurrent
+//! writers share syncs, overlapping writes land in journal order (the
+//! order a peer replays them in), and no writer thread parks per request:
+//! under load a round carries as many mutations as arrived during the
+//! previous one.
+//!
+//! Barriers (snapshot operations, resize, markers, feature changes, clean
+//! close) hold the image state for writing, which the committer needs for
+//! reading; they run a round themselves before going on, so everything
+//! queued before them is applied before them.
+
+use crate::error::StoreError;
+use crate::image::{Image, State};
+use crate::journal::{Journal, PendingOp};
+use std::sync::{Arc, Weak};
+
+/// A queued journaled mutation to wait for.
+#[must_use = "the write is acknowledged only when the ticket says so"]
+pub struct Ticket {
+    pub(crate) j: Arc<Journal>,
+    pub(crate) tid: u64,
+}
+
+impl Ticket {
+    /// Blocks until the mutation is durable as promised and applied.
+    pub fn wait(self) -> Result<(), StoreError> {
+        self.j.wait_done(self.tid)
+    }
+
+    /// [`Self::wait`] for async callers: no thread waits.
+    pub async fn wait_async(self) -> Result<(), StoreError> {
+        self.j.wait_done_async(self.tid).await
+    }
+}
+
+impl Image {
+    pub(crate) fn start_committer(self: &Arc<Self>, j: &Arc<Journal>) {
+        let (img, j) = (Arc::downgrade(self), j.clone());
+        std::thread::Builder::new()
+            .name("tern-journal".into())
+            .spawn(move || run(img, j))
+            .expect("spawning the journal committer thread");
+    }
+
+    /// One round for a caller holding `state`: takes what is queued, makes
+    /// it durable (or written out), applies it in order, wakes the writers.
+    /// An entry whose apply fails stays unapplied (the next open replays
+    /// it) and its writer gets the error.
+    pub(crate) fn commit_round(&self, st: &State, j: &Journal) {
+        let _one = j.round.lock();
+        let (batch, fua) = j.take_pending();
+        let Some(last) = batch.last().map(|p| p.tid) else {
+            return;
+        };
+        let ready = if j.wants_sync(fua) {
+            j.sync_to(last)
+        } else {
+            j.write_out()
+        };
+        let mut errors = Vec::new();
+        match ready {
+            Err(e) => {
+                let e = Arc::new(e);
+                errors.extend(batch.iter().map(|p| (p.tid, e.clone())));
+            }
+            Ok(()) => {
+                for p in batch {
+                    let r = match &p.op {
+                        PendingOp::Write { offset, data } => {
+                            self.write_locked(st, *offset, data, false)
+                        }
+                        PendingOp::Zero {
+                            discard,
+                            offset,
+                            len,
+                        } => {
+                            let doing = if *discard { "discarding" } else { "zeroing" };
+                            self.zero_range_locked(st, doing, *offset, *len)
+                        }
+                    };
+                    match r {
+                        Ok(()) => j.applied(p.tid),
+                        Err(e) => errors.push((p.tid, Arc::new(e))),
+                    }
+                }
+            }
+        }
+        j.finish(last, errors);
+    }
+}
+
+fn run(img: Weak<Image>, j: Arc<Journal>) {
+    while j.wait_work() {
+        let Some(img) = img.upgrade() else {
+            break;
+        };
+        let st = img.state_read();
+        let current = st.journal.as_ref().is_some_and(|c| Arc::ptr_eq(c, &j));
+        if !current || img.is_removed() {
+            // Closed under us: its waiters are told so by the close.
+            drop(j.take_pending());
+            continue;
+        }
+        img.commit_round(&st, &j);
+        let due = j.checkpoint_due(false);
+        drop(st);
+        if due {
+            // Off this thread: a checkpoint syncs object files, which
+            // would hold every queued writer for its whole duration.
+            let img = img.clone();
+            std::thread::spawn(move || {
+                let st = img.state_read();
+                // Best effort: a failed lazy checkpoint only delays
+                // trimming, and a failed object sync is reported by every
+                // later flush.
+                let _ = img.checkpoint_locked(&st, false);
+            });
+        }
+    }
+}
