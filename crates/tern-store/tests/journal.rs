@@ -344,6 +344,39 @@ fn feature_toggles() {
 /// A torn or garbled tail of the last segment is dropped, never applied,
 /// and the journal continues correctly after it.
 #[test]
+fn segment_created_without_its_header_is_dropped() {
+    // A crash between creating the next segment file and writing its
+    // header leaves an empty newest segment: the one before it is current
+    // again, and appends continue there.
+    let t = tempfile::tempdir().unwrap();
+    let s = Store::open(t.path()).unwrap();
+    s.pool_create("p").unwrap();
+    create(&s, "i", 1 << 20, Layout::simple(65536), journaled());
+    let img = s.open_image("p", "i").unwrap();
+    for k in 0..5u8 {
+        img.write(u64::from(k) * 4096, &[k + 1; 4096], false)
+            .unwrap();
+    }
+    let dir = img.journal().unwrap().dir().to_path_buf();
+    drop(img);
+    drop(s);
+    std::fs::File::create(dir.join("0000000000000001.jseg")).unwrap();
+    let s = Store::open(t.path()).unwrap();
+    let img = s.open_image("p", "i").unwrap();
+    let j = img.journal().unwrap();
+    assert_eq!(j.last_tid(), 5);
+    assert!(!dir.join("0000000000000001.jseg").exists());
+    img.write(0, &[9; 4096], false).unwrap();
+    assert_eq!(j.last_tid(), 6);
+    let r = j.inspect().unwrap();
+    assert!(r.errors.is_empty(), "{r:?}");
+    let mut b = vec![0u8; 4096 * 5];
+    img.read(0, &mut b).unwrap();
+    assert!(b[..4096].iter().all(|&x| x == 9));
+    assert!(b[4096 * 4..].iter().all(|&x| x == 5));
+}
+
+#[test]
 fn torn_tail_is_dropped() {
     for garble in [false, true] {
         let t = tempfile::tempdir().unwrap();

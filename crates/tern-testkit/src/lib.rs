@@ -2,6 +2,8 @@
 //! loopback port with its own data and config directories under a temp dir,
 //! in its own process group, killed when the test ends (also on panic).
 
+pub mod nbd;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -378,6 +378,12 @@ impl Journal {
                 Err(_) if last && !segs.is_empty() => {
                     std::fs::remove_file(&path).map_err(|e| io_error(spec, &path, e))?;
                     nos.remove(0);
+                    // The one before (synced whole before this one was
+                    // created) is the current segment again.
+                    let (&prev, seg): (&u64, &Seg) = segs.iter().next_back().expect("not empty");
+                    let ppath = segment::seg_path(&dir, prev);
+                    let f = segment::open_rw(&dir, prev).map_err(|e| io_error(spec, &ppath, e))?;
+                    cur = Some((prev, f, seg.len));
                     continue;
                 }
                 Err(e) => return Err(corrupt(&path, e.to_string())),
