@@ -93,10 +93,14 @@ fn main() {
     mk("onflush", lock | Features::JOURNALING);
     let plain = store.open_image("rbd", "plain").unwrap();
     let strict = store.open_image("rbd", "strict").unwrap();
-    store.set_journal_options(JournalOptions {
-        durability: JournalDurability::OnFlush,
-        ..JournalOptions::default()
-    });
+    let onflush_id = store.image_info("rbd", "onflush").unwrap().id;
+    store.set_image_journal_options(
+        &onflush_id,
+        Some(JournalOptions {
+            durability: JournalDurability::OnFlush,
+            ..JournalOptions::default()
+        }),
+    );
     let onflush = store.open_image("rbd", "onflush").unwrap();
     // Objects exist and hold data beforehand, so object creation and first
     // write intents are not what is measured.

@@ -3,10 +3,11 @@
 //!
 //! A writer appends its entry and queues the mutation under the journal's
 //! writer lock (so the queue is in tid order), then waits, holding no
-//! thread if it is async. The committer takes everything queued, makes it
-//! durable with one `fdatasync` (or, in `OnFlush` mode without FUA, just
-//! writes it to the segment file), applies the batch to the object files in
-//! tid order, and wakes the writers. So the write-ahead rule holds (no
+//! thread if it is async. The committer's sync stage takes everything
+//! queued and makes it durable with one `fdatasync` (or, in `OnFlush` mode
+//! without FUA, just writes it to the segment file); its apply stage, a
+//! second thread, applies each synced batch to the object files in tid
+//! order and wakes the writers, while the next batch is being synced. So the write-ahead rule holds (no
 //! object file ever holds a write its journal could lose), concurrent
 //! writers share syncs, overlapping writes land in journal order (the
 //! order a peer replays them in), and no writer thread parks per request:
@@ -44,73 +45,89 @@ impl Ticket {
 
 impl Image {
     pub(crate) fn start_committer(self: &Arc<Self>, j: &Arc<Journal>) {
+        let jj = j.clone();
+        std::thread::Builder::new()
+            .name("tern-jsync".into())
+            .spawn(move || {
+                while jj.wait_work() {
+                    jj.sync_stage();
+                }
+            })
+            .expect("spawning the journal sync thread");
         let (img, j) = (Arc::downgrade(self), j.clone());
         std::thread::Builder::new()
-            .name("tern-journal".into())
-            .spawn(move || run(img, j))
-            .expect("spawning the journal committer thread");
+            .name("tern-japply".into())
+            .spawn(move || apply_loop(img, j))
+            .expect("spawning the journal apply thread");
     }
 
-    /// One round for a caller holding `state`: takes what is queued, makes
-    /// it durable (or written out), applies it in order, wakes the writers.
-    /// An entry whose apply fails stays unapplied (the next open replays
-    /// it) and its writer gets the error.
+    /// A whole round for a caller holding `state` (a barrier): syncs what
+    /// is queued, waits for a sync in progress, and applies every ready
+    /// batch, so everything queued before the call is applied after it.
     pub(crate) fn commit_round(&self, st: &State, j: &Journal) {
         let _one = j.round.lock();
-        let (batch, fua) = j.take_pending();
-        let Some(last) = batch.last().map(|p| p.tid) else {
-            return;
-        };
-        let ready = if j.wants_sync(fua) {
-            j.sync_to(last)
-        } else {
-            j.write_out()
-        };
-        let mut errors = Vec::new();
-        match ready {
-            Err(e) => {
-                let e = Arc::new(e);
-                errors.extend(batch.iter().map(|p| (p.tid, e.clone())));
-            }
-            Ok(()) => {
-                for p in batch {
-                    let r = match &p.op {
-                        PendingOp::Write { offset, data } => {
-                            self.write_locked(st, *offset, data, false)
+        j.sync_stage();
+        self.apply_ready(st, j);
+    }
+
+    /// Applies the ready batches in order and wakes their writers. An
+    /// entry whose apply fails stays unapplied (the next open replays it)
+    /// and its writer gets the error. Called with `round` held.
+    fn apply_ready(&self, st: &State, j: &Journal) {
+        for rb in j.take_ready() {
+            let Some(last) = rb.batch.last().map(|p| p.tid) else {
+                continue;
+            };
+            let mut errors = Vec::new();
+            match rb.synced {
+                Err(e) => errors.extend(rb.batch.iter().map(|p| (p.tid, e.clone()))),
+                Ok(()) => {
+                    for p in rb.batch {
+                        let r = match &p.op {
+                            PendingOp::Write { offset, data } => {
+                                self.write_locked(st, *offset, data, false)
+                            }
+                            PendingOp::Zero {
+                                discard,
+                                offset,
+                                len,
+                            } => {
+                                let doing = if *discard { "discarding" } else { "zeroing" };
+                                self.zero_range_locked(st, doing, *offset, *len)
+                            }
+                        };
+                        match r {
+                            Ok(()) => j.applied(p.tid),
+                            Err(e) => errors.push((p.tid, Arc::new(e))),
                         }
-                        PendingOp::Zero {
-                            discard,
-                            offset,
-                            len,
-                        } => {
-                            let doing = if *discard { "discarding" } else { "zeroing" };
-                            self.zero_range_locked(st, doing, *offset, *len)
-                        }
-                    };
-                    match r {
-                        Ok(()) => j.applied(p.tid),
-                        Err(e) => errors.push((p.tid, Arc::new(e))),
                     }
                 }
             }
+            j.finish(last, errors);
         }
-        j.finish(last, errors);
     }
 }
 
-fn run(img: Weak<Image>, j: Arc<Journal>) {
-    while j.wait_work() {
+/// The second stage: applies batches as the sync stage hands them over,
+/// so the next sync runs while this one's writes land.
+fn apply_loop(img: Weak<Image>, j: Arc<Journal>) {
+    while j.wait_ready() {
         let Some(img) = img.upgrade() else {
             break;
         };
+        // The state lock before the batches: a barrier holding it for
+        // writing then finds them all still queued.
         let st = img.state_read();
         let current = st.journal.as_ref().is_some_and(|c| Arc::ptr_eq(c, &j));
         if !current || img.is_removed() {
             // Closed under us: its waiters are told so by the close.
-            drop(j.take_pending());
+            drop(j.take_ready());
             continue;
         }
-        img.commit_round(&st, &j);
+        {
+            let _one = j.round.lock();
+            img.apply_ready(&st, &j);
+        }
         let due = j.checkpoint_due(false);
         drop(st);
         if due {

@@ -74,7 +74,7 @@ pub const LOCAL_CLIENT: &str = "local";
 /// stays a reasonable unit for readers and for `max_bytes`.
 pub const MAX_WRITE_ENTRY: usize = 4 << 20;
 /// A flush checkpoints if the last checkpoint is older than this.
-const CHECKPOINT_AGE: Duration = Duration::from_secs(5);
+const CHECKPOINT_AGE: Duration = Duration::from_secs(30);
 
 /// When an appended entry is durable.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,7 +113,7 @@ impl Default for JournalOptions {
         JournalOptions {
             segment_size: 16 << 20,
             max_size: 1 << 30,
-            checkpoint_bytes: 32 << 20,
+            checkpoint_bytes: 256 << 20,
             durability: JournalDurability::Strict,
             commit_age_us: 5000,
         }
@@ -209,6 +209,10 @@ struct Writer {
     pending_fua: bool,
     /// The journal is closing: the committer ends.
     stopping: bool,
+    /// Trimmed segment files kept for reuse (by their old numbers):
+    /// overwriting a file in place makes each sync cheaper than growing
+    /// one, which changes its size.
+    spares: Vec<u64>,
 }
 
 /// A mutation the committer applies once its entry may be acted on.
@@ -229,6 +233,18 @@ pub(crate) enum PendingOp {
     },
 }
 
+/// A batch whose entries may now be applied (or whose sync failed).
+pub(crate) struct ReadyBatch {
+    pub batch: Vec<Pending>,
+    pub synced: Result<(), Arc<StoreError>>,
+}
+
+#[derive(Default)]
+struct Ready {
+    batches: std::collections::VecDeque<ReadyBatch>,
+    closed: bool,
+}
+
 /// What the committer has finished: every queued entry with tid <=
 /// `through` is applied, or failed with the error kept here.
 #[derive(Default)]
@@ -236,6 +252,10 @@ struct Done {
     through: u64,
     errors: BTreeMap<u64, Arc<StoreError>>,
     closed: bool,
+    /// Writers waiting without a thread of their own, each woken alone
+    /// when its entry is finished (waking every waiter at every round
+    /// would cost more than the round).
+    waiters: BTreeMap<u64, tokio::sync::oneshot::Sender<Result<(), Arc<StoreError>>>>,
 }
 
 impl Writer {
@@ -262,12 +282,16 @@ pub struct Journal {
     ckpt: Mutex<()>,
     /// One committer round at a time, so batches apply in tid order.
     pub(crate) round: Mutex<()>,
+    /// Held from taking queued mutations until they are handed over as
+    /// ready, so a barrier can wait for a sync in progress.
+    pub(crate) stage: Mutex<()>,
+    /// Synced (or written out) batches waiting to be applied, in order.
+    ready: Mutex<Ready>,
+    ready_cv: Condvar,
     /// Wakes the committer (paired with `w`).
     work: Condvar,
     done: Mutex<Done>,
     done_cv: Condvar,
-    /// `done.through`, for writers waiting without a thread of their own.
-    done_tx: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -405,47 +429,42 @@ impl Journal {
             {
                 return Err(corrupt(
                     &path,
-                    format!("segment starts at tid {}, expected {n}", hdr.first_tid),
+                    format!(
+                        "segment starts at tid {}, but the one before ends at tid {}: entries are missing or damaged",
+                        hdr.first_tid,
+                        n - 1
+                    ),
                 ));
             }
             let file_len = f.metadata().map_err(|e| io_error(spec, &path, e))?.len();
             let mut offsets = Vec::new();
             let mut expect = hdr.first_tid;
-            let mut gap = None;
-            let end = segment::scan(&f, SEG_HEADER_LEN as u64, file_len, |off, e, _| {
+            // A whole entry of another tid is a leftover of the file's
+            // previous life (segments are recycled): the end of this one.
+            let mut stale = false;
+            let mut seg_end = SEG_HEADER_LEN as u64;
+            let end = segment::scan(&f, SEG_HEADER_LEN as u64, file_len, |off, e, n| {
                 if e.tid != expect {
-                    gap = Some((expect, e.tid));
+                    stale = true;
                     return false;
                 }
                 offsets.push(off);
+                seg_end = off + n as u64;
                 expect += 1;
                 true
             })
             .map_err(|e| io_error(spec, &path, e))?;
-            if let Some((want, found)) = gap {
-                return Err(corrupt(
-                    &path,
-                    format!("entry tid {found} where {want} was expected"),
-                ));
-            }
-            let mut seg_end = end.end;
-            if let Some(why) = end.stop {
-                if !last {
-                    return Err(corrupt(
-                        &path,
-                        format!(
-                            "damaged entry at offset {} ({why}) before the last segment",
-                            end.end
-                        ),
-                    ));
-                }
-                // The torn tail of the newest segment: an append that was
-                // never acknowledged. Cut it off so appends continue after
-                // the last whole entry.
-                f.set_len(end.end)
+            // Bytes past the last entry of a closed segment are a recycled
+            // file's old contents; that nothing is missing there is proved
+            // by the next segment starting at the next tid (checked above).
+            if (end.stop.is_some() || stale) && last {
+                // The torn tail of the newest segment (an append that was
+                // never acknowledged) or old contents. Cut off, so that
+                // appends continue after the last whole entry and no
+                // remnant can ever pass for a later one.
+                f.set_len(seg_end)
                     .and_then(|()| f.sync_data())
                     .map_err(|e| io_error(spec, &path, e))?;
-                seg_end = end.end;
             } else if last {
                 // What a killed process left in the page cache is durable
                 // from now on, so it may be acknowledged and read.
@@ -479,6 +498,7 @@ impl Journal {
                 ),
             ));
         }
+        let spares = segment::list_spares(&dir).map_err(|e| io_error(spec, &dir, e))?;
         Ok(Journal {
             spec: RwLock::new(spec.to_string()),
             dir,
@@ -498,18 +518,21 @@ impl Journal {
                 pending: Vec::new(),
                 pending_fua: false,
                 stopping: false,
+                spares,
             }),
             commit: commit::GroupCommit::new(next_tid - 1),
             st: Mutex::new(st),
             ckpt: Mutex::new(()),
             round: Mutex::new(()),
+            stage: Mutex::new(()),
+            ready: Mutex::new(Ready::default()),
+            ready_cv: Condvar::new(),
             work: Condvar::new(),
             done: Mutex::new(Done {
                 through: next_tid - 1,
                 ..Done::default()
             }),
             done_cv: Condvar::new(),
-            done_tx: tokio::sync::watch::Sender::new(next_tid - 1),
         })
     }
 
@@ -662,13 +685,52 @@ impl Journal {
         (std::mem::take(&mut w.pending), fua)
     }
 
+    /// Takes what is queued and makes it durable (or written out), then
+    /// hands it over to be applied. The stage lock is held throughout.
+    pub(crate) fn sync_stage(&self) {
+        let _g = self.stage.lock();
+        let (batch, fua) = self.take_pending();
+        let Some(last) = batch.last().map(|p| p.tid) else {
+            return;
+        };
+        let synced = if self.wants_sync(fua) {
+            self.sync_to(last)
+        } else {
+            self.write_out()
+        };
+        let mut r = self.ready.lock();
+        r.batches.push_back(ReadyBatch {
+            batch,
+            synced: synced.map_err(Arc::new),
+        });
+        self.ready_cv.notify_one();
+    }
+
+    /// Blocks until a batch is ready to apply; false once closing.
+    pub(crate) fn wait_ready(&self) -> bool {
+        let mut r = self.ready.lock();
+        while r.batches.is_empty() && !r.closed {
+            self.ready_cv.wait(&mut r);
+        }
+        !r.batches.is_empty()
+    }
+
+    pub(crate) fn take_ready(&self) -> Vec<ReadyBatch> {
+        self.ready.lock().batches.drain(..).collect()
+    }
+
     /// Publishes that every queued entry up to `through` is finished;
     /// `errors` are the ones that failed.
     pub(crate) fn finish(&self, through: u64, errors: Vec<(u64, Arc<StoreError>)>) {
         let mut d = self.done.lock();
         d.errors.extend(errors);
         d.through = d.through.max(through);
-        self.done_tx.send_replace(d.through);
+        let ready: Vec<u64> = d.waiters.range(..=d.through).map(|(t, _)| *t).collect();
+        for t in ready {
+            let tx = d.waiters.remove(&t).expect("listed");
+            let r = d.errors.remove(&t).map_or(Ok(()), Err);
+            let _ = tx.send(r);
+        }
         self.done_cv.notify_all();
     }
 
@@ -680,11 +742,15 @@ impl Journal {
             return Some(Ok(()));
         }
         if d.closed {
-            return Some(Err(StoreError::ImageRemoved {
-                spec: self.spec.read().clone(),
-            }));
+            return Some(Err(self.closed_error()));
         }
         None
+    }
+
+    fn closed_error(&self) -> StoreError {
+        StoreError::ImageRemoved {
+            spec: self.spec.read().clone(),
+        }
     }
 
     /// Blocks until the committer has applied (or failed) entry `tid`.
@@ -700,16 +766,19 @@ impl Journal {
 
     /// [`Self::wait_done`] without blocking a thread.
     pub(crate) async fn wait_done_async(&self, tid: u64) -> Result<(), StoreError> {
-        let mut rx = self.done_tx.subscribe();
-        loop {
-            if let Some(r) = self.result_of(&mut self.done.lock(), tid) {
+        let rx = {
+            let mut d = self.done.lock();
+            if let Some(r) = self.result_of(&mut d, tid) {
                 return r;
             }
-            if rx.changed().await.is_err() {
-                return Err(StoreError::ImageRemoved {
-                    spec: self.spec.read().clone(),
-                });
-            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            d.waiters.insert(tid, tx);
+            rx
+        };
+        match rx.await {
+            Ok(r) => r.map_err(StoreError::Shared),
+            // Dropped by the close.
+            Err(_) => Err(self.closed_error()),
         }
     }
 
@@ -737,8 +806,15 @@ impl Journal {
         self.commit.mark_durable(w.last_tid());
         let no = w.cur_no + 1;
         let hdr = SegmentHeader::new(&self.image_id, no, w.next_tid);
-        let f = segment::create(&self.dir, &hdr)
-            .map_err(|e| self.io_err(&segment::seg_path(&self.dir, no), e))?;
+        let reused = w
+            .spares
+            .pop()
+            .and_then(|k| segment::reuse(&self.dir, k, &hdr).ok());
+        let f = match reused {
+            Some(f) => f,
+            None => segment::create(&self.dir, &hdr)
+                .map_err(|e| self.io_err(&segment::seg_path(&self.dir, no), e))?,
+        };
         w.segs.insert(
             no,
             Seg {
@@ -920,15 +996,27 @@ impl Journal {
         if nos.is_empty() {
             return Ok(());
         }
-        {
+        let opts = self.options();
+        let keep = (opts.checkpoint_bytes / opts.segment_size.max(1) + 2).min(64) as usize;
+        let mut recycle = {
             let mut w = self.w.lock();
             for no in &nos {
                 w.segs.remove(no);
             }
-        }
+            keep.saturating_sub(w.spares.len())
+        };
         for no in nos {
             let p = segment::seg_path(&self.dir, no);
-            match std::fs::remove_file(&p) {
+            let r = if recycle > 0 {
+                std::fs::rename(&p, segment::spare_path(&self.dir, no))
+            } else {
+                std::fs::remove_file(&p)
+            };
+            match r {
+                Ok(()) if recycle > 0 => {
+                    recycle -= 1;
+                    self.w.lock().spares.push(no);
+                }
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(self.io_err(&p, e)),
@@ -1186,17 +1274,18 @@ impl Journal {
     /// and the tid sequence. Only what has been written out is checked (an
     /// entry still in memory is not on disk yet).
     pub fn inspect(&self) -> Result<InspectReport, StoreError> {
-        let (nos, cur_no, cur_written) = {
+        // Each segment up to where its entries end (a recycled file holds
+        // old contents after that); the current one up to what is written.
+        let segs: Vec<(u64, u64)> = {
             let w = self.w.lock();
-            (
-                w.segs.keys().copied().collect::<Vec<_>>(),
-                w.cur_no,
-                w.buf_off,
-            )
+            w.segs
+                .iter()
+                .map(|(&no, s)| (no, if no == w.cur_no { w.buf_off } else { s.len }))
+                .collect()
         };
         let mut r = InspectReport::default();
         let mut expect: Option<u64> = None;
-        for no in nos {
+        for (no, written) in segs {
             let path = segment::seg_path(&self.dir, no);
             let f = match segment::open_ro(&self.dir, no) {
                 Ok(f) => f,
@@ -1205,11 +1294,13 @@ impl Journal {
             };
             r.segments += 1;
             let len = f.metadata().map_err(|e| self.io_err(&path, e))?.len();
-            let limit = if no == cur_no {
-                cur_written.min(len)
-            } else {
-                len
-            };
+            let limit = written.min(len);
+            if len < written {
+                r.errors.push(format!(
+                    "{}: {len} bytes, but its entries end at {written}",
+                    path.display()
+                ));
+            }
             r.bytes += limit;
             let hdr = match segment::read_header(&f).map_err(|e| self.io_err(&path, e))? {
                 Ok(h) => h,
@@ -1270,11 +1361,13 @@ impl Journal {
     pub(crate) fn close(&self) {
         self.w.lock().stopping = true;
         self.work.notify_all();
+        self.ready.lock().closed = true;
+        self.ready_cv.notify_all();
         self.commit.close();
         let mut d = self.done.lock();
         d.closed = true;
+        d.waiters.clear();
         self.done_cv.notify_all();
-        self.done_tx.send_modify(|_| {});
     }
 }
 

@@ -54,6 +54,48 @@ pub fn create(dir: &Path, header: &SegmentHeader) -> io::Result<File> {
     Ok(f)
 }
 
+pub const SPARE_SUFFIX: &str = ".jspare";
+
+pub fn spare_path(dir: &Path, k: u64) -> PathBuf {
+    dir.join(format!("{k:016x}{SPARE_SUFFIX}"))
+}
+
+/// Spare (trimmed, kept for reuse) segment files in `dir`.
+pub fn list_spares(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        if let Some(k) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(SPARE_SUFFIX))
+            .and_then(|s| u64::from_str_radix(s, 16).ok())
+        {
+            out.push(k);
+        }
+    }
+    Ok(out)
+}
+
+/// Makes spare `k` segment `header.segno`: the new header is durable
+/// before the file takes the segment's name (a crash in between leaves a
+/// spare). What follows the header is old entries, which a scan tells
+/// apart by their tids.
+pub fn reuse(dir: &Path, k: u64, header: &SegmentHeader) -> io::Result<File> {
+    let spare = spare_path(dir, k);
+    let r = (|| {
+        let f = OpenOptions::new().read(true).write(true).open(&spare)?;
+        f.write_all_at(&header.encode(), 0)?;
+        f.sync_data()?;
+        fs::rename(&spare, seg_path(dir, header.segno))?;
+        fsync_dir(dir)?;
+        Ok(f)
+    })();
+    if r.is_err() {
+        let _ = fs::remove_file(&spare);
+    }
+    r
+}
+
 pub fn open_rw(dir: &Path, segno: u64) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
