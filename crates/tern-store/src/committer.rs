@@ -51,6 +51,10 @@ impl Image {
             .spawn(move || {
                 while jj.wait_work() {
                     jj.sync_stage();
+                    if jj.wants_spare() {
+                        let jp = jj.clone();
+                        std::thread::spawn(move || jp.prepare_spare());
+                    }
                 }
             })
             .expect("spawning the journal sync thread");

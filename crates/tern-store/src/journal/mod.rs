@@ -288,6 +288,8 @@ pub struct Journal {
     /// Synced (or written out) batches waiting to be applied, in order.
     ready: Mutex<Ready>,
     ready_cv: Condvar,
+    /// A spare segment is being zero-filled.
+    preparing: std::sync::atomic::AtomicBool,
     /// Wakes the committer (paired with `w`).
     work: Condvar,
     done: Mutex<Done>,
@@ -527,6 +529,7 @@ impl Journal {
             stage: Mutex::new(()),
             ready: Mutex::new(Ready::default()),
             ready_cv: Condvar::new(),
+            preparing: std::sync::atomic::AtomicBool::new(false),
             work: Condvar::new(),
             done: Mutex::new(Done {
                 through: next_tid - 1,
@@ -704,6 +707,34 @@ impl Journal {
             synced: synced.map_err(Arc::new),
         });
         self.ready_cv.notify_one();
+    }
+
+    /// Whether a spare segment should be prepared now (the journal is on
+    /// its first lap and has none); if so, the caller
+    /// must run [`Self::prepare_spare`] (the flag is taken).
+    pub(crate) fn wants_spare(&self) -> bool {
+        let w = self.w.lock();
+        // In steady state trimming hands segments back; this is for the
+        // first lap (and a journal whose readers hold back trimming).
+        w.spares.is_empty()
+            && !self
+                .preparing
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Writes a zero-filled segment file of the segment size and adds it
+    /// to the spares: the first lap through a journal then also overwrites
+    /// in place. Runs off the write path; a failure only means appends.
+    pub(crate) fn prepare_spare(&self) {
+        let size = self.options().segment_size;
+        let id = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        if segment::prepare_spare(&self.dir, id, size).is_ok() {
+            self.w.lock().spares.push(id);
+        }
+        self.preparing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Blocks until a batch is ready to apply; false once closing.
@@ -996,6 +1027,8 @@ impl Journal {
         if nos.is_empty() {
             return Ok(());
         }
+        // Enough to take a whole checkpoint interval's segments back, which
+        // the journal held anyway just before this trim.
         let opts = self.options();
         let keep = (opts.checkpoint_bytes / opts.segment_size.max(1) + 2).min(64) as usize;
         let mut recycle = {

@@ -60,11 +60,17 @@ pub fn spare_path(dir: &Path, k: u64) -> PathBuf {
     dir.join(format!("{k:016x}{SPARE_SUFFIX}"))
 }
 
-/// Spare (trimmed, kept for reuse) segment files in `dir`.
+/// Spare (trimmed, kept for reuse) segment files in `dir`; deletes
+/// half-prepared ones.
 pub fn list_spares(dir: &Path) -> io::Result<Vec<u64>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir)? {
-        let name = entry?.file_name();
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_str().is_some_and(|n| n.ends_with(".jspare.tmp")) {
+            fs::remove_file(entry.path())?;
+            continue;
+        }
         if let Some(k) = name
             .to_str()
             .and_then(|n| n.strip_suffix(SPARE_SUFFIX))
@@ -74,6 +80,32 @@ pub fn list_spares(dir: &Path) -> io::Result<Vec<u64>> {
         }
     }
     Ok(out)
+}
+
+/// Writes spare `k`: `size` bytes of zeros, durable, then named a spare
+/// (a crash before leaves a `.tmp` file, deleted at the next open).
+pub fn prepare_spare(dir: &Path, k: u64, size: u64) -> io::Result<()> {
+    let tmp = dir.join(format!("{k:016x}{SPARE_SUFFIX}.tmp"));
+    let r = (|| {
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        let zeros = vec![0u8; 1 << 20];
+        let mut off = 0;
+        while off < size {
+            let n = (size - off).min(zeros.len() as u64) as usize;
+            f.write_all_at(&zeros[..n], off)?;
+            off += n as u64;
+        }
+        f.sync_data()?;
+        fs::rename(&tmp, spare_path(dir, k))
+    })();
+    if r.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    r
 }
 
 /// Makes spare `k` segment `header.segno`: the new header is durable
