@@ -224,6 +224,8 @@ rpc! {
     mirror_sync_progress(pb::MirrorSyncProgressRequest) -> pb::Empty;
     mirror_sync_complete(pb::MirrorSyncProgressRequest) -> pb::SnapInfo;
     mirror_snapshot_ack(pb::MirrorSnapshotAckRequest) -> pb::Empty;
+    mirror_journal_apply(pb::MirrorJournalApplyRequest) -> pb::MirrorJournalApplyReply;
+    mirror_journal_position(pb::MirrorJournalPositionRequest) -> pb::Empty;
     mirror_schedule_add(pb::MirrorScheduleRequest) -> pb::Empty;
     mirror_schedule_remove(pb::MirrorScheduleRequest) -> pb::Empty;
     mirror_schedule_list(pb::MirrorScheduleRequest) -> pb::MirrorScheduleListReply;

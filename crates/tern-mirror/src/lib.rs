@@ -10,6 +10,7 @@
 //! every peer site, on each change and on every heartbeat, so a site shows a
 //! silent peer as down within two heartbeats instead of its last good state.
 
+mod journal;
 mod limit;
 mod replay;
 

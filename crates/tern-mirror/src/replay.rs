@@ -20,7 +20,7 @@ pub(crate) struct Job {
 }
 
 impl Job {
-    fn status(&self, state: &str, reason: &str, description: String) -> Reported {
+    pub(crate) fn status(&self, state: &str, reason: &str, description: String) -> Reported {
         Reported {
             pool: self.pool.clone(),
             global_id: self.remote_image.global_id.clone(),
@@ -37,7 +37,7 @@ impl Job {
         }
     }
 
-    fn spec(&self) -> String {
+    pub(crate) fn spec(&self) -> String {
         format!("{}/{}", self.pool, self.remote_image.name)
     }
 }
@@ -100,6 +100,9 @@ async fn replay(sh: &Arc<Shared>, job: &Job) -> Result<(), ClientError> {
         sh.report(r).await;
         return Ok(());
     }
+    if rimg.mode == "journal" {
+        return crate::journal::run(sh, job, local).await;
+    }
     let Some(target) = rimg
         .mirror_snaps
         .iter()
@@ -130,6 +133,40 @@ async fn replay(sh: &Arc<Shared>, job: &Job) -> Result<(), ClientError> {
         report_idle(sh, job, &local, target).await;
         return Ok(());
     }
+    let (sent, secs) = sync_to(sh, job, &local, rimg, target).await?;
+    let local_ref = snap_ref(&job.pool, &local.name, None);
+    let local_now = sh.local.mirror_image_get(local_ref).await?;
+    let mut r = job.status(
+        "replaying",
+        "replaying",
+        replaying_description(&local_now, target, sent, secs),
+    );
+    r.status.bytes_synced = sent;
+    r.status.last_sync = crate::now();
+    sh.report(r).await;
+    Ok(())
+}
+
+/// Copies the primary's snapshot `target` into the local non-primary image:
+/// only the extents changed since the newest snapshot both sites hold (all
+/// of it the first time), resumable per object. Returns bytes sent and
+/// seconds taken.
+pub(crate) async fn sync_to(
+    sh: &Arc<Shared>,
+    job: &Job,
+    local: &pb::MirrorImageInfo,
+    rimg: &pb::MirrorImageInfo,
+    target: &pb::SnapInfo,
+) -> Result<(u64, f64), ClientError> {
+    let local_synced = local
+        .mirror_snaps
+        .iter()
+        .filter(|s| {
+            s.mirror_state.starts_with("non-primary")
+                && s.mirror_complete
+                && s.primary_mirror_uuid == job.remote_mirror_uuid
+        })
+        .max_by_key(|s| s.id);
     let mut base: Option<(u64, String)> = None; // (local snap id, remote snap name)
     if let Some(l) = local_synced
         && let Some(r) = rimg.mirror_snaps.iter().find(|r| r.id == l.primary_snap_id)
@@ -275,16 +312,7 @@ async fn replay(sh: &Arc<Shared>, job: &Job) -> Result<(), ClientError> {
         .await;
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(image = %job.spec(), target = target.id, bytes = sent, secs, "synced");
-    let local_now = sh.local.mirror_image_get(local_ref).await?;
-    let mut r = job.status(
-        "replaying",
-        "replaying",
-        replaying_description(&local_now, target, sent, secs),
-    );
-    r.status.bytes_synced = sent;
-    r.status.last_sync = crate::now();
-    sh.report(r).await;
-    Ok(())
+    Ok((sent, secs))
 }
 
 fn replaying_description(

@@ -429,6 +429,8 @@ pub struct Proxy {
     pub down: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub up: std::sync::Arc<std::sync::atomic::AtomicU64>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// While set, the link is down: connections are dropped and refused.
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proxy {
@@ -438,18 +440,24 @@ impl Proxy {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         l.set_nonblocking(true).expect("nonblocking");
         let addr = l.local_addr().expect("addr").to_string();
-        let (down, up, stop) = (
+        let (down, up, stop, cut) = (
             Arc::new(AtomicU64::new(0)),
             Arc::new(AtomicU64::new(0)),
             Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
         );
         let (d, u, st, target) = (down.clone(), up.clone(), stop.clone(), target.to_string());
+        let cu = cut.clone();
         std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
                 let Ok((client, _)) = l.accept() else {
                     std::thread::sleep(Duration::from_millis(10));
                     continue;
                 };
+                if cu.load(Ordering::Relaxed) {
+                    drop(client);
+                    continue;
+                }
                 let _ = client.set_nonblocking(false);
                 let Ok(server) = std::net::TcpStream::connect(&target) else {
                     continue;
@@ -464,12 +472,22 @@ impl Proxy {
                     ),
                     (server, client, d.clone()),
                 ] {
-                    let st = st.clone();
+                    let (st, cu) = (st.clone(), cu.clone());
                     std::thread::spawn(move || {
                         use std::io::{Read, Write};
                         let mut buf = vec![0u8; 64 << 10];
-                        while !st.load(Ordering::Relaxed) {
+                        let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
+                        while !st.load(Ordering::Relaxed) && !cu.load(Ordering::Relaxed) {
                             match from.read(&mut buf) {
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock
+                                            | std::io::ErrorKind::TimedOut
+                                    ) =>
+                                {
+                                    continue;
+                                }
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => {
                                     count.fetch_add(n as u64, Ordering::Relaxed);
@@ -489,7 +507,14 @@ impl Proxy {
             down,
             up,
             stop,
+            cut,
         }
+    }
+
+    /// Takes the link down (every connection dropped, new ones refused) or
+    /// brings it back.
+    pub fn set_cut(&self, down: bool) {
+        self.cut.store(down, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn down_bytes(&self) -> u64 {

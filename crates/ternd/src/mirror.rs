@@ -72,6 +72,20 @@ pub struct ImageMirror {
     /// overwritten and is consistent only at its last complete snapshot.
     #[serde(default)]
     pub sync: Option<SyncState>,
+    /// Journal mode, non-primary: how far the primary's journal is
+    /// replayed here (every entry up to `tid` of the journal of the site
+    /// with mirror uuid `primary_mirror_uuid` is applied).
+    #[serde(default)]
+    pub journal_pos: Option<JournalPos>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq, Eq)]
+pub struct JournalPos {
+    pub primary_mirror_uuid: String,
+    pub tid: u64,
+    /// Entries up to this snapshot's own entry are in a copy: skip them.
+    #[serde(default)]
+    pub skip_to: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -206,7 +220,13 @@ impl Mirror {
         if mode == "pool" {
             for img in self.store().image_list(pool).map_err(serr)? {
                 if self.image(&img.id.to_string())?.is_none() {
-                    self.image_enable(pool, &img.name, "snapshot")?;
+                    // As rbd: journal mode for journaled images.
+                    let mode = if img.features.has(tern_types::Features::JOURNALING) {
+                        "journal"
+                    } else {
+                        "snapshot"
+                    };
+                    self.image_enable(pool, &img.name, mode)?;
                 }
             }
         }
@@ -343,9 +363,13 @@ impl Mirror {
         match mode {
             "snapshot" => {}
             "journal" => {
-                return Err(Error::invalid(
-                    "journal-based mirroring is not supported yet: enable the image in snapshot mode",
-                ));
+                let info = self.store().image_info(pool, name).map_err(serr)?;
+                if !info.features.has(tern_types::Features::JOURNALING) {
+                    return Err(Error::invalid(format!(
+                        "journal-based mirroring of '{pool}/{name}' needs the journaling feature: \
+                         `tern feature enable {pool}/{name} journaling` first, or use snapshot mode"
+                    )));
+                }
             }
             _ => {
                 return Err(Error::invalid(format!(
@@ -368,6 +392,7 @@ impl Mirror {
             primary_mirror_uuid: p.mirror_uuid.clone(),
             resync_requested: false,
             sync: None,
+            journal_pos: None,
         };
         self.save_image(&info.id.to_string(), &m)?;
         self.primary_snapshot(pool, name, MirrorSnapState::Primary)?;
@@ -541,6 +566,13 @@ impl Mirror {
             .and_then(|i| i.flush())
             .map_err(serr)?;
         self.primary_snapshot(pool, name, MirrorSnapState::PrimaryDemoted)?;
+        // Journal mode: the marker after the demotion snapshot tells the
+        // peer's replayer to stop there.
+        let img = self.store().open_image(pool, name).map_err(serr)?;
+        if img.journal().is_some() {
+            img.journal_marker("demote", m.epoch.to_string().as_bytes())
+                .map_err(serr)?;
+        }
         m.primary = false;
         m.demoted = true;
         self.save_image(&info.id.to_string(), &m)?;
@@ -665,6 +697,7 @@ impl Mirror {
             primary_mirror_uuid: primary_mirror_uuid.into(),
             resync_requested: false,
             sync: None,
+            journal_pos: None,
         };
         self.save_image(&info.id.to_string(), &m)?;
         Ok(m)
@@ -917,4 +950,234 @@ impl Token {
 
 pub fn now() -> u64 {
     now_secs()
+}
+
+/// What applying a batch of the primary's journal entries did.
+#[derive(Debug, Default, Clone)]
+pub struct Applied {
+    pub last_tid: u64,
+    /// Unix microseconds of the last entry applied.
+    pub last_timestamp_us: u64,
+    pub entries: u64,
+    pub bytes: u64,
+    /// A demote marker was reached: the primary handed over; replay stops.
+    pub demoted: bool,
+}
+
+impl Mirror {
+    /// Journal mode, on the non-primary: applies the primary's entries (in
+    /// the journal's own encoding, crc-checked) in order, up to and
+    /// including a demote marker. Every entry is idempotent in sequence, so
+    /// replaying some again after a restart changes nothing. With
+    /// `persist`, the image is flushed and the position recorded.
+    pub fn journal_apply(
+        &self,
+        pool: &str,
+        name: &str,
+        primary_mirror_uuid: &str,
+        entries: &[u8],
+        persist: bool,
+    ) -> Result<Applied, Error> {
+        use tern_store::journal::{JournalEntry, JournalOp};
+        let (info, m) = self.image_of(pool, name)?;
+        let mut m = m.ok_or_else(|| {
+            Error::invalid(format!("mirroring is not enabled on image '{pool}/{name}'"))
+        })?;
+        if m.primary {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "'{pool}/{name}' is primary here: refusing to replay another site's journal into it"
+                ),
+            ));
+        }
+        let id = info.id.to_string();
+        let img = self.store().open_image(pool, name).map_err(serr)?;
+        let slot = self.replay_slot(&id);
+        let mut hw = slot.lock();
+        if hw.0 != primary_mirror_uuid {
+            let from = m
+                .journal_pos
+                .as_ref()
+                .filter(|p| p.primary_mirror_uuid == primary_mirror_uuid)
+                .map_or(0, |p| p.tid);
+            *hw = (primary_mirror_uuid.to_string(), from);
+        }
+        let mut done = Applied::default();
+        let mut b = entries;
+        let map_key = |rid: u64| format!("journal-snap/{id}/{primary_mirror_uuid}/{rid}");
+        while !b.is_empty() {
+            let (e, used) = JournalEntry::decode(b).map_err(|e| {
+                Error::new(
+                    ErrorKind::Corrupt,
+                    format!("journal entry from the primary: {e}"),
+                )
+            })?;
+            b = &b[used..];
+            if e.tid <= hw.1 {
+                // Applied already (a replayer restarted behind us).
+                done.last_tid = e.tid;
+                done.last_timestamp_us = e.timestamp_us;
+                continue;
+            }
+            match &e.op {
+                JournalOp::Write { offset, data } => {
+                    img.write(*offset, data, false).map_err(serr)?;
+                    done.bytes += data.len() as u64;
+                }
+                JournalOp::Discard { offset, len } => img.discard(*offset, *len).map_err(serr)?,
+                JournalOp::WriteZeroes { offset, len } => {
+                    img.write_zeroes(*offset, *len).map_err(serr)?
+                }
+                JournalOp::Resize { size } => {
+                    if img.size() != *size {
+                        self.store()
+                            .image_resize(pool, name, *size, true)
+                            .map_err(serr)?;
+                    }
+                }
+                JournalOp::SnapCreate {
+                    id: rid,
+                    name: sname,
+                    namespace,
+                } => match namespace {
+                    SnapNamespace::User => {
+                        if self.store().snap_get(pool, name, sname).is_err() {
+                            self.store()
+                                .snap_create(pool, name, sname, SnapNamespace::User)
+                                .map_err(serr)?;
+                        }
+                        put(self.store(), &map_key(*rid), &sname.to_string())?;
+                    }
+                    SnapNamespace::Mirror(ms) => {
+                        let have = self.mirror_snaps(pool, name)?.into_iter().any(|(_, x)| {
+                            x.primary_snap_id == *rid
+                                && x.primary_mirror_uuid == primary_mirror_uuid
+                        });
+                        if !have {
+                            self.store_flush(pool, name)?;
+                            let state = if ms.state == MirrorSnapState::PrimaryDemoted {
+                                MirrorSnapState::NonPrimaryDemoted
+                            } else {
+                                MirrorSnapState::NonPrimary
+                            };
+                            let local = MirrorSnap {
+                                state,
+                                complete: true,
+                                mirror_peer_uuids: vec![],
+                                primary_mirror_uuid: primary_mirror_uuid.to_string(),
+                                primary_snap_id: *rid,
+                                last_copied_object_number: 0,
+                            };
+                            let snap_name = format!(
+                                ".mirror.non_primary.{}.{}",
+                                m.global_id,
+                                uuid::Uuid::new_v4().simple()
+                            );
+                            self.store()
+                                .snap_create(pool, name, &snap_name, SnapNamespace::Mirror(local))
+                                .map_err(serr)?;
+                            self.prune_non_primary(pool, name)?;
+                        }
+                    }
+                },
+                JournalOp::SnapRemove { id: rid } => {
+                    // Mirror snapshots here are pruned on their own.
+                    if let Some(sname) = get::<String>(self.store(), &map_key(*rid))? {
+                        if self.store().snap_get(pool, name, &sname).is_ok() {
+                            self.store()
+                                .snap_remove(pool, name, &sname, false)
+                                .map_err(serr)?;
+                        }
+                        let _ = self.store().kv_delete(KvTable::Mirror, &map_key(*rid));
+                    }
+                }
+                JournalOp::SnapRollback { id: rid } => {
+                    if let Some(sname) = get::<String>(self.store(), &map_key(*rid))? {
+                        self.store()
+                            .snap_rollback(pool, name, &sname)
+                            .map_err(serr)?;
+                    }
+                }
+                JournalOp::Flush => img.flush().map_err(serr)?,
+                JournalOp::Marker { kind, .. } => {
+                    if kind == "demote" {
+                        done.demoted = true;
+                    }
+                }
+            }
+            done.last_tid = e.tid;
+            done.last_timestamp_us = e.timestamp_us;
+            done.entries += 1;
+            hw.1 = e.tid;
+            if done.demoted {
+                break;
+            }
+        }
+        if persist || done.demoted {
+            img.flush().map_err(serr)?;
+            if hw.1 > 0 {
+                m.journal_pos = Some(JournalPos {
+                    primary_mirror_uuid: primary_mirror_uuid.to_string(),
+                    tid: hw.1,
+                    skip_to: String::new(),
+                });
+                m.primary_mirror_uuid = primary_mirror_uuid.to_string();
+                self.save_image(&id, &m)?;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Records where journal replay stands after a snapshot sync: the
+    /// replayer continues from `tid` (0: no position).
+    pub fn journal_pos_set(
+        &self,
+        pool: &str,
+        name: &str,
+        pos: Option<JournalPos>,
+    ) -> Result<(), Error> {
+        let (info, m) = self.image_of(pool, name)?;
+        let mut m = m.ok_or_else(|| {
+            Error::invalid(format!("mirroring is not enabled on image '{pool}/{name}'"))
+        })?;
+        let id = info.id.to_string();
+        let slot = self.replay_slot(&id);
+        let mut hw = slot.lock();
+        *hw = pos.as_ref().map_or((String::new(), 0), |p| {
+            (p.primary_mirror_uuid.clone(), p.tid)
+        });
+        m.journal_pos = pos;
+        self.save_image(&id, &m)
+    }
+
+    fn replay_slot(&self, image_id: &str) -> crate::site::ReplaySlot {
+        self.site
+            .replay
+            .lock()
+            .entry(image_id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn prune_non_primary(&self, pool: &str, name: &str) -> Result<(), Error> {
+        let olds: Vec<_> = self
+            .mirror_snaps(pool, name)?
+            .into_iter()
+            .filter(|(_, x)| {
+                matches!(
+                    x.state,
+                    MirrorSnapState::NonPrimary | MirrorSnapState::NonPrimaryDemoted
+                )
+            })
+            .collect();
+        if olds.len() > DEFAULT_MAX_SNAPS {
+            for (x, _) in olds.iter().take(olds.len() - DEFAULT_MAX_SNAPS) {
+                self.store()
+                    .snap_remove(pool, name, &x.name, true)
+                    .map_err(serr)?;
+            }
+        }
+        Ok(())
+    }
 }

@@ -1727,7 +1727,11 @@ impl pb::site_server::Site for Service {
 
     async fn mirror_image_snapshot(&self, req: Request<pb::ImageRef>) -> SResult<pb::SnapInfo> {
         let r = req.get_ref().clone();
-        self.check(&req, Need::Write(&r.pool))?;
+        // A peer's journal replayer takes sync-point snapshots here (as
+        // rbd-mirror does); it cannot write image data.
+        if self.check(&req, Need::MirrorPeer(&r.pool)).is_err() {
+            self.check(&req, Need::Write(&r.pool))?;
+        }
         let m = self.mirror();
         let s = blocking(move || {
             m.store_flush(&r.pool, &r.image)?;
@@ -1735,6 +1739,53 @@ impl pb::site_server::Site for Service {
         })
         .await?;
         Ok(Response::new(snap_pb(&s)))
+    }
+
+    async fn mirror_journal_apply(
+        &self,
+        req: Request<pb::MirrorJournalApplyRequest>,
+    ) -> SResult<pb::MirrorJournalApplyReply> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::MirrorDaemon(&r.pool))?;
+        let q = req.into_inner();
+        let m = self.mirror();
+        let a = blocking(move || {
+            m.journal_apply(
+                &r.pool,
+                &r.image,
+                &q.primary_mirror_uuid,
+                &q.entries,
+                q.persist,
+            )
+        })
+        .await?;
+        Ok(Response::new(pb::MirrorJournalApplyReply {
+            last_tid: a.last_tid,
+            last_timestamp_us: a.last_timestamp_us,
+            entries: a.entries,
+            bytes: a.bytes,
+            demoted: a.demoted,
+        }))
+    }
+
+    async fn mirror_journal_position(
+        &self,
+        req: Request<pb::MirrorJournalPositionRequest>,
+    ) -> SResult<pb::Empty> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::MirrorDaemon(&r.pool))?;
+        let q = req.into_inner();
+        let m = self.mirror();
+        blocking(move || {
+            let pos = (q.tid > 0).then_some(mirror::JournalPos {
+                primary_mirror_uuid: q.primary_mirror_uuid,
+                tid: q.tid,
+                skip_to: q.skip_to,
+            });
+            m.journal_pos_set(&r.pool, &r.image, pos)
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
     }
 
     async fn mirror_image_get(&self, req: Request<pb::ImageRef>) -> SResult<pb::MirrorImageInfo> {
@@ -2683,6 +2734,17 @@ fn mirror_info_pb(
         features: img.features.0,
         image_id: img.id.to_string(),
         demoted: im.demoted,
+        journal_primary_uuid: im
+            .journal_pos
+            .as_ref()
+            .map(|p| p.primary_mirror_uuid.clone())
+            .unwrap_or_default(),
+        journal_tid: im.journal_pos.as_ref().map_or(0, |p| p.tid),
+        journal_skip_to: im
+            .journal_pos
+            .as_ref()
+            .map(|p| p.skip_to.clone())
+            .unwrap_or_default(),
     }
 }
 

@@ -47,6 +47,10 @@ pub struct Tls {
     pub fingerprint: String,
 }
 
+/// One image's journal replay position: (primary mirror uuid, last tid
+/// applied), its lock held while applying.
+pub type ReplaySlot = Arc<parking_lot::Mutex<(String, u64)>>;
+
 pub struct Site {
     pub store: Arc<Store>,
     pub data_dir: PathBuf,
@@ -56,6 +60,12 @@ pub struct Site {
     pub started: Instant,
     master: Vec<u8>,
     users: RwLock<HashMap<String, UserRecord>>,
+    /// Journal replay per non-primary image id: (primary mirror uuid, last
+    /// tid applied). Its lock serialises appliers, so an apply still
+    /// running for a killed mirror daemon and its successor's never
+    /// interleave, and no entry is applied again once passed (the image
+    /// never steps back to an older state).
+    pub replay: parking_lot::Mutex<HashMap<String, ReplaySlot>>,
 }
 
 impl Site {
@@ -114,6 +124,7 @@ impl Site {
             started: Instant::now(),
             master,
             users: RwLock::new(HashMap::new()),
+            replay: parking_lot::Mutex::new(HashMap::new()),
         };
         site.reload_users()?;
         if !site.users.read().contains_key(ADMIN) {

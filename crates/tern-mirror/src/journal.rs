@@ -1,0 +1,305 @@
+//! Journal-mode replay of one image: the primary's journal entries,
+//! pushed by the primary as they commit, applied in order to the local
+//! non-primary image.
+//!
+//! Start (or restart after the journal was lost to us): register as a
+//! client of the primary's journal (which holds back trimming from there),
+//! have the primary take a sync-point snapshot, copy it (a delta from the
+//! newest snapshot both sites hold, all of it the first time), then read
+//! the journal from the registration point, skipping entries up to the
+//! sync point's own snapshot entry (they are in the copy). Resume after a
+//! restart of either side: from the position recorded locally. The
+//! position is recorded here and committed to the primary once a second,
+//! after the applied writes are durable here; entries applied again after
+//! a crash change nothing, since each one sets state in journal order.
+//!
+//! Memory: one chunk of entries (at most 4 MiB) is held at a time; the
+//! primary's stream waits while we apply (gRPC flow control), so a slow
+//! local disk slows the stream instead of growing memory.
+
+use crate::replay::{Job, sync_to};
+use crate::{Shared, now};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tern_client::{ClientError, pb, snap_ref};
+use tern_store::journal::{JournalEntry, JournalOp};
+use tern_types::error::ErrorKind;
+
+const COMMIT_EVERY: Duration = Duration::from_secs(1);
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+const CHUNK: u64 = 4 << 20;
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Rates over the last few seconds, for the status.
+struct Rates {
+    window: std::collections::VecDeque<(Instant, u64, u64)>,
+}
+
+impl Rates {
+    fn new() -> Rates {
+        Rates {
+            window: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn add(&mut self, entries: u64, bytes: u64) {
+        let now = Instant::now();
+        self.window.push_back((now, entries, bytes));
+        while self
+            .window
+            .front()
+            .is_some_and(|(t, _, _)| now.duration_since(*t) > Duration::from_secs(5))
+        {
+            self.window.pop_front();
+        }
+    }
+
+    /// (entries per second, bytes per second)
+    fn per_second(&self) -> (f64, f64) {
+        let Some((first, _, _)) = self.window.front() else {
+            return (0.0, 0.0);
+        };
+        let secs = first.elapsed().as_secs_f64().max(1.0);
+        let (e, b) = self
+            .window
+            .iter()
+            .fold((0, 0), |(e, b), (_, x, y)| (e + x, b + y));
+        (e as f64 / secs, b as f64 / secs)
+    }
+}
+
+pub(crate) async fn run(
+    sh: &Arc<Shared>,
+    job: &Job,
+    local: pb::MirrorImageInfo,
+) -> Result<(), ClientError> {
+    let remote_ref = snap_ref(&job.peer.remote_pool, &job.remote_image.name, None);
+    let local_ref = snap_ref(&job.pool, &local.name, None);
+    let me = job.local_mirror_uuid.clone();
+    let client_req = |action: &str, tid: u64| pb::JournalClientRequest {
+        image: Some(remote_ref.clone()),
+        client: me.clone(),
+        action: action.into(),
+        tid,
+    };
+    // Resume where we were, if the primary kept our place.
+    let mut resume = None;
+    if local.journal_primary_uuid == job.remote_mirror_uuid && local.journal_tid > 0 {
+        match job.remote.journal_client(client_req("get", 0)).await {
+            Ok(c) if !c.disconnected && c.commit_tid <= local.journal_tid => {
+                resume = Some(local.journal_tid);
+            }
+            Ok(c) if c.disconnected => {
+                tracing::warn!(image = %job.spec(), "fell behind the primary's journal: catching up by a delta copy");
+            }
+            _ => {}
+        }
+    }
+    let (next, mut skip_to) = match resume {
+        // Still skipping to a sync point: read from the recorded point
+        // itself (skipping it again costs nothing).
+        Some(tid) if !local.journal_skip_to.is_empty() => {
+            (tid, Some(local.journal_skip_to.clone()))
+        }
+        Some(tid) => (tid + 1, None),
+        None => {
+            let reg = job.remote.journal_client(client_req("register", 0)).await?;
+            let point = job.remote.mirror_image_snapshot(remote_ref.clone()).await?;
+            let rimg = job.remote.mirror_image_get(remote_ref.clone()).await?;
+            let target = rimg
+                .mirror_snaps
+                .iter()
+                .find(|s| s.id == point.id)
+                .cloned()
+                .ok_or_else(|| {
+                    ClientError::new(
+                        ErrorKind::NotFound,
+                        "the sync-point snapshot vanished on the primary".to_string(),
+                    )
+                })?;
+            let local_now = sh.local.mirror_image_get(local_ref.clone()).await?;
+            sync_to(sh, job, &local_now, &rimg, &target).await?;
+            // The copy holds everything up to the sync point: from the
+            // registration point on, skip to the snapshot's own entry.
+            sh.local
+                .mirror_journal_position(pb::MirrorJournalPositionRequest {
+                    image: Some(local_ref.clone()),
+                    primary_mirror_uuid: job.remote_mirror_uuid.clone(),
+                    tid: reg.commit_tid.max(1),
+                    skip_to: target.name.clone(),
+                })
+                .await?;
+            (reg.commit_tid + 1, Some(target.name))
+        }
+    };
+    tracing::info!(image = %job.spec(), from = next, skipping_to = ?skip_to, "replaying the journal of {}", job.peer.site_name);
+    let mut stream = job
+        .remote
+        .raw()
+        .journal_read(pb::JournalReadRequest {
+            image: Some(remote_ref.clone()),
+            from_tid: next,
+            follow: true,
+            max_bytes: CHUNK,
+        })
+        .await
+        .map_err(|s| job.remote.err(s))?
+        .into_inner();
+    let mut rates = Rates::new();
+    let (mut last_commit, mut last_report) = (Instant::now(), Instant::now() - REPORT_EVERY);
+    let (mut applied_tid, mut applied_ts) = (next - 1, 0u64);
+    let mut primary_tid = next - 1;
+    let mut committed = applied_tid;
+    let mut pending_commit = false;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(2), stream.message()).await;
+        let chunk = match msg {
+            Ok(Ok(Some(c))) => Some(c),
+            Ok(Ok(None)) => {
+                return Err(ClientError::new(
+                    ErrorKind::Unavailable,
+                    "the primary ended the journal stream".to_string(),
+                ));
+            }
+            Ok(Err(s)) => {
+                let e = job.remote.err(s);
+                if e.kind == ErrorKind::Fenced {
+                    // Disconnected for falling behind: the next run catches
+                    // up by a delta copy instead of the lost entries.
+                    let _ = sh
+                        .local
+                        .mirror_journal_position(pb::MirrorJournalPositionRequest {
+                            image: Some(local_ref.clone()),
+                            primary_mirror_uuid: String::new(),
+                            tid: 0,
+                            skip_to: String::new(),
+                        })
+                        .await;
+                }
+                return Err(e);
+            }
+            Err(_) => None,
+        };
+        let mut demoted = false;
+        if let Some(c) = chunk {
+            primary_tid = primary_tid.max(c.durable_tid);
+            let mut bytes = &c.entries[..];
+            if let Some(name) = &skip_to {
+                // Entries up to the sync point's snapshot are in the copy.
+                while !bytes.is_empty() {
+                    let (e, used) = JournalEntry::decode(bytes).map_err(|e| {
+                        ClientError::new(ErrorKind::Corrupt, format!("journal stream: {e}"))
+                    })?;
+                    bytes = &bytes[used..];
+                    applied_tid = e.tid;
+                    if matches!(&e.op, JournalOp::SnapCreate { name: n, .. } if n == name) {
+                        skip_to = None;
+                        pending_commit = true;
+                        break;
+                    }
+                }
+            }
+            if !bytes.is_empty() {
+                let persist = last_commit.elapsed() >= COMMIT_EVERY;
+                let a = sh
+                    .local
+                    .mirror_journal_apply(pb::MirrorJournalApplyRequest {
+                        image: Some(local_ref.clone()),
+                        primary_mirror_uuid: job.remote_mirror_uuid.clone(),
+                        entries: bytes.to_vec(),
+                        persist,
+                    })
+                    .await?;
+                rates.add(a.entries, a.bytes);
+                applied_tid = a.last_tid;
+                applied_ts = a.last_timestamp_us;
+                demoted = a.demoted;
+                pending_commit = true;
+                if persist || demoted {
+                    committed = applied_tid;
+                }
+            }
+        }
+        // Durable here first (persist flushed it), then the primary may trim.
+        if pending_commit && (last_commit.elapsed() >= COMMIT_EVERY || demoted) {
+            if committed < applied_tid {
+                sh.local
+                    .mirror_journal_apply(pb::MirrorJournalApplyRequest {
+                        image: Some(local_ref.clone()),
+                        primary_mirror_uuid: job.remote_mirror_uuid.clone(),
+                        entries: Vec::new(),
+                        persist: true,
+                    })
+                    .await?;
+                sh.local
+                    .mirror_journal_position(pb::MirrorJournalPositionRequest {
+                        image: Some(local_ref.clone()),
+                        primary_mirror_uuid: job.remote_mirror_uuid.clone(),
+                        tid: applied_tid,
+                        skip_to: skip_to.clone().unwrap_or_default(),
+                    })
+                    .await?;
+                committed = applied_tid;
+            }
+            if skip_to.is_none() {
+                job.remote
+                    .journal_client(client_req("commit", committed))
+                    .await?;
+            }
+            last_commit = Instant::now();
+            pending_commit = false;
+        }
+        if demoted {
+            let r = job.status(
+                "stopped",
+                "demoted",
+                format!(
+                    "replay stopped: {} demoted the image (journal tid {applied_tid} replayed); \
+                     promote here to fail over without data loss",
+                    job.peer.site_name
+                ),
+            );
+            sh.report(r).await;
+            return Ok(());
+        }
+        if last_report.elapsed() >= REPORT_EVERY {
+            last_report = Instant::now();
+            if skip_to.is_none() {
+                let (eps, bps) = rates.per_second();
+                let behind = primary_tid.saturating_sub(applied_tid);
+                // The RPO estimate: how old the last applied write is while
+                // the primary has newer ones; nothing while caught up.
+                let lag = if behind > 0 && applied_ts > 0 {
+                    now_us().saturating_sub(applied_ts) as f64 / 1e6
+                } else {
+                    0.0
+                };
+                let d = serde_json::json!({
+                    "bytes_per_second": bps,
+                    "entries_behind_primary": behind,
+                    "entries_per_second": eps,
+                    "seconds_until_synced": if eps > 0.0 { behind as f64 / eps } else if behind == 0 { 0.0 } else { -1.0 },
+                    "non_primary_position": {"entry_tid": applied_tid, "timestamp": applied_ts / 1_000_000},
+                    "primary_position": {"entry_tid": primary_tid},
+                    "replay_lag_seconds": lag,
+                    "replay_state": if behind > 0 { "replaying" } else { "idle" },
+                });
+                let mut r = job.status("replaying", "replaying", format!("replaying, {d}"));
+                r.status.lag_seconds = lag;
+                r.status.last_sync = now();
+                sh.report(r).await;
+            }
+            // Promoted here meanwhile: stop replaying into it.
+            let me_now = sh.local.mirror_image_get(local_ref.clone()).await?;
+            if me_now.primary {
+                return Ok(());
+            }
+        }
+    }
+}
