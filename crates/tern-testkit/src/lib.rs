@@ -431,6 +431,8 @@ pub struct Proxy {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// While set, the link is down: connections are dropped and refused.
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// One-way delay in microseconds, added to every byte in each direction.
+    delay_us: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Proxy {
@@ -448,6 +450,8 @@ impl Proxy {
         );
         let (d, u, st, target) = (down.clone(), up.clone(), stop.clone(), target.to_string());
         let cu = cut.clone();
+        let delay_us = Arc::new(AtomicU64::new(0));
+        let dl = delay_us.clone();
         std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
                 let Ok((client, _)) = l.accept() else {
@@ -464,7 +468,7 @@ impl Proxy {
                 };
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
-                for (mut from, mut to, count) in [
+                for (mut from, to, count) in [
                     (
                         client.try_clone().expect("clone"),
                         server.try_clone().expect("clone"),
@@ -472,9 +476,26 @@ impl Proxy {
                     ),
                     (server, client, d.clone()),
                 ] {
-                    let (st, cu) = (st.clone(), cu.clone());
+                    let (st, cu, dl) = (st.clone(), cu.clone(), dl.clone());
+                    // A delay line: the reader stamps each chunk with when it
+                    // may leave, the writer holds it until then, so latency
+                    // is added without capping throughput.
+                    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+                    let mut to2 = to.try_clone().expect("clone");
                     std::thread::spawn(move || {
-                        use std::io::{Read, Write};
+                        use std::io::Write;
+                        for (at, b) in rx {
+                            if let Some(d) = at.checked_duration_since(Instant::now()) {
+                                std::thread::sleep(d);
+                            }
+                            if to2.write_all(&b).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to2.shutdown(std::net::Shutdown::Both);
+                    });
+                    std::thread::spawn(move || {
+                        use std::io::Read;
                         let mut buf = vec![0u8; 64 << 10];
                         let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
                         while !st.load(Ordering::Relaxed) && !cu.load(Ordering::Relaxed) {
@@ -491,13 +512,18 @@ impl Proxy {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => {
                                     count.fetch_add(n as u64, Ordering::Relaxed);
-                                    if to.write_all(&buf[..n]).is_err() {
+                                    let at = Instant::now()
+                                        + Duration::from_micros(dl.load(Ordering::Relaxed));
+                                    if tx.send((at, buf[..n].to_vec())).is_err() {
                                         break;
                                     }
                                 }
                             }
                         }
-                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        drop(tx);
+                        if cu.load(Ordering::Relaxed) || st.load(Ordering::Relaxed) {
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        }
                     });
                 }
             }
@@ -508,7 +534,17 @@ impl Proxy {
             up,
             stop,
             cut,
+            delay_us,
         }
+    }
+
+    /// Adds `one_way` of latency in each direction (a round trip gains
+    /// twice that).
+    pub fn set_delay(&self, one_way: Duration) {
+        self.delay_us.store(
+            one_way.as_micros() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Takes the link down (every connection dropped, new ones refused) or
@@ -526,4 +562,46 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// Sites A and B, pool `rbd` mirrored in image mode and peered rx-tx, B
+/// reaching A through a [`Proxy`] the caller can cut or slow down.
+pub fn journal_sites() -> (Site, Site, Proxy) {
+    let a = Site::start("site-a");
+    let b = Site::start("site-b");
+    for (s, name) in [(&a, "site-a"), (&b, "site-b")] {
+        s.tern_ok(&["pool", "create", "rbd"]);
+        s.tern_ok(&[
+            "mirror",
+            "pool",
+            "enable",
+            "rbd",
+            "image",
+            "--site-name",
+            name,
+        ]);
+    }
+    let link = Proxy::start(&a.addr);
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let token = a.tern_ok(&["mirror", "pool", "peer", "bootstrap", "create", "rbd"]);
+    let mut j: serde_json::Value =
+        serde_json::from_slice(&b64.decode(token.trim()).unwrap()).unwrap();
+    j["mon_host"] = serde_json::json!(link.addr);
+    let f = b.root.path().join("token");
+    std::fs::write(&f, b64.encode(j.to_string())).unwrap();
+    b.tern_ok(&[
+        "mirror",
+        "pool",
+        "peer",
+        "bootstrap",
+        "import",
+        "--site-name",
+        "site-b",
+        "--direction",
+        "rx-tx",
+        "rbd",
+        f.to_str().unwrap(),
+    ]);
+    (a, b, link)
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tern_testkit::nbd::NbdClient;
-use tern_testkit::{Proxy, Site, sha256_file, wait_until};
+use tern_testkit::{Site, journal_sites as sites_with_link, sha256_file, wait_until};
 
 const SLOT: u64 = 4096;
 const SLOTS: u64 = 1024;
@@ -33,48 +33,6 @@ fn decode(slot: u64, b: &[u8]) -> Option<u64> {
     let s = u64::from_le_bytes(b[..8].try_into().unwrap());
     let seq = u64::from_le_bytes(b[8..16].try_into().unwrap());
     (s == slot && pattern(slot, seq) == b).then_some(seq)
-}
-
-/// Sites A and B peered rx-tx, B reaching A through a link the test can
-/// cut; journal-mode pools.
-fn sites_with_link() -> (Site, Site, Proxy) {
-    let a = Site::start("site-a");
-    let b = Site::start("site-b");
-    for (s, name) in [(&a, "site-a"), (&b, "site-b")] {
-        s.tern_ok(&["pool", "create", "rbd"]);
-        s.tern_ok(&[
-            "mirror",
-            "pool",
-            "enable",
-            "rbd",
-            "image",
-            "--site-name",
-            name,
-        ]);
-    }
-    let link = Proxy::start(&a.addr);
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let token = a.tern_ok(&["mirror", "pool", "peer", "bootstrap", "create", "rbd"]);
-    let mut j: serde_json::Value =
-        serde_json::from_slice(&b64.decode(token.trim()).unwrap()).unwrap();
-    j["mon_host"] = serde_json::json!(link.addr);
-    let f = b.root.path().join("token");
-    std::fs::write(&f, b64.encode(j.to_string())).unwrap();
-    b.tern_ok(&[
-        "mirror",
-        "pool",
-        "peer",
-        "bootstrap",
-        "import",
-        "--site-name",
-        "site-b",
-        "--direction",
-        "rx-tx",
-        "rbd",
-        f.to_str().unwrap(),
-    ]);
-    (a, b, link)
 }
 
 fn journaled_image(a: &Site, name: &str) {

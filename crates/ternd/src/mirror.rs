@@ -1004,6 +1004,35 @@ impl Mirror {
             *hw = (primary_mirror_uuid.to_string(), from);
         }
         let mut done = Applied::default();
+        // Writes are queued on a journaled image and waited for together
+        // (one sync for many, as the primary's writers share theirs); any
+        // other entry waits for them first, so the order holds.
+        let mut tickets: Vec<tern_store::Ticket> = Vec::new();
+        // The position before the first write still in `tickets`: if one
+        // of them fails, replay must not count them as applied.
+        let mut before_queued: Option<u64> = None;
+        fn drain(
+            t: &mut Vec<tern_store::Ticket>,
+            hw: &mut (String, u64),
+            before: &mut Option<u64>,
+        ) -> Result<(), Error> {
+            let mut failed = None;
+            for x in t.drain(..) {
+                // Wait for every one even after a failure: none may still
+                // be landing when the caller retries.
+                if let Err(e) = x.wait() {
+                    failed.get_or_insert(e);
+                }
+            }
+            if let Some(e) = failed {
+                if let Some(b) = before.take() {
+                    hw.1 = b;
+                }
+                return Err(serr(e));
+            }
+            *before = None;
+            Ok(())
+        }
         let mut b = entries;
         let map_key = |rid: u64| format!("journal-snap/{id}/{primary_mirror_uuid}/{rid}");
         while !b.is_empty() {
@@ -1020,9 +1049,21 @@ impl Mirror {
                 done.last_timestamp_us = e.timestamp_us;
                 continue;
             }
+            if !matches!(&e.op, JournalOp::Write { .. }) {
+                drain(&mut tickets, &mut hw, &mut before_queued)?;
+            }
             match &e.op {
                 JournalOp::Write { offset, data } => {
-                    img.write(*offset, data, false).map_err(serr)?;
+                    match img.try_queue_write(*offset, data.clone(), false) {
+                        Ok(t) => {
+                            before_queued.get_or_insert(hw.1);
+                            tickets.push(t.map_err(serr)?);
+                        }
+                        Err(data) => {
+                            drain(&mut tickets, &mut hw, &mut before_queued)?;
+                            img.write(*offset, &data, false).map_err(serr)?;
+                        }
+                    }
                     done.bytes += data.len() as u64;
                 }
                 JournalOp::Discard { offset, len } => img.discard(*offset, *len).map_err(serr)?,
@@ -1114,6 +1155,7 @@ impl Mirror {
                 break;
             }
         }
+        drain(&mut tickets, &mut hw, &mut before_queued)?;
         if persist || done.demoted {
             img.flush().map_err(serr)?;
             if hw.1 > 0 {
