@@ -13,8 +13,10 @@
 //! after the applied writes are durable here; entries applied again after
 //! a crash change nothing, since each one sets state in journal order.
 //!
-//! Memory: one chunk of entries (at most 4 MiB) is held at a time; the
-//! primary's stream waits while we apply (gRPC flow control), so a slow
+//! Memory: one chunk of entries is held at a time, of at most
+//! `rbd_mirror_memory_target` / 64 (4 MiB with the default 256 MiB, at
+//! least 64 KiB), and the primary's stream waits while we apply (gRPC flow
+//! control, and the primary reads ahead at most four chunks), so a slow
 //! local disk slows the stream instead of growing memory.
 
 use crate::replay::{Job, sync_to};
@@ -27,7 +29,6 @@ use tern_types::error::ErrorKind;
 
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
 const REPORT_EVERY: Duration = Duration::from_secs(1);
-const CHUNK: u64 = 4 << 20;
 
 fn now_us() -> u64 {
     std::time::SystemTime::now()
@@ -97,6 +98,16 @@ pub(crate) async fn run(
             }
             Ok(c) if c.disconnected => {
                 tracing::warn!(image = %job.spec(), "fell behind the primary's journal: catching up by a delta copy");
+                let r = job.status(
+                    "syncing",
+                    "catching-up",
+                    format!(
+                        "fell behind: {} disconnected this site from its journal (past rbd_journal_max_size) \
+                         at tid {}; catching up by copying the extents changed since the last common snapshot",
+                        job.peer.site_name, c.commit_tid
+                    ),
+                );
+                sh.report(r).await;
             }
             _ => {}
         }
@@ -146,7 +157,8 @@ pub(crate) async fn run(
             image: Some(remote_ref.clone()),
             from_tid: next,
             follow: true,
-            max_bytes: CHUNK,
+            max_bytes: (sh.memory_target.load(std::sync::atomic::Ordering::Relaxed) / 64)
+                .clamp(64 << 10, 4 << 20),
         })
         .await
         .map_err(|s| job.remote.err(s))?

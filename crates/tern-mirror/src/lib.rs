@@ -84,6 +84,9 @@ pub(crate) struct Shared {
     pub limit: limit::Limiter,
     pub peer_limits: Mutex<HashMap<String, Arc<limit::Limiter>>>,
     pub peer_rate: std::sync::atomic::AtomicU64,
+    /// rbd_mirror_memory_target: bounds the unapplied journal data a
+    /// replayer holds (see `journal`).
+    pub memory_target: std::sync::atomic::AtomicU64,
     pub compress: std::sync::atomic::AtomicBool,
 }
 
@@ -166,6 +169,7 @@ pub async fn run(opts: Options) -> Result<(), ClientError> {
         limit: limit::Limiter::new(0),
         peer_limits: Mutex::new(HashMap::new()),
         peer_rate: std::sync::atomic::AtomicU64::new(0),
+        memory_target: std::sync::atomic::AtomicU64::new(256 << 20),
         compress: std::sync::atomic::AtomicBool::new(false),
     });
     let mut peers: HashMap<String, SiteClient> = HashMap::new();
@@ -242,6 +246,9 @@ async fn refresh_limits(sh: &Arc<Shared>, entity: &str) {
         get("rbd_mirror_compression").await == "zstd",
         Ordering::Relaxed,
     );
+    if let Ok(m) = get("rbd_mirror_memory_target").await.parse::<u64>() {
+        sh.memory_target.store(m, Ordering::Relaxed);
+    }
 }
 
 /// One pass over every mirrored pool.

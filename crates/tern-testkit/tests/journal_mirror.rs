@@ -399,3 +399,81 @@ fn journal_mirroring_orderly_failover_and_failback() {
         "failback moved {moved} bytes: a resync, not a delta"
     );
 }
+
+/// A peer that falls behind past the primary's journal limit is
+/// disconnected, says so, catches up by a delta copy (not a full one) and
+/// resumes replay.
+#[test]
+fn journal_mirroring_lagging_peer_catches_up_by_delta() {
+    let (a, b, link) = sites_with_link();
+    let _ma = a.start_mirror();
+    let mut mb = b.start_mirror();
+    journaled_image(&a, "l");
+    a.tern_ok(&[
+        "config",
+        "image",
+        "set",
+        "rbd/l",
+        "rbd_journal_max_size",
+        "4M",
+    ]);
+    wait_replaying(&b, "l");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let burst = |secs: u64| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let w = writer(
+            a.nbd_addr.clone(),
+            "rbd/l".into(),
+            log.clone(),
+            stop.clone(),
+            Some(2000),
+        );
+        std::thread::sleep(Duration::from_secs(secs));
+        stop.store(true, Ordering::Relaxed);
+        w.join().unwrap()
+    };
+    // B away while A writes several times the journal limit, over few slots'
+    // worth of data: the delta is small, the journal traffic is not.
+    mb.stop();
+    burst(8);
+    let info = a.tern_json(&["journal", "status", "rbd/l"]);
+    let clients = info["registered_clients"].as_array().unwrap().clone();
+    assert!(
+        clients.iter().any(|c| c["state"] == "disconnected"),
+        "B's journal client was not disconnected: {info}"
+    );
+    let before = link.down_bytes();
+    mb.restart();
+    let ok = wait_until(Duration::from_secs(30), || {
+        let st = status(&b, "l");
+        st["description"]
+            .as_str()
+            .unwrap_or("")
+            .contains("fell behind")
+            || replay_figures(&b, "l").is_some()
+    });
+    assert!(ok, "{}", status(&b, "l"));
+    wait_equal(&a, &b, "l", Duration::from_secs(90));
+    let moved = link.down_bytes() - before;
+    // Then replay goes on from the new point.
+    burst(2);
+    wait_equal(&a, &b, "l", Duration::from_secs(60));
+    let l = log.lock().unwrap().clone();
+    assert_eq!(check_prefix(&b, "l", &l), l.len());
+    let journal_bytes = l.len() as u64 * (SLOT + 40);
+    eprintln!(
+        "{} writes ({journal_bytes} journal bytes) while B was away; catching up moved {moved} bytes",
+        l.len()
+    );
+    assert!(
+        replay_figures(&b, "l").is_some(),
+        "replay did not resume: {}",
+        status(&b, "l")
+    );
+    // The image is 64 MiB and every slot may have been written: the delta
+    // is at most the written 4 KiB slots' objects, never the journal.
+    assert!(
+        moved < journal_bytes,
+        "caught up by replaying the journal? {moved} bytes"
+    );
+}

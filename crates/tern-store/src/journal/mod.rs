@@ -902,7 +902,11 @@ impl Journal {
     /// flush) enough time.
     pub(crate) fn checkpoint_due(&self, at_flush: bool) -> bool {
         let w = self.w.lock();
-        w.since_checkpoint >= self.options().checkpoint_bytes
+        let o = self.options();
+        // A journal capped small must checkpoint (and so trim) well before
+        // the cap, or nothing could ever be trimmed in time.
+        let every = o.checkpoint_bytes.min(o.max_size / 4).max(1);
+        w.since_checkpoint >= every
             || (at_flush && w.since_checkpoint > 0 && w.last_checkpoint.elapsed() >= CHECKPOINT_AGE)
     }
 
