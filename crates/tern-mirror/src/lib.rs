@@ -320,12 +320,20 @@ async fn scan(
                 peers: report_to.clone(),
             };
             let key = format!("{}/{}", r.pool, r.global_id);
-            let changed = sh
-                .statuses
-                .lock()
-                .await
-                .get(&key)
-                .is_none_or(|old| old.status.state != "stopped");
+            // A split-brain found by this image's replayer (re-reported by
+            // it every pass while it lasts) is not overwritten with "primary":
+            // flapping between the two would make status lie half the time.
+            let split_brain = |old: &Reported| {
+                old.status.reason == "split-brain"
+                    && now().saturating_sub(old.status.last_update) <= 3
+            };
+            let (changed, keep) = match sh.statuses.lock().await.get(&key) {
+                None => (true, false),
+                Some(old) => (old.status.state != "stopped", split_brain(old)),
+            };
+            if keep {
+                continue;
+            }
             if changed {
                 sh.report(r).await;
             } else {

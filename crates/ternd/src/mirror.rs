@@ -651,6 +651,11 @@ impl Mirror {
         m.primary = true;
         m.demoted = false;
         m.epoch += 1;
+        // Once primary, this image's history is its own: if it ever
+        // follows a peer's journal again, it starts from a sync point (a
+        // delta), never from an old place that would replay, out of their
+        // order, writes it already holds.
+        m.journal_pos = None;
         m.primary_mirror_uuid = self.pool_enabled(pool)?.mirror_uuid;
         self.save_image(&info.id.to_string(), &m)?;
         self.primary_snapshot(pool, name, MirrorSnapState::Primary)?;
