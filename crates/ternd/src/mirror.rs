@@ -795,32 +795,57 @@ impl Mirror {
                 protected: false,
             });
         }
+        let snap = self.non_primary_snapshot(
+            pool,
+            name,
+            &m.global_id,
+            &s.primary_mirror_uuid,
+            s.primary_snap_id,
+            s.demoted,
+            last,
+        )?;
+        m.sync = None;
+        m.resync_requested = false;
+        self.save_image(&info.id.to_string(), &m)?;
+        Ok(snap)
+    }
+
+    /// Takes the local copy's snapshot of the primary's snapshot
+    /// `primary_snap_id` (after a flush, so it holds what was written), then
+    /// keeps a bounded number of them: the newest is the base of the next
+    /// delta.
+    #[allow(clippy::too_many_arguments)]
+    fn non_primary_snapshot(
+        &self,
+        pool: &str,
+        name: &str,
+        global_id: &str,
+        primary_mirror_uuid: &str,
+        primary_snap_id: u64,
+        demoted: bool,
+        last_copied_object_number: u64,
+    ) -> Result<SnapInfo, Error> {
         self.store_flush(pool, name)?;
         let ms = MirrorSnap {
-            state: if s.demoted {
+            state: if demoted {
                 MirrorSnapState::NonPrimaryDemoted
             } else {
                 MirrorSnapState::NonPrimary
             },
             complete: true,
             mirror_peer_uuids: vec![],
-            primary_mirror_uuid: s.primary_mirror_uuid.clone(),
-            primary_snap_id: s.primary_snap_id,
-            last_copied_object_number: last,
+            primary_mirror_uuid: primary_mirror_uuid.to_string(),
+            primary_snap_id,
+            last_copied_object_number,
         };
         let snap_name = format!(
-            ".mirror.non_primary.{}.{}",
-            m.global_id,
+            ".mirror.non_primary.{global_id}.{}",
             uuid::Uuid::new_v4().simple()
         );
         let snap = self
             .store()
             .snap_create(pool, name, &snap_name, SnapNamespace::Mirror(ms))
             .map_err(serr)?;
-        m.sync = None;
-        m.resync_requested = false;
-        self.save_image(&info.id.to_string(), &m)?;
-        // Keep a bounded number of non-primary snapshots: the newest is the base of the next delta.
         let olds: Vec<_> = self
             .mirror_snaps(pool, name)?
             .into_iter()
@@ -1054,23 +1079,29 @@ impl Mirror {
                 done.last_timestamp_us = e.timestamp_us;
                 continue;
             }
-            if !matches!(&e.op, JournalOp::Write { .. }) {
-                drain(&mut tickets, &mut hw, &mut before_queued)?;
-            }
-            match &e.op {
-                JournalOp::Write { offset, data } => {
-                    match img.try_queue_write(*offset, data.clone(), false) {
-                        Ok(t) => {
-                            before_queued.get_or_insert(hw.1);
-                            tickets.push(t.map_err(serr)?);
-                        }
-                        Err(data) => {
-                            drain(&mut tickets, &mut hw, &mut before_queued)?;
-                            img.write(*offset, &data, false).map_err(serr)?;
-                        }
+            let (tid, timestamp_us) = (e.tid, e.timestamp_us);
+            if let JournalOp::Write { offset, data } = e.op {
+                // The decoded payload goes to the journal queue as it is.
+                done.bytes += data.len() as u64;
+                match img.try_queue_write(offset, data, false) {
+                    Ok(t) => {
+                        before_queued.get_or_insert(hw.1);
+                        tickets.push(t.map_err(serr)?);
                     }
-                    done.bytes += data.len() as u64;
+                    Err(data) => {
+                        drain(&mut tickets, &mut hw, &mut before_queued)?;
+                        img.write(offset, &data, false).map_err(serr)?;
+                    }
                 }
+                done.last_tid = tid;
+                done.last_timestamp_us = timestamp_us;
+                done.entries += 1;
+                hw.1 = tid;
+                continue;
+            }
+            drain(&mut tickets, &mut hw, &mut before_queued)?;
+            match &e.op {
+                JournalOp::Write { .. } => unreachable!("handled above"),
                 JournalOp::Discard { offset, len } => img.discard(*offset, *len).map_err(serr)?,
                 JournalOp::WriteZeroes { offset, len } => {
                     img.write_zeroes(*offset, *len).map_err(serr)?
@@ -1101,29 +1132,15 @@ impl Mirror {
                                 && x.primary_mirror_uuid == primary_mirror_uuid
                         });
                         if !have {
-                            self.store_flush(pool, name)?;
-                            let state = if ms.state == MirrorSnapState::PrimaryDemoted {
-                                MirrorSnapState::NonPrimaryDemoted
-                            } else {
-                                MirrorSnapState::NonPrimary
-                            };
-                            let local = MirrorSnap {
-                                state,
-                                complete: true,
-                                mirror_peer_uuids: vec![],
-                                primary_mirror_uuid: primary_mirror_uuid.to_string(),
-                                primary_snap_id: *rid,
-                                last_copied_object_number: 0,
-                            };
-                            let snap_name = format!(
-                                ".mirror.non_primary.{}.{}",
-                                m.global_id,
-                                uuid::Uuid::new_v4().simple()
-                            );
-                            self.store()
-                                .snap_create(pool, name, &snap_name, SnapNamespace::Mirror(local))
-                                .map_err(serr)?;
-                            self.prune_non_primary(pool, name)?;
+                            self.non_primary_snapshot(
+                                pool,
+                                name,
+                                &m.global_id,
+                                primary_mirror_uuid,
+                                *rid,
+                                ms.state == MirrorSnapState::PrimaryDemoted,
+                                0,
+                            )?;
                         }
                     }
                 },
@@ -1205,26 +1222,5 @@ impl Mirror {
             .entry(image_id.to_string())
             .or_default()
             .clone()
-    }
-
-    fn prune_non_primary(&self, pool: &str, name: &str) -> Result<(), Error> {
-        let olds: Vec<_> = self
-            .mirror_snaps(pool, name)?
-            .into_iter()
-            .filter(|(_, x)| {
-                matches!(
-                    x.state,
-                    MirrorSnapState::NonPrimary | MirrorSnapState::NonPrimaryDemoted
-                )
-            })
-            .collect();
-        if olds.len() > DEFAULT_MAX_SNAPS {
-            for (x, _) in olds.iter().take(olds.len() - DEFAULT_MAX_SNAPS) {
-                self.store()
-                    .snap_remove(pool, name, &x.name, true)
-                    .map_err(serr)?;
-            }
-        }
-        Ok(())
     }
 }
