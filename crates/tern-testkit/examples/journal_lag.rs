@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tern_testkit::nbd::NbdClient;
-use tern_testkit::{Site, journal_sites, wait_until};
+use tern_testkit::{Site, linked_sites, wait_until};
 
 const SLOT: u64 = 4096;
 const SLOTS: u64 = 1024;
@@ -83,7 +83,7 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn run(label: &str, delay: Option<Duration>, secs: f64, out: &mut String) {
-    let (a, b, link) = journal_sites();
+    let (a, b, link) = linked_sites();
     if let Some(d) = delay {
         link.set_delay(d / 2);
     }

@@ -566,7 +566,7 @@ impl Drop for Proxy {
 
 /// Sites A and B, pool `rbd` mirrored in image mode and peered rx-tx, B
 /// reaching A through a [`Proxy`] the caller can cut or slow down.
-pub fn journal_sites() -> (Site, Site, Proxy) {
+pub fn linked_sites() -> (Site, Site, Proxy) {
     let a = Site::start("site-a");
     let b = Site::start("site-b");
     for (s, name) in [(&a, "site-a"), (&b, "site-b")] {

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tern_testkit::nbd::NbdClient;
-use tern_testkit::{Site, journal_sites as sites_with_link, sha256_file, wait_until};
+use tern_testkit::{Site, linked_sites as sites_with_link, sha256_file, wait_until};
 
 const SLOT: u64 = 4096;
 const SLOTS: u64 = 1024;
@@ -179,6 +179,27 @@ fn writer(
     })
 }
 
+/// Writes to `export` on `site` at `rate` per second for `secs` seconds.
+fn burst(
+    site: &Site,
+    export: &str,
+    log: &Arc<Mutex<Vec<(u64, u64)>>>,
+    rate: u64,
+    secs: u64,
+) -> u64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(
+        site.nbd_addr.clone(),
+        export.into(),
+        log.clone(),
+        stop.clone(),
+        Some(rate),
+    );
+    std::thread::sleep(Duration::from_secs(secs));
+    stop.store(true, Ordering::Relaxed);
+    w.join().unwrap()
+}
+
 fn export_sum(s: &Site, spec: &str) -> String {
     let out = s
         .root
@@ -279,19 +300,7 @@ fn journal_mirroring_survives_faults() {
     journaled_image(&a, "f");
     wait_replaying(&b, "f");
     let log = Arc::new(Mutex::new(Vec::new()));
-    let run = |a: &Site, secs: u64| {
-        let stop = Arc::new(AtomicBool::new(false));
-        let w = writer(
-            a.nbd_addr.clone(),
-            "rbd/f".into(),
-            log.clone(),
-            stop.clone(),
-            Some(500),
-        );
-        std::thread::sleep(Duration::from_secs(secs));
-        stop.store(true, Ordering::Relaxed);
-        w.join().unwrap()
-    };
+    let run = |a: &Site, secs: u64| burst(a, "rbd/f", &log, 500, secs);
     // The daemon killed mid-replay.
     let stop = Arc::new(AtomicBool::new(false));
     let w = writer(
@@ -341,19 +350,7 @@ fn journal_mirroring_orderly_failover_and_failback() {
     journaled_image(&a, "d");
     wait_replaying(&b, "d");
     let log = Arc::new(Mutex::new(Vec::new()));
-    let burst = |s: &Site, secs: u64| {
-        let stop = Arc::new(AtomicBool::new(false));
-        let w = writer(
-            s.nbd_addr.clone(),
-            "rbd/d".into(),
-            log.clone(),
-            stop.clone(),
-            Some(400),
-        );
-        std::thread::sleep(Duration::from_secs(secs));
-        stop.store(true, Ordering::Relaxed);
-        w.join().unwrap()
-    };
+    let burst = |s: &Site, secs: u64| burst(s, "rbd/d", &log, 400, secs);
     burst(&a, 3);
     // Failover: demote A, B replays to the marker, a plain promote on B.
     a.tern_ok(&["mirror", "image", "demote", "rbd/d"]);
@@ -419,19 +416,7 @@ fn journal_mirroring_lagging_peer_catches_up_by_delta() {
     ]);
     wait_replaying(&b, "l");
     let log = Arc::new(Mutex::new(Vec::new()));
-    let burst = |secs: u64| {
-        let stop = Arc::new(AtomicBool::new(false));
-        let w = writer(
-            a.nbd_addr.clone(),
-            "rbd/l".into(),
-            log.clone(),
-            stop.clone(),
-            Some(2000),
-        );
-        std::thread::sleep(Duration::from_secs(secs));
-        stop.store(true, Ordering::Relaxed);
-        w.join().unwrap()
-    };
+    let burst = |secs: u64| burst(&a, "rbd/l", &log, 2000, secs);
     // B away while A writes several times the journal limit, over few slots'
     // worth of data: the delta is small, the journal traffic is not.
     mb.stop();

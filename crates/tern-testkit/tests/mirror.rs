@@ -869,33 +869,8 @@ fn verify_names_a_corrupted_extent() {
 /// the measured rate within 10 %.
 #[test]
 fn compression_and_bandwidth_limit() {
-    let a = Site::start("site-a");
-    let b = Site::start("site-b");
-    for (s, name) in [(&a, "site-a"), (&b, "site-b")] {
-        s.tern_ok(&["pool", "create", "rbd"]);
-        s.tern_ok(&[
-            "mirror",
-            "pool",
-            "enable",
-            "rbd",
-            "image",
-            "--site-name",
-            name,
-        ]);
-    }
-    let link = tern_testkit::Proxy::start(&a.addr);
-    // The token as A makes it, but naming the link as A's address.
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let token = a.tern_ok(&["mirror", "pool", "peer", "bootstrap", "create", "rbd"]);
-    let mut j: serde_json::Value =
-        serde_json::from_slice(&b64.decode(token.trim()).unwrap()).unwrap();
-    j["mon_host"] = serde_json::json!(link.addr);
-    assert!(
-        import_token(&b, &b64.encode(j.to_string()))
-            .status
-            .success()
-    );
+    // B reaches A through a link of the test's making, which counts bytes.
+    let (a, b, link) = tern_testkit::linked_sites();
     let _ma = a.start_mirror();
     let _mb = b.start_mirror();
     setup_image(&a, "c", "512M");
