@@ -139,6 +139,10 @@ pub enum Cmd {
     /// Mirroring between sites (rbd mirror …).
     #[command(subcommand)]
     Mirror(MirrorCmd),
+    /// Disaster recovery for a whole pool: failover and failback, with
+    /// preflight checks, waits, a log and an RPO report.
+    #[command(subcommand)]
+    Dr(DrCmd),
     /// A local two-site lab on loopback: up, down, status.
     Lab {
         #[arg(value_parser = ["up", "down", "status"])]
@@ -653,4 +657,41 @@ pub enum MirrorImageCmd {
         #[arg(long, default_value = "4M")]
         chunk: String,
     },
+}
+
+#[derive(Subcommand)]
+pub enum DrCmd {
+    /// Make this site primary for every mirrored image of the pool. Plain:
+    /// waits until each image's demotion at its primary site is replayed
+    /// here (no data loss). --force: promotes at once (the primary site is
+    /// lost); the report says how far behind each image was.
+    Failover(DrArgs),
+    /// Hand the pool back to the peer site: checks it is in sync, demotes
+    /// every image here and waits until the peer has replayed the
+    /// demotions; with --to, also promotes them there.
+    Failback(DrArgs),
+}
+
+#[derive(Args)]
+pub struct DrArgs {
+    /// The pool.
+    #[arg(long, short = 'p')]
+    pub pool: String,
+    /// Failover only: promote without the old primary (it is lost).
+    #[arg(long)]
+    pub force: bool,
+    /// Check and print the plan; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Seconds to wait for each phase before giving up.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// Append the log here (default /var/log/tern/dr-<kind>-<time>.log,
+    /// or ./ when that is not writable).
+    #[arg(long)]
+    pub log: Option<std::path::PathBuf>,
+    /// Failback only: the cluster name (config) of the site to hand back
+    /// to; its images are promoted there once they hold the demotions.
+    #[arg(long)]
+    pub to: Option<String>,
 }

@@ -194,6 +194,7 @@ rpc! {
     snap_protect(pb::SnapProtectRequest) -> pb::Empty;
     snap_purge(pb::ImageRef) -> pb::SnapPurgeReply;
     diff(pb::DiffRequest) -> pb::DiffReply;
+    journal_extents(pb::JournalExtentsRequest) -> pb::DiffReply;
     lock_acquire(pb::LockRequest) -> pb::LockInfo;
     lock_release(pb::LockRequest) -> pb::Empty;
     lock_list(pb::ImageRef) -> pb::LockListReply;

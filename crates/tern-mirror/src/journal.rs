@@ -19,7 +19,7 @@
 //! control, and the primary reads ahead at most four chunks), so a slow
 //! local disk slows the stream instead of growing memory.
 
-use crate::replay::{Job, sync_to};
+use crate::replay::{Job, Plan, sync_to};
 use crate::{Shared, now};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -79,6 +79,7 @@ pub(crate) async fn run(
     sh: &Arc<Shared>,
     job: &Job,
     local: pb::MirrorImageInfo,
+    plan: Plan,
 ) -> Result<(), ClientError> {
     let remote_ref = snap_ref(&job.peer.remote_pool, &job.remote_image.name, None);
     let local_ref = snap_ref(&job.pool, &local.name, None);
@@ -135,7 +136,7 @@ pub(crate) async fn run(
                     )
                 })?;
             let local_now = sh.local.mirror_image_get(local_ref.clone()).await?;
-            sync_to(sh, job, &local_now, &rimg, &target).await?;
+            sync_to(sh, job, &local_now, &rimg, &target, &plan).await?;
             // The copy holds everything up to the sync point: from the
             // registration point on, skip to the snapshot's own entry.
             sh.local
@@ -144,6 +145,7 @@ pub(crate) async fn run(
                     primary_mirror_uuid: job.remote_mirror_uuid.clone(),
                     tid: reg.commit_tid.max(1),
                     skip_to: target.name.clone(),
+                    timestamp_us: 0,
                 })
                 .await?;
             (reg.commit_tid + 1, Some(target.name))
@@ -191,6 +193,7 @@ pub(crate) async fn run(
                             primary_mirror_uuid: String::new(),
                             tid: 0,
                             skip_to: String::new(),
+                            timestamp_us: 0,
                         })
                         .await;
                 }
@@ -255,6 +258,7 @@ pub(crate) async fn run(
                         primary_mirror_uuid: job.remote_mirror_uuid.clone(),
                         tid: applied_tid,
                         skip_to: skip_to.clone().unwrap_or_default(),
+                        timestamp_us: applied_ts,
                     })
                     .await?;
                 committed = applied_tid;

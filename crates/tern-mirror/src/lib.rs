@@ -340,7 +340,10 @@ async fn scan(
                 sh.statuses.lock().await.insert(key, r);
             }
         }
-        for (peer, client) in &peer_clients {
+        // What every peer holds as primary (or has just demoted), by image.
+        let mut sources: HashMap<String, Vec<(usize, pb::MirrorImageInfo, String)>> =
+            HashMap::new();
+        for (i, (peer, client)) in peer_clients.iter().enumerate() {
             if peer.direction == "tx-only" {
                 continue;
             }
@@ -359,31 +362,87 @@ async fn scan(
             // A demoted image is followed too, so its final (demotion) snapshot
             // reaches us and a plain promote here loses nothing.
             for rimg in remote.images.iter().filter(|i| i.primary || i.demoted) {
-                let key = format!("{}/{}", p.name, rimg.global_id);
-                if !sh.busy.lock().await.insert(key.clone()) {
-                    continue;
-                }
-                let job = replay::Job {
-                    pool: p.name.clone(),
-                    local_mirror_uuid: info.mirror_uuid.clone(),
-                    site_name: info.site_name.clone(),
-                    peer: peer.clone(),
-                    remote: client.clone(),
-                    remote_mirror_uuid: remote.mirror_uuid.clone(),
-                    remote_image: rimg.clone(),
-                    local_image: local_list
-                        .images
-                        .iter()
-                        .find(|i| i.global_id == rimg.global_id)
-                        .cloned(),
-                    report_to: report_to.clone(),
-                };
-                let sh2 = sh.clone();
-                tokio::spawn(async move {
-                    replay::run(&sh2, job).await;
-                    sh2.busy.lock().await.remove(&key);
-                });
+                sources.entry(rimg.global_id.clone()).or_default().push((
+                    i,
+                    rimg.clone(),
+                    remote.mirror_uuid.clone(),
+                ));
             }
+        }
+        for (global_id, cands) in sources {
+            let local_image = local_list
+                .images
+                .iter()
+                .find(|i| i.global_id == global_id)
+                .cloned();
+            // Several sites: follow the one that is primary for the image;
+            // a demoted one only while no other is primary (to receive its
+            // demotion), preferring the one this copy followed.
+            let primaries: Vec<_> = cands.iter().filter(|c| c.1.primary).collect();
+            let chosen = match primaries.len() {
+                0 => cands
+                    .iter()
+                    .find(|c| {
+                        local_image
+                            .as_ref()
+                            .is_some_and(|l| l.primary_mirror_uuid == c.2)
+                    })
+                    .or(cands.first()),
+                1 => Some(primaries[0]),
+                _ => {
+                    if !local_image.as_ref().is_some_and(|l| l.primary) {
+                        let names: Vec<&str> = primaries
+                            .iter()
+                            .map(|c| peer_clients[c.0].0.site_name.as_str())
+                            .collect();
+                        let r = Reported {
+                            pool: p.name.clone(),
+                            global_id: global_id.clone(),
+                            status: pb::MirrorSiteStatus {
+                                site_name: info.site_name.clone(),
+                                mirror_uuids: info.mirror_uuid.clone(),
+                                state: "error".into(),
+                                description: format!(
+                                    "split-brain: {} all claim to be primary for this image. Nothing was \
+                                     overwritten. Demote all but one of them, then resync the demoted ones",
+                                    names.join(" and ")
+                                ),
+                                reason: "split-brain".into(),
+                                up: true,
+                                ..Default::default()
+                            },
+                            peers: report_to.clone(),
+                        };
+                        sh.report(r).await;
+                        continue;
+                    }
+                    Some(primaries[0])
+                }
+            };
+            let Some((i, rimg, remote_uuid)) = chosen.cloned() else {
+                continue;
+            };
+            let (peer, client) = &peer_clients[i];
+            let key = format!("{}/{}", p.name, global_id);
+            if !sh.busy.lock().await.insert(key.clone()) {
+                continue;
+            }
+            let job = replay::Job {
+                pool: p.name.clone(),
+                local_mirror_uuid: info.mirror_uuid.clone(),
+                site_name: info.site_name.clone(),
+                peer: peer.clone(),
+                remote: client.clone(),
+                remote_mirror_uuid: remote_uuid,
+                remote_image: rimg,
+                local_image,
+                report_to: report_to.clone(),
+            };
+            let sh2 = sh.clone();
+            tokio::spawn(async move {
+                replay::run(&sh2, job).await;
+                sh2.busy.lock().await.remove(&key);
+            });
         }
     }
     Ok(())
@@ -400,7 +459,14 @@ async fn mark_unreachable(
     report_to: &[(SiteClient, String)],
     e: &ClientError,
 ) {
-    for img in local.images.iter().filter(|i| !i.primary) {
+    // Only the copies this peer is the primary for: with several sites,
+    // one lost peer says nothing about images another site serves.
+    for img in local.images.iter().filter(|i| {
+        !i.primary
+            && (peer.mirror_uuid.is_empty()
+                || i.primary_mirror_uuid.is_empty()
+                || i.primary_mirror_uuid == peer.mirror_uuid)
+    }) {
         let r = Reported {
             pool: pool.to_string(),
             global_id: img.global_id.clone(),

@@ -100,8 +100,25 @@ async fn replay(sh: &Arc<Shared>, job: &Job) -> Result<(), ClientError> {
         sh.report(r).await;
         return Ok(());
     }
+    let plan = match assess(sh, job, &local).await? {
+        Standing::Follows(plan) => plan,
+        Standing::Diverged(why) => {
+            let spec = job.spec();
+            tracing::warn!(image = %spec, peer = %job.peer.site_name, "split-brain: {why}");
+            let r = job.status(
+                "error",
+                "split-brain",
+                format!(
+                    "split-brain: {why}. Nothing was overwritten. To keep {peer}'s data, run                      `tern mirror image resync {spec}` here: only what diverged is copied",
+                    peer = job.peer.site_name
+                ),
+            );
+            sh.report(r).await;
+            return Ok(());
+        }
+    };
     if rimg.mode == "journal" {
-        return crate::journal::run(sh, job, local).await;
+        return crate::journal::run(sh, job, local, plan).await;
     }
     let Some(target) = rimg
         .mirror_snaps
@@ -129,11 +146,11 @@ async fn replay(sh: &Arc<Shared>, job: &Job) -> Result<(), ClientError> {
                 && s.primary_mirror_uuid == job.remote_mirror_uuid
         })
         .max_by_key(|s| s.id);
-    if local_synced.is_some_and(|s| s.primary_snap_id == target.id) {
+    if local_synced.is_some_and(|s| s.primary_snap_id == target.id) && plan.resync.is_none() {
         report_idle(sh, job, &local, target).await;
         return Ok(());
     }
-    let (sent, secs) = sync_to(sh, job, &local, rimg, target).await?;
+    let (sent, secs) = sync_to(sh, job, &local, rimg, target, &plan).await?;
     let local_ref = snap_ref(&job.pool, &local.name, None);
     let local_now = sh.local.mirror_image_get(local_ref).await?;
     let mut r = job.status(
@@ -157,38 +174,10 @@ pub(crate) async fn sync_to(
     local: &pb::MirrorImageInfo,
     rimg: &pb::MirrorImageInfo,
     target: &pb::SnapInfo,
+    plan: &Plan,
 ) -> Result<(u64, f64), ClientError> {
-    let local_synced = local
-        .mirror_snaps
-        .iter()
-        .filter(|s| {
-            s.mirror_state.starts_with("non-primary")
-                && s.mirror_complete
-                && s.primary_mirror_uuid == job.remote_mirror_uuid
-        })
-        .max_by_key(|s| s.id);
-    let mut base: Option<(u64, String)> = None; // (local snap id, remote snap name)
-    if let Some(l) = local_synced
-        && let Some(r) = rimg.mirror_snaps.iter().find(|r| r.id == l.primary_snap_id)
-    {
-        base = Some((l.id, r.name.clone()));
-    }
-    // After a failback: our own (demoted) snapshot that the peer copied.
-    for l in local
-        .mirror_snaps
-        .iter()
-        .filter(|s| is_primary_state(&s.mirror_state))
-    {
-        if let Some(r) = rimg.mirror_snaps.iter().find(|r| {
-            r.mirror_state.starts_with("non-primary")
-                && r.mirror_complete
-                && r.primary_mirror_uuid == job.local_mirror_uuid
-                && r.primary_snap_id == l.id
-        }) && base.as_ref().is_none_or(|(id, _)| l.id > *id)
-        {
-            base = Some((l.id, r.name.clone()));
-        }
-    }
+    let _ = local;
+    let base = plan.base.clone();
     let _permit = sh.syncs.acquire().await.expect("semaphore");
     let state = sh
         .local
@@ -205,7 +194,8 @@ pub(crate) async fn sync_to(
     let resume_from = state.last_copied_object_number * unit;
     let full = base.is_none();
     tracing::info!(
-        image = %job.spec(), target = target.id, base = ?base.as_ref().map(|b| &b.1), resume_from, full,
+        image = %job.spec(), target = target.id, base = ?base, resume_from, full,
+        extra = plan.extra.len(), resync = ?plan.resync,
         "syncing from {}", job.peer.site_name
     );
     let started = Instant::now();
@@ -222,8 +212,9 @@ pub(crate) async fn sync_to(
             length: 0,
             chunk_size: 0,
             diff: true,
-            diff_from: base.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
+            diff_from: base.clone().unwrap_or_default(),
             whole_object: false,
+            extra: plan.extra.clone(),
         })
         .await
         .map_err(|s| job.remote.err(s))?
@@ -270,6 +261,7 @@ pub(crate) async fn sync_to(
                     image: Some(local_ref.clone()),
                     snap_id: target.id,
                     last_copied_object_number: pos / unit,
+                    resync_summary: String::new(),
                 })
                 .await?;
         }
@@ -280,10 +272,14 @@ pub(crate) async fn sync_to(
             } else {
                 0.0
             };
+            let what = match &plan.resync {
+                Some(kind) => format!("resyncing from {} by {kind}", job.peer.site_name),
+                None => "syncing".into(),
+            };
             let mut r = job.status(
                 "syncing",
                 "syncing",
-                format!("syncing, {:.0}% ({} bytes copied)", pct * 100.0, sent),
+                format!("{what}, {:.0}% ({} bytes copied)", pct * 100.0, sent),
             );
             r.status.progress = pct;
             r.status.bytes_synced = sent;
@@ -293,11 +289,26 @@ pub(crate) async fn sync_to(
     if let Some(w) = writer {
         w.commit().await?;
     }
+    let resync_summary = plan.resync.as_ref().map_or(String::new(), |kind| {
+        format!(
+            "{kind} from {}: {sent} bytes copied ({:.2}% of the image)",
+            job.peer.site_name,
+            if target.size > 0 {
+                sent as f64 * 100.0 / target.size as f64
+            } else {
+                0.0
+            }
+        )
+    });
+    if !resync_summary.is_empty() {
+        tracing::warn!(image = %job.spec(), "resync done: {resync_summary}");
+    }
     sh.local
         .mirror_sync_complete(pb::MirrorSyncProgressRequest {
             image: Some(local_ref.clone()),
             snap_id: target.id,
             last_copied_object_number: target.size.div_ceil(unit),
+            resync_summary,
         })
         .await?;
     // Tell the primary we hold this snapshot, so it may prune older ones but never this base.
@@ -313,6 +324,224 @@ pub(crate) async fn sync_to(
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(image = %job.spec(), target = target.id, bytes = sent, secs, "synced");
     Ok((sent, secs))
+}
+
+/// What a sync into the local copy must do.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Plan {
+    /// The primary's snapshot the delta starts from (None: all of it).
+    pub base: Option<String>,
+    /// Local ranges to bring back to the primary's content as well: what
+    /// this copy holds beyond the common point.
+    pub extra: Vec<pb::DiffExtent>,
+    /// A requested resync: "delta …" or "full copy …", for status.
+    pub resync: Option<String>,
+}
+
+pub(crate) enum Standing {
+    /// The local copy holds a point of the primary's history.
+    Follows(Plan),
+    /// It does not, and no resync was asked for: why, in words.
+    Diverged(String),
+}
+
+/// A complete mirror snapshot's identity across sites: the site (mirror
+/// uuid) and snapshot id where its content was taken. A copy's content is
+/// its origin's.
+fn origin(s: &pb::SnapInfo, site_uuid: &str) -> Option<(String, u64)> {
+    if s.namespace != "mirror" || !s.mirror_complete {
+        return None;
+    }
+    Some(if is_primary_state(&s.mirror_state) {
+        (site_uuid.to_string(), s.id)
+    } else {
+        (s.primary_mirror_uuid.clone(), s.primary_snap_id)
+    })
+}
+
+/// The newest snapshot both sites hold with the same content: (local
+/// snapshot, the primary's snapshot name).
+fn common_point<'a>(
+    local: &'a pb::MirrorImageInfo,
+    rimg: &pb::MirrorImageInfo,
+    local_uuid: &str,
+    remote_uuid: &str,
+) -> Option<(&'a pb::SnapInfo, String)> {
+    let remote: std::collections::HashMap<(String, u64), &pb::SnapInfo> = rimg
+        .mirror_snaps
+        .iter()
+        .filter_map(|s| origin(s, remote_uuid).map(|o| (o, s)))
+        .collect();
+    local
+        .mirror_snaps
+        .iter()
+        .filter_map(|s| origin(s, local_uuid).map(|o| (o, s)))
+        .filter_map(|(o, s)| remote.get(&o).map(|r| (s, r.name.clone())))
+        .max_by_key(|(s, _)| s.id)
+}
+
+/// Ranges of the local image changed since `from` (a snapshot; None: since
+/// it was created).
+async fn local_changes(
+    sh: &Shared,
+    job: &Job,
+    local: &pb::MirrorImageInfo,
+    from: Option<&str>,
+) -> Result<Vec<pb::DiffExtent>, ClientError> {
+    let d = sh
+        .local
+        .diff(pb::DiffRequest {
+            image: Some(snap_ref(&job.pool, &local.name, None)),
+            from_snap: from.unwrap_or_default().to_string(),
+            whole_object: false,
+            offset: 0,
+            length: 0,
+        })
+        .await?;
+    Ok(d.extents)
+}
+
+/// Decides whether the local copy may follow the remote primary, and how:
+/// a delta from the newest common point, plus whatever the local copy
+/// holds beyond that point (after a change of primary), or a resync when
+/// its history left the primary's and the operator asked for one.
+pub(crate) async fn assess(
+    sh: &Shared,
+    job: &Job,
+    local: &pb::MirrorImageInfo,
+) -> Result<Standing, ClientError> {
+    let (lu, ru) = (&job.local_mirror_uuid, &job.remote_mirror_uuid);
+    let rimg = &job.remote_image;
+    let common = common_point(local, rimg, lu, ru);
+    let newest = local
+        .mirror_snaps
+        .iter()
+        .filter(|s| origin(s, lu).is_some())
+        .max_by_key(|s| s.id);
+    let holds_newest = match (newest, &common) {
+        (None, _) => true,
+        (Some(n), Some((c, _))) => n.id == c.id,
+        (Some(_), None) => false,
+    };
+    let peer = &job.peer.site_name;
+    // Journal replay may have taken this copy past its newest snapshot.
+    let journal_src = (!local.journal_primary_uuid.is_empty() && local.journal_tid > 0)
+        .then_some((&local.journal_primary_uuid, local.journal_tid));
+    let switching = local.primary_mirror_uuid != *ru;
+    // A copy that only ever received from this primary is a prefix of it
+    // by construction; the question arises when the primary changed.
+    let diverged: Option<String> = match journal_src {
+        _ if !switching => None,
+        Some((src, _)) if src == ru => None,
+        Some((src, tid)) if rimg.fork_mirror_uuid == *src && rimg.fork_journal_tid >= tid => None,
+        Some((_, tid)) => {
+            let beyond = match newest {
+                Some(n) => !local_changes(sh, job, local, Some(&n.name))
+                    .await?
+                    .is_empty(),
+                None => true,
+            };
+            (beyond || !holds_newest).then(|| {
+                format!(
+                    "this copy replayed its former primary's journal up to entry {tid},                      which {peer} does not hold (it was promoted {})",
+                    if rimg.fork_journal_tid > 0 {
+                        format!("at entry {}", rimg.fork_journal_tid)
+                    } else {
+                        "from an earlier point".into()
+                    }
+                )
+            })
+        }
+        None if holds_newest => None,
+        None => Some(match newest {
+            Some(n) if is_primary_state(&n.mirror_state) => format!(
+                "this image was primary here until it was demoted, and {peer} was promoted                  without its last writes (a forced promotion): this site's writes after {} are not on {peer}",
+                common
+                    .as_ref()
+                    .map_or("the first sync".to_string(), |(c, _)| format!(
+                        "snapshot {}",
+                        c.id
+                    ))
+            ),
+            _ => format!(
+                "this copy holds a newer state of its former primary than {peer} does                  ({peer} was promoted from an older point)"
+            ),
+        }),
+    };
+    match diverged {
+        None => {
+            let mut plan = Plan {
+                base: common.as_ref().map(|(_, r)| r.clone()),
+                ..Plan::default()
+            };
+            // A new primary: what this copy holds beyond the common point
+            // (an unfinished copy, replayed entries) goes back too.
+            if switching || local.resync_requested {
+                plan.extra = local_changes(
+                    sh,
+                    job,
+                    local,
+                    common.as_ref().map(|(c, _)| c.name.as_str()),
+                )
+                .await?;
+            }
+            if local.resync_requested {
+                plan.resync = Some(match &common {
+                    Some((c, _)) => format!("delta from snapshot {} (no divergence found)", c.id),
+                    None => "full copy (no common point)".into(),
+                });
+            }
+            Ok(Standing::Follows(plan))
+        }
+        Some(why) if !local.resync_requested => Ok(Standing::Diverged(why)),
+        Some(_) => {
+            // The primary was promoted from this site's journal: the
+            // entries after that point are exactly what diverged here.
+            if rimg.fork_mirror_uuid == *lu
+                && rimg.fork_journal_tid > 0
+                && let Some(fork_snap) =
+                    rimg.mirror_snaps.iter().find(|s| s.id == rimg.fork_snap_id)
+            {
+                match sh
+                    .local
+                    .journal_extents(pb::JournalExtentsRequest {
+                        image: Some(snap_ref(&job.pool, &local.name, None)),
+                        after_tid: rimg.fork_journal_tid,
+                    })
+                    .await
+                {
+                    Ok(d) => {
+                        let mine: u64 = d.extents.iter().map(|e| e.length).sum();
+                        return Ok(Standing::Follows(Plan {
+                            base: Some(fork_snap.name.clone()),
+                            extra: d.extents,
+                            resync: Some(format!(
+                                "delta from {peer}'s promotion point (entry {} of this site's journal;                                  {mine} bytes written here after it)",
+                                rimg.fork_journal_tid
+                            )),
+                        }));
+                    }
+                    Err(e) => {
+                        tracing::info!(image = %job.spec(), error = %e, "journal cannot give the divergent writes: using snapshots");
+                    }
+                }
+            }
+            let from = common.as_ref().map(|(c, _)| c.name.as_str());
+            let extra = local_changes(sh, job, local, from).await?;
+            let mine: u64 = extra.iter().map(|e| e.length).sum();
+            Ok(Standing::Follows(Plan {
+                base: common.as_ref().map(|(_, r)| r.clone()),
+                extra,
+                resync: Some(match &common {
+                    Some((c, _)) => format!(
+                        "delta from snapshot {} ({mine} bytes changed here since)",
+                        c.id
+                    ),
+                    None => format!("full copy (no common point with {peer})"),
+                }),
+            }))
+        }
+    }
 }
 
 fn replaying_description(

@@ -77,6 +77,28 @@ pub struct ImageMirror {
     /// with mirror uuid `primary_mirror_uuid` is applied).
     #[serde(default)]
     pub journal_pos: Option<JournalPos>,
+    /// How this image last became primary (see [`Fork`]).
+    #[serde(default)]
+    pub fork: Option<Fork>,
+    /// What the last completed resync did ("delta …" / "full …").
+    #[serde(default)]
+    pub last_resync: String,
+}
+
+/// Recorded at promotion: the point where this image's history left the
+/// site it copied. A demoted former primary resyncs from here by delta:
+/// its own writes after `journal_tid` (journal mode) are what diverged.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Fork {
+    pub from_mirror_uuid: String,
+    /// Journal mode: the last entry of `from`'s journal applied here.
+    pub journal_tid: u64,
+    /// The primary snapshot taken at promotion.
+    pub snap_id: u64,
+    pub forced: bool,
+    /// The primary's time (unix µs) of the newest write held here then.
+    pub data_as_of_us: u64,
+    pub at: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq, Eq)]
@@ -86,6 +108,9 @@ pub struct JournalPos {
     /// Entries up to this snapshot's own entry are in a copy: skip them.
     #[serde(default)]
     pub skip_to: String,
+    /// The primary's time (unix µs) of entry `tid`.
+    #[serde(default)]
+    pub timestamp_us: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -393,6 +418,8 @@ impl Mirror {
             resync_requested: false,
             sync: None,
             journal_pos: None,
+            fork: None,
+            last_resync: String::new(),
         };
         self.save_image(&info.id.to_string(), &m)?;
         self.primary_snapshot(pool, name, MirrorSnapState::Primary)?;
@@ -584,6 +611,11 @@ impl Mirror {
     /// sync is rolled back to the last complete snapshot so the image is
     /// crash-consistent, and the promotion epoch rises.
     pub fn promote(&self, pool: &str, name: &str, force: bool) -> Result<ImageMirror, Error> {
+        let (info, _) = self.image_of(pool, name)?;
+        // No journal batch may land while (or after) this image turns
+        // primary: the replay position read here is what it holds.
+        let slot = self.replay_slot(&info.id.to_string());
+        let hw = slot.lock();
         let (info, m) = self.image_of(pool, name)?;
         let mut m = m.ok_or_else(|| {
             Error::invalid(format!("mirroring is not enabled on image '{pool}/{name}'"))
@@ -617,7 +649,9 @@ impl Mirror {
                 snaps.last(),
                 Some((_, ms)) if ms.complete && ms.state == MirrorSnapState::NonPrimaryDemoted
             );
+            let own = self.pool_enabled(pool)?.mirror_uuid;
             if m.demoted
+                && m.primary_mirror_uuid == own
                 && snaps
                     .iter()
                     .all(|(_, ms)| ms.state != MirrorSnapState::NonPrimaryDemoted)
@@ -648,6 +682,27 @@ impl Mirror {
                     .map_err(serr)?;
             }
         }
+        // What this site holds of the old primary: its journal up to a
+        // tid (journal mode), or its newest snapshot copied here.
+        let from_uuid = m.primary_mirror_uuid.clone();
+        let (journal_tid, data_as_of_us) = match &m.journal_pos {
+            Some(p) if p.primary_mirror_uuid == from_uuid => {
+                let tid = if hw.0 == from_uuid {
+                    hw.1.max(p.tid)
+                } else {
+                    p.tid
+                };
+                (tid, p.timestamp_us)
+            }
+            _ => (
+                0,
+                self.mirror_snaps(pool, name)?
+                    .iter()
+                    .rev()
+                    .find(|(_, ms)| ms.complete && ms.primary_mirror_uuid == from_uuid)
+                    .map_or(0, |(s, _)| s.created * 1_000_000),
+            ),
+        };
         m.primary = true;
         m.demoted = false;
         m.epoch += 1;
@@ -657,8 +712,21 @@ impl Mirror {
         // order, writes it already holds.
         m.journal_pos = None;
         m.primary_mirror_uuid = self.pool_enabled(pool)?.mirror_uuid;
+        let was_demoted_here = from_uuid == m.primary_mirror_uuid;
         self.save_image(&info.id.to_string(), &m)?;
-        self.primary_snapshot(pool, name, MirrorSnapState::Primary)?;
+        let snap = self.primary_snapshot(pool, name, MirrorSnapState::Primary)?;
+        if !was_demoted_here {
+            m.fork = Some(Fork {
+                from_mirror_uuid: from_uuid,
+                journal_tid,
+                snap_id: snap.id,
+                forced: force,
+                data_as_of_us,
+                at: now_secs(),
+            });
+            self.save_image(&info.id.to_string(), &m)?;
+        }
+        drop(hw);
         Ok(m)
     }
 
@@ -703,6 +771,8 @@ impl Mirror {
             resync_requested: false,
             sync: None,
             journal_pos: None,
+            fork: None,
+            last_resync: String::new(),
         };
         self.save_image(&info.id.to_string(), &m)?;
         Ok(m)
@@ -755,6 +825,9 @@ impl Mirror {
         }
         m.sync = Some(s.clone());
         m.primary_mirror_uuid = q.primary_mirror_uuid.clone();
+        // Following another site now: no longer "demoted here" (a copy
+        // others would follow for its demotion).
+        m.demoted = false;
         self.save_image(&info.id.to_string(), &m)?;
         Ok(s)
     }
@@ -768,6 +841,7 @@ impl Mirror {
         primary_snap_id: u64,
         last: u64,
         complete: bool,
+        resync_summary: &str,
     ) -> Result<SnapInfo, Error> {
         let (info, m) = self.image_of(pool, name)?;
         let mut m = m.ok_or_else(|| {
@@ -805,7 +879,10 @@ impl Mirror {
             last,
         )?;
         m.sync = None;
-        m.resync_requested = false;
+        if !resync_summary.is_empty() {
+            m.resync_requested = false;
+            m.last_resync = format!("{resync_summary} (finished {})", now_secs());
+        }
         self.save_image(&info.id.to_string(), &m)?;
         Ok(snap)
     }
@@ -1010,7 +1087,7 @@ impl Mirror {
     ) -> Result<Applied, Error> {
         use tern_store::journal::{JournalEntry, JournalOp};
         let (info, m) = self.image_of(pool, name)?;
-        let mut m = m.ok_or_else(|| {
+        let m = m.ok_or_else(|| {
             Error::invalid(format!("mirroring is not enabled on image '{pool}/{name}'"))
         })?;
         if m.primary {
@@ -1025,6 +1102,14 @@ impl Mirror {
         let img = self.store().open_image(pool, name).map_err(serr)?;
         let slot = self.replay_slot(&id);
         let mut hw = slot.lock();
+        // A promotion may have happened while we waited for the lock.
+        let (_, m2) = self.image_of(pool, name)?;
+        let Some(mut m) = m2.filter(|x| !x.primary) else {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("'{pool}/{name}' was promoted here: journal replay stops"),
+            ));
+        };
         if hw.0 != primary_mirror_uuid {
             let from = m
                 .journal_pos
@@ -1185,8 +1270,17 @@ impl Mirror {
                     primary_mirror_uuid: primary_mirror_uuid.to_string(),
                     tid: hw.1,
                     skip_to: String::new(),
+                    timestamp_us: if done.last_timestamp_us > 0 {
+                        done.last_timestamp_us
+                    } else {
+                        m.journal_pos
+                            .as_ref()
+                            .filter(|p| p.primary_mirror_uuid == primary_mirror_uuid)
+                            .map_or(0, |p| p.timestamp_us)
+                    },
                 });
                 m.primary_mirror_uuid = primary_mirror_uuid.to_string();
+                m.demoted = false;
                 self.save_image(&id, &m)?;
             }
         }

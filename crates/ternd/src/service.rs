@@ -796,6 +796,70 @@ impl pb::site_server::Site for Service {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    async fn journal_extents(
+        &self,
+        req: Request<pb::JournalExtentsRequest>,
+    ) -> SResult<pb::DiffReply> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::Read(&r.pool))?;
+        let after = req.get_ref().after_tid;
+        let site = self.site.clone();
+        let reply = blocking(move || {
+            use tern_store::journal::JournalOp;
+            let j = site.store.journal(&r.pool, &r.image).map_err(serr)?;
+            let gone = |why: String| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "the journal of {}/{} cannot list the writes after entry {after}: {why}",
+                        r.pool, r.image
+                    ),
+                )
+            };
+            let mut v: Vec<(u64, u64)> = Vec::new();
+            let mut expect = after + 1;
+            for e in j.entries(after + 1) {
+                let e = e.map_err(|e| gone(e.to_string()))?;
+                if e.tid != expect {
+                    return Err(gone(format!("it starts at entry {}", e.tid)));
+                }
+                expect += 1;
+                match e.op {
+                    JournalOp::Write { offset, data } => v.push((offset, data.len() as u64)),
+                    JournalOp::Discard { offset, len } | JournalOp::WriteZeroes { offset, len } => {
+                        v.push((offset, len))
+                    }
+                    JournalOp::Resize { .. } | JournalOp::SnapRollback { .. } => {
+                        return Err(gone(format!(
+                            "entry {} is a {} (not a set of extents)",
+                            e.tid,
+                            e.op.name()
+                        )));
+                    }
+                    _ => {}
+                }
+            }
+            if expect == after + 1 && j.info().first_tid > after + 1 && j.last_tid() > after {
+                return Err(gone("they were trimmed".into()));
+            }
+            let extents = merge_extents(v)
+                .into_iter()
+                .map(|(offset, length)| pb::DiffExtent {
+                    offset,
+                    length,
+                    data: true,
+                })
+                .collect();
+            Ok(pb::DiffReply {
+                extents,
+                size: 0,
+                granularity: 1,
+            })
+        })
+        .await?;
+        Ok(Response::new(reply))
+    }
+
     async fn journal_client(
         &self,
         req: Request<pb::JournalClientRequest>,
@@ -950,7 +1014,16 @@ impl pb::site_server::Site for Service {
         let (diff, whole) = (q.diff, q.whole_object);
         tokio::spawn(async move {
             let res = if diff {
-                stream_diff(img, from, to, q.offset, end, chunk, whole, &tx, &c).await
+                let extra: Vec<(u64, u64)> = q
+                    .extra
+                    .iter()
+                    .filter(|e| e.offset < end && e.offset + e.length > q.offset)
+                    .map(|e| {
+                        let o = e.offset.max(q.offset);
+                        (o, (e.offset + e.length).min(end) - o)
+                    })
+                    .collect();
+                stream_diff(img, from, to, q.offset, end, chunk, whole, extra, &tx, &c).await
             } else {
                 stream_out(img, to, q.offset, end, chunk, &tx, &c).await
             };
@@ -1781,6 +1854,7 @@ impl pb::site_server::Site for Service {
                 primary_mirror_uuid: q.primary_mirror_uuid,
                 tid: q.tid,
                 skip_to: q.skip_to,
+                timestamp_us: q.timestamp_us,
             });
             m.journal_pos_set(&r.pool, &r.image, pos)
         })
@@ -1968,6 +2042,7 @@ impl pb::site_server::Site for Service {
                 q.snap_id,
                 q.last_copied_object_number,
                 false,
+                "",
             )
         })
         .await?;
@@ -1989,6 +2064,7 @@ impl pb::site_server::Site for Service {
                 q.snap_id,
                 q.last_copied_object_number,
                 true,
+                &q.resync_summary,
             )
         })
         .await?;
@@ -2249,6 +2325,22 @@ async fn stream_out(
 
 /// Sends only what changed between `from` and `to` inside [start, end):
 /// changed data as data chunks, changed-to-zero ranges as zero runs.
+/// Sorted, non-overlapping, adjacent ranges joined.
+fn merge_extents(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.retain(|e| e.1 > 0);
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (o, l) in v {
+        match out.last_mut() {
+            Some(last) if o <= last.0 + last.1 => {
+                last.1 = last.1.max(o + l - last.0);
+            }
+            _ => out.push((o, l)),
+        }
+    }
+    out
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn stream_diff(
     img: Arc<Image>,
@@ -2258,6 +2350,7 @@ async fn stream_diff(
     end: u64,
     chunk: u64,
     whole_object: bool,
+    extra: Vec<(u64, u64)>,
     tx: &tokio::sync::mpsc::Sender<Result<pb::DataChunk, Status>>,
     c: &PoolCounters,
 ) -> Result<(), Status> {
@@ -2267,11 +2360,40 @@ async fn stream_diff(
             .map_err(|_| Status::cancelled("receiver gone"))
     };
     let i = img.clone();
-    let extents = blocking(move || {
+    let mut extents = blocking(move || {
         i.diff(from, to, start, end - start, whole_object)
             .map_err(serr)
     })
     .await?;
+    if !extra.is_empty() {
+        // Extra ranges are read like changed data (zeros in them go as
+        // zero runs); where they overlap a changed extent, one read.
+        let mut all: Vec<(u64, u64, bool)> = extents
+            .iter()
+            .map(|e| (e.offset, e.length, e.data))
+            .chain(extra.into_iter().map(|(o, l)| (o, l, true)))
+            .filter(|e| e.1 > 0)
+            .collect();
+        all.sort_unstable_by_key(|e| e.0);
+        let mut merged: Vec<(u64, u64, bool)> = Vec::with_capacity(all.len());
+        for (o, l, d) in all {
+            match merged.last_mut() {
+                Some(last) if o < last.0 + last.1 || (o == last.0 + last.1 && d == last.2) => {
+                    last.1 = last.1.max(o + l - last.0);
+                    last.2 |= d;
+                }
+                _ => merged.push((o, l, d)),
+            }
+        }
+        extents = merged
+            .into_iter()
+            .map(|(offset, length, data)| tern_store::DiffExtent {
+                offset,
+                length,
+                data,
+            })
+            .collect();
+    }
     for e in extents {
         if !e.data {
             send(pb::DataChunk {
@@ -2745,6 +2867,19 @@ fn mirror_info_pb(
             .as_ref()
             .map(|p| p.skip_to.clone())
             .unwrap_or_default(),
+        primary_mirror_uuid: im.primary_mirror_uuid.clone(),
+        resync_requested: im.resync_requested,
+        fork_mirror_uuid: im
+            .fork
+            .as_ref()
+            .map(|f| f.from_mirror_uuid.clone())
+            .unwrap_or_default(),
+        fork_journal_tid: im.fork.as_ref().map_or(0, |f| f.journal_tid),
+        fork_snap_id: im.fork.as_ref().map_or(0, |f| f.snap_id),
+        fork_forced: im.fork.as_ref().is_some_and(|f| f.forced),
+        fork_data_as_of_us: im.fork.as_ref().map_or(0, |f| f.data_as_of_us),
+        fork_at: im.fork.as_ref().map_or(0, |f| f.at),
+        last_resync: im.last_resync.clone(),
     }
 }
 
@@ -2947,11 +3082,20 @@ impl Service {
                 let st = build_status(&m, &pool, &img, &im, &pm, &daemons)?;
                 // Count what matters for the image: its copies' states on a
                 // primary, its own state on a non-primary.
-                let counted: Vec<&pb::MirrorSiteStatus> = if im.primary {
+                let mut counted: Vec<&pb::MirrorSiteStatus> = if im.primary {
                     st.peer_sites.iter().collect()
                 } else {
                     st.local.iter().collect()
                 };
+                // A primary in split-brain is in error itself, whatever
+                // its peers last said.
+                if im.primary
+                    && let Some(l) = st.local.as_ref()
+                    && l.up
+                    && strip_state(&l.state) == "error"
+                {
+                    counted.push(l);
+                }
                 for c in counted {
                     let key = if c.up {
                         strip_state(&c.state).to_string()

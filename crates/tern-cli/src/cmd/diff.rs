@@ -107,6 +107,7 @@ async fn write_changes<W: AsyncWrite + Unpin>(
             diff: true,
             diff_from: from.unwrap_or("").to_string(),
             whole_object,
+            extra: vec![],
         })
         .await
         .map_err(|s| c.err(s))?

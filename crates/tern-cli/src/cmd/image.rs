@@ -129,11 +129,39 @@ pub async fn info(ctx: &Ctx, spec: &str) -> Result<()> {
             spec.snap.as_deref(),
         ))
         .await?;
+    // Mirroring, as rbd info shows it (plus how it became primary).
+    let m = if i.snap.is_empty() {
+        c.mirror_image_get(tern_client::image_ref(&spec.pool, &spec.image))
+            .await
+            .ok()
+    } else {
+        None
+    };
     if ctx.json() {
         let mut v = image_json(&i);
         if !i.snap.is_empty() {
             v["protected"] = serde_json::json!(i.protected);
             v["snap_id"] = serde_json::json!(i.snap_id);
+        }
+        if let Some(m) = &m {
+            v["mirroring"] = serde_json::json!({
+                "state": m.state,
+                "mode": m.mode,
+                "global_id": m.global_id,
+                "primary": m.primary,
+                "promotion_epoch": m.epoch,
+                "resync_requested": m.resync_requested,
+                "last_resync": m.last_resync,
+                "promoted_from": (!m.fork_mirror_uuid.is_empty()).then(|| serde_json::json!({
+                    "mirror_uuid": m.fork_mirror_uuid,
+                    "forced": m.fork_forced,
+                    "journal_tid": m.fork_journal_tid,
+                    "snap_id": m.fork_snap_id,
+                    "data_as_of_us": m.fork_data_as_of_us,
+                    "at": m.fork_at,
+                })),
+            });
+            v["last_resync"] = serde_json::json!(m.last_resync);
         }
         ctx.print_json(&v);
         return Ok(());
@@ -162,6 +190,32 @@ pub async fn info(ctx: &Ctx, spec: &str) -> Result<()> {
     println!("\tcreate_timestamp: {}", ctime(i.created));
     println!("\tmodify_timestamp: {}", ctime(i.modified));
     println!("\tused: {}", format_size(i.used_bytes));
+    if let Some(m) = m {
+        println!("\tmirroring state: {}", m.state);
+        println!("\tmirroring mode: {}", m.mode);
+        println!("\tmirroring global id: {}", m.global_id);
+        println!("\tmirroring primary: {}", m.primary);
+        println!("\tmirroring promotion epoch: {}", m.epoch);
+        if m.resync_requested {
+            println!("\tmirroring resync: requested");
+        }
+        if !m.last_resync.is_empty() {
+            println!("\tmirroring last resync: {}", m.last_resync);
+        }
+        if m.primary && !m.fork_mirror_uuid.is_empty() {
+            println!(
+                "\tmirroring promoted: {}{} from mirror uuid {}{}",
+                ctime(m.fork_at),
+                if m.fork_forced { " (forced)" } else { "" },
+                m.fork_mirror_uuid,
+                if m.fork_journal_tid > 0 {
+                    format!(", holding its journal to entry {}", m.fork_journal_tid)
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
     Ok(())
 }
 

@@ -2,6 +2,7 @@ mod admin;
 mod bench;
 mod device;
 mod diff;
+mod dr;
 mod image;
 mod io;
 mod journal;
@@ -53,6 +54,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Journal(c) => journal::run(&ctx, c).await,
         Cmd::Device(c) => device::run_cmd(&ctx, c).await,
         Cmd::Mirror(c) => mirror::run(&ctx, c).await,
+        Cmd::Dr(c) => dr::run(&ctx, c).await,
         Cmd::Lab { action, dir } => lab::run(&action, &dir),
         Cmd::Diff {
             spec,

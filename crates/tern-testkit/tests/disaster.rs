@@ -1,0 +1,461 @@
+//! Disaster: a site lost under load, forced promotion of the survivor,
+//! split-brain when the lost site returns, delta resync, failback; three
+//! sites; `tern dr` interrupted and re-run; the seed's failover.sh and
+//! failback.sh run against tern.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tern_client::{image_ref, pb};
+use tern_testkit::nbd::NbdClient;
+use tern_testkit::{Proxy, Site, random_bytes, rt, sha256_file, wait_until};
+
+const GIB: u64 = 1 << 30;
+const DIVERGE: u64 = 8 << 20;
+const PIECE: u64 = 128 << 10;
+
+fn spec(name: &str) -> String {
+    format!("rbd/{name}")
+}
+
+/// Chunk hashes of an image (the site reads all of it).
+fn sums(s: &Site, name: &str) -> Vec<Vec<u8>> {
+    let rt = rt();
+    let c = s.client(&rt);
+    rt.block_on(c.image_checksum(pb::ChecksumRequest {
+        image: Some(image_ref("rbd", name)),
+        chunk_size: 4 << 20,
+    }))
+    .map(|r| r.hashes)
+    .unwrap_or_default()
+}
+
+fn export_sum(s: &Site, name: &str) -> String {
+    let out = s
+        .root
+        .path()
+        .join(format!("x-{}.raw", rand::random::<u64>()));
+    s.tern_ok(&["export", &spec(name), out.to_str().unwrap()]);
+    let h = sha256_file(&out);
+    std::fs::remove_file(out).unwrap();
+    h
+}
+
+/// Byte for byte: both images exported whole and hashed.
+fn assert_identical(a: &Site, b: &Site, name: &str) {
+    assert_eq!(
+        export_sum(a, name),
+        export_sum(b, name),
+        "{name} differs between {} and {}",
+        a.name,
+        b.name
+    );
+}
+
+fn wait_same(src: &Site, dst: &Site, name: &str, timeout: Duration) -> Duration {
+    let t = Instant::now();
+    let want = sums(src, name);
+    let ok = wait_until(timeout, || sums(dst, name) == want);
+    assert!(
+        ok,
+        "{name} on {} did not become equal to {} within {timeout:?}: {}",
+        dst.name,
+        src.name,
+        status(dst, name)
+    );
+    t.elapsed()
+}
+
+fn status(s: &Site, name: &str) -> serde_json::Value {
+    let o = s.tern(&["mirror", "image", "status", &spec(name), "--format", "json"]);
+    serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+fn pool_health(s: &Site) -> String {
+    let v = s.tern_json(&["mirror", "pool", "status", "rbd"]);
+    v["summary"]["health"].as_str().unwrap_or("").to_string()
+}
+
+fn is_split_brain(s: &Site, name: &str) -> bool {
+    let st = status(s, name);
+    st["state"] == "up+error"
+        && st["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("split-brain"))
+}
+
+/// `count` writes of PIECE bytes at random PIECE-aligned offsets.
+fn scatter(s: &Site, name: &str, seed: u64, total: u64) {
+    use rand::{Rng, SeedableRng};
+    let rt = rt();
+    let c = s.client(&rt);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let size = rt
+        .block_on(c.image_get(image_ref("rbd", name)))
+        .unwrap()
+        .size;
+    rt.block_on(async {
+        for i in 0..total / PIECE {
+            let off = rng.random_range(0..size / PIECE) * PIECE;
+            c.write(pb::WriteRequest {
+                image: Some(image_ref("rbd", name)),
+                offset: off,
+                data: random_bytes(seed * 1_000_000 + i, PIECE as usize),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        c.flush(image_ref("rbd", name)).await.unwrap();
+    });
+}
+
+/// What the application on a site does through its NBD connection.
+#[derive(Default)]
+struct App {
+    stop: AtomicBool,
+    /// Set: write DIVERGE bytes in PIECE writes scattered over the image
+    /// (between load writes), then clear it.
+    scatter: AtomicBool,
+}
+
+/// 4 KiB NBD writes to the first 256 MiB at about `rate`/s until stopped
+/// or until the site goes away; returns the writes acknowledged. The
+/// connection holds the image's lock, so other writes go through it too.
+fn load(s: &Site, name: &str, rate: u64, app: Arc<App>) -> std::thread::JoinHandle<u64> {
+    let (addr, export) = (s.nbd_addr.clone(), spec(name));
+    std::thread::spawn(move || {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let Ok(mut c) = NbdClient::connect(&addr, &export) else {
+            return 0;
+        };
+        let t0 = Instant::now();
+        let mut n = 0u64;
+        while !app.stop.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(120) {
+            if app.scatter.load(Ordering::Relaxed) {
+                for i in 0..DIVERGE / PIECE {
+                    let off = rng.random_range(0..GIB / PIECE) * PIECE;
+                    c.send_write(off, &random_bytes(7_000_000 + i, PIECE as usize), false)
+                        .unwrap();
+                    assert_eq!(c.replies.recv().unwrap().error, 0);
+                }
+                c.send_flush().unwrap();
+                assert_eq!(c.replies.recv().unwrap().error, 0);
+                app.scatter.store(false, Ordering::Relaxed);
+            }
+            let due = t0 + Duration::from_secs_f64(n as f64 / rate as f64);
+            if let Some(d) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(d);
+            }
+            let off = rng.random_range(0..65536u64) * 4096;
+            if c.send_write(off, &random_bytes(n, 4096), false).is_err() {
+                break;
+            }
+            match c.replies.recv_timeout(Duration::from_secs(5)) {
+                Ok(r) if r.error == 0 => n += 1,
+                _ => break,
+            }
+        }
+        n
+    })
+}
+
+struct Pair {
+    a: Site,
+    b: Site,
+    /// B's daemon reaches A through this, A's daemon reaches B through `to_b`.
+    to_a: Proxy,
+    to_b: Proxy,
+}
+
+fn pair() -> Pair {
+    let (a, b, to_a) = tern_testkit::linked_sites();
+    let to_b = Proxy::start(&b.addr);
+    let info = a.tern_json(&["mirror", "pool", "info", "rbd"]);
+    let uuid = info["peers"][0]["uuid"].as_str().unwrap().to_string();
+    a.tern_ok(&[
+        "mirror", "pool", "peer", "set", "rbd", &uuid, "mon-host", &to_b.addr,
+    ]);
+    Pair { a, b, to_a, to_b }
+}
+
+fn create(s: &Site, name: &str, size: &str, mode: &str) {
+    let features = if mode == "journal" {
+        "layering,exclusive-lock,journaling"
+    } else {
+        "layering,exclusive-lock"
+    };
+    s.tern_ok(&[
+        "create",
+        &spec(name),
+        "--size",
+        size,
+        "--image-feature",
+        features,
+    ]);
+    s.tern_ok(&["mirror", "image", "enable", &spec(name), mode]);
+}
+
+/// Snapshot mode needs a mirror snapshot to have something to copy.
+fn snap_if(s: &Site, name: &str, mode: &str) {
+    if mode == "snapshot" {
+        s.tern_ok(&["mirror", "image", "snapshot", &spec(name)]);
+    }
+}
+
+fn unplanned_failover(mode: &str) {
+    let Pair {
+        mut a,
+        b,
+        to_a,
+        to_b,
+    } = pair();
+    let mut ma = a.start_mirror();
+    let _mb = b.start_mirror();
+    create(&a, "vol", "1G", mode);
+    scatter(&a, "vol", 1, 16 << 20);
+    snap_if(&a, "vol", mode);
+    wait_same(&a, &b, "vol", Duration::from_secs(120));
+
+    // Site A under load; its links go, it writes on alone, then it dies.
+    let app = Arc::new(App::default());
+    let w = load(&a, "vol", 300, app.clone());
+    std::thread::sleep(Duration::from_secs(2));
+    snap_if(&a, "vol", mode);
+    std::thread::sleep(Duration::from_secs(2));
+    to_a.set_cut(true);
+    to_b.set_cut(true);
+    app.scatter.store(true, Ordering::Relaxed);
+    let ok = wait_until(Duration::from_secs(60), || {
+        !app.scatter.load(Ordering::Relaxed)
+    });
+    assert!(ok, "the divergent writes on A did not finish");
+    std::thread::sleep(Duration::from_millis(500));
+    a.kill9();
+    ma.kill9();
+    app.stop.store(true, Ordering::Relaxed);
+    let acked = w.join().unwrap();
+    assert!(acked > 500, "the load wrote only {acked} times");
+
+    // Forced promotion of B: the RTO for one image.
+    let t = Instant::now();
+    let out = b.tern_ok(&[
+        "mirror",
+        "image",
+        "promote",
+        "--force",
+        &spec("vol"),
+        "--format",
+        "json",
+    ]);
+    let rto = t.elapsed();
+    let info = b.tern_json(&["info", &spec("vol")]);
+    eprintln!("[{mode}] forced promote of one image: {rto:?} ({out}) {info}");
+    scatter(&b, "vol", 3, DIVERGE);
+    snap_if(&b, "vol", mode);
+
+    // A comes back, still primary: split-brain on both sides, nothing overwritten.
+    a.restart();
+    to_a.set_cut(false);
+    to_b.set_cut(false);
+    let mut ma = a.start_mirror();
+    let (sa, sb) = (sums(&a, "vol"), sums(&b, "vol"));
+    assert_ne!(sa, sb);
+    let ok = wait_until(Duration::from_secs(20), || {
+        is_split_brain(&a, "vol") && is_split_brain(&b, "vol")
+    });
+    assert!(
+        ok,
+        "split-brain not reported on both sites: A {} / B {}",
+        status(&a, "vol"),
+        status(&b, "vol")
+    );
+    assert_eq!(pool_health(&a), "ERROR");
+    assert_eq!(pool_health(&b), "ERROR");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(sums(&a, "vol"), sa, "A was overwritten during split-brain");
+    assert_eq!(sums(&b, "vol"), sb, "B was overwritten during split-brain");
+
+    // Demoted, A still refuses to follow B: its history left B's.
+    a.tern_ok(&["mirror", "image", "demote", &spec("vol")]);
+    let ok = wait_until(Duration::from_secs(20), || {
+        let st = status(&a, "vol");
+        st["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("split-brain") && d.contains("resync"))
+    });
+    assert!(
+        ok,
+        "demoted A did not report split-brain: {}",
+        status(&a, "vol")
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        sums(&a, "vol"),
+        sa,
+        "A was overwritten before a resync was asked for"
+    );
+
+    // Delta resync: only what diverged crosses the link.
+    let before = to_b.down_bytes();
+    let t = Instant::now();
+    a.tern_ok(&["mirror", "image", "resync", &spec("vol")]);
+    let want = sums(&b, "vol");
+    if !wait_until(Duration::from_secs(180), || sums(&a, "vol") == want) {
+        panic!(
+            "A did not become equal to B after the resync: {}\n--- A's daemon ---\n{}",
+            status(&a, "vol"),
+            ma.log()
+        );
+    }
+    let took = t.elapsed();
+    let moved = to_b.down_bytes() - before;
+    let ok = wait_until(Duration::from_secs(10), || {
+        a.tern_json(&["info", &spec("vol")])["last_resync"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty())
+    });
+    let info = a.tern_json(&["info", &spec("vol")]);
+    assert!(ok, "no resync summary recorded: {info}");
+    let summary = info["last_resync"].as_str().unwrap().to_string();
+    eprintln!(
+        "[{mode}] delta resync of a 1 GiB image with {} MiB diverged on each side: {moved} bytes \
+         moved ({:.2}% of the image) in {took:?}; {summary}",
+        DIVERGE >> 20,
+        moved as f64 * 100.0 / GIB as f64
+    );
+    assert!(
+        summary.starts_with("delta"),
+        "not a delta resync: {summary}"
+    );
+    assert!(
+        moved < 64 << 20,
+        "resync moved {moved} bytes: about the diverged data (2 × 8 MiB) was expected"
+    );
+    assert_identical(&a, &b, "vol");
+
+    // Fail back to A with no data loss: B writes, hands over, A promotes.
+    let app = Arc::new(App::default());
+    let w = load(&b, "vol", 300, app.clone());
+    std::thread::sleep(Duration::from_secs(2));
+    app.stop.store(true, Ordering::Relaxed);
+    let n = w.join().unwrap();
+    assert!(n > 100);
+    b.tern_ok(&["mirror", "image", "demote", &spec("vol")]);
+    let ok = wait_until(Duration::from_secs(60), || {
+        a.tern(&["mirror", "image", "promote", &spec("vol")])
+            .status
+            .success()
+    });
+    assert!(
+        ok,
+        "plain promote on A never succeeded: {}",
+        status(&a, "vol")
+    );
+    assert_identical(&a, &b, "vol");
+    scatter(&a, "vol", 4, 1 << 20);
+    snap_if(&a, "vol", mode);
+    wait_same(&a, &b, "vol", Duration::from_secs(60));
+    assert_identical(&a, &b, "vol");
+    ma.stop();
+}
+
+#[test]
+fn unplanned_failover_snapshot_mode() {
+    unplanned_failover("snapshot");
+}
+
+#[test]
+fn unplanned_failover_journal_mode() {
+    unplanned_failover("journal");
+}
+
+fn import(s: &Site, token: &str, site_name: &str) {
+    let f = s
+        .root
+        .path()
+        .join(format!("token-{}", rand::random::<u32>()));
+    std::fs::write(&f, token).unwrap();
+    s.tern_ok(&[
+        "mirror",
+        "pool",
+        "peer",
+        "bootstrap",
+        "import",
+        "--site-name",
+        site_name,
+        "--direction",
+        "rx-tx",
+        "rbd",
+        f.to_str().unwrap(),
+    ]);
+}
+
+/// Three sites peered pairwise: the image primary on A reaches B and C;
+/// after a failover to C, B (and A) follow C; all three equal.
+#[test]
+fn three_sites() {
+    let sites: Vec<Site> = ["site-a", "site-b", "site-c"]
+        .iter()
+        .map(|n| {
+            let s = Site::start(n);
+            s.tern_ok(&["pool", "create", "rbd"]);
+            s.tern_ok(&["mirror", "pool", "enable", "rbd", "image", "--site-name", n]);
+            s
+        })
+        .collect();
+    let (a, b, c) = (&sites[0], &sites[1], &sites[2]);
+    let token = |s: &Site| s.tern_ok(&["mirror", "pool", "peer", "bootstrap", "create", "rbd"]);
+    import(b, &token(a), "site-b");
+    import(c, &token(a), "site-c");
+    import(c, &token(b), "site-c");
+    for s in [a, b, c] {
+        let info = s.tern_json(&["mirror", "pool", "info", "rbd"]);
+        assert_eq!(info["peers"].as_array().unwrap().len(), 2, "{info}");
+    }
+    let _m: Vec<_> = sites.iter().map(|s| s.start_mirror()).collect();
+    for (name, mode) in [("snapvol", "snapshot"), ("jvol", "journal")] {
+        create(a, name, "64M", mode);
+        scatter(a, name, 10, 8 << 20);
+        snap_if(a, name, mode);
+    }
+    for name in ["snapvol", "jvol"] {
+        wait_same(a, b, name, Duration::from_secs(60));
+        wait_same(a, c, name, Duration::from_secs(60));
+    }
+    // Orderly failover to C.
+    for name in ["snapvol", "jvol"] {
+        a.tern_ok(&["mirror", "image", "demote", &spec(name)]);
+        let ok = wait_until(Duration::from_secs(60), || {
+            c.tern(&["mirror", "image", "promote", &spec(name)])
+                .status
+                .success()
+        });
+        assert!(ok, "promote on C never succeeded: {}", status(c, name));
+        scatter(c, name, 11, 4 << 20);
+        snap_if(c, name, if name == "snapvol" { "snapshot" } else { "" });
+    }
+    for name in ["snapvol", "jvol"] {
+        wait_same(c, b, name, Duration::from_secs(60));
+        wait_same(c, a, name, Duration::from_secs(60));
+        let st = status(b, name);
+        assert_eq!(st["state"], "up+replaying", "B does not follow C: {st}");
+        assert_identical(c, b, name);
+        assert_identical(c, a, name);
+    }
+    // Then C is lost: forced failover to B; A follows B.
+    let mut sites = sites;
+    let mut c = sites.pop().unwrap();
+    c.kill9();
+    let (a, b) = (&sites[0], &sites[1]);
+    for name in ["snapvol", "jvol"] {
+        b.tern_ok(&["mirror", "image", "promote", "--force", &spec(name)]);
+        scatter(b, name, 12, 2 << 20);
+        snap_if(b, name, if name == "snapvol" { "snapshot" } else { "" });
+    }
+    for name in ["snapvol", "jvol"] {
+        wait_same(b, a, name, Duration::from_secs(60));
+        assert_identical(b, a, name);
+    }
+}
