@@ -459,3 +459,280 @@ fn three_sites() {
         assert_identical(b, a, name);
     }
 }
+
+/// Runs one of the seed's scripts on `site`, with `rbd` and `ceph` as shell
+/// functions calling tern, in a private mount namespace whose /var/log is
+/// a fresh tmpfs (the scripts log to /var/log/ceph). Bounded to 5 minutes.
+fn run_seed_script(site: &Site, script: &str, args: &[&str]) -> (bool, String) {
+    let path = format!("{}/tests/data/seed/{script}", env!("CARGO_MANIFEST_DIR"));
+    let wrapper = r#"
+set -e
+mount -t tmpfs tmpfs /var/log
+mkdir -p /var/log/ceph
+rbd() { "$TERN" --cluster "$SITE" "$@"; }
+ceph() { "$TERN" --cluster "$SITE" "$@"; }
+export -f rbd ceph
+exec bash "$0" "$@"
+"#;
+    let out = std::process::Command::new("timeout")
+        .args(["300", "unshare", "-m", "bash", "-c", wrapper, &path])
+        .args(args)
+        .env("TERN", tern_testkit::bin("tern"))
+        .env("SITE", &site.name)
+        .env("TERN_CONF_DIR", &site.conf_dir)
+        .env_remove("TERN_CLUSTER")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run the script");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The seed's failover.sh (Step 6) and failback.sh (Step 7) against tern.
+/// Changes to the scripts, each marked CHANGED in tests/data/seed/:
+/// - failover.sh: `((PROMOTED++))` and `((FAILED++))` became `X=$((X + 1))`:
+///   under `set -e` the post-increment of 0 is false and exits the script
+///   after the first image.
+/// - failback.sh: `wait_for_sync` read the DR site's own `.state`, which is
+///   always `up+stopped` there (it is the primary), so it could only time
+///   out after an hour; it reads `.peer_sites[0]` instead. Its grep for
+///   `entries_behind"` never matched Ceph's `entries_behind_primary`, so it
+///   never waited for replay; the key is fixed.
+#[test]
+fn seed_failover_and_failback_scripts() {
+    let Pair {
+        mut a,
+        b,
+        to_a,
+        to_b,
+    } = pair();
+    let mut ma = a.start_mirror();
+    let _mb = b.start_mirror();
+    let images = [("db", "journal"), ("web", "snapshot"), ("logs", "snapshot")];
+    for (name, mode) in images {
+        create(&a, name, "64M", mode);
+        scatter(&a, name, 20, 4 << 20);
+        snap_if(&a, name, mode);
+    }
+    for (name, _) in images {
+        wait_same(&a, &b, name, Duration::from_secs(60));
+    }
+    // Site A is lost.
+    a.kill9();
+    ma.kill9();
+    to_a.set_cut(true);
+    to_b.set_cut(true);
+    let (ok, out) = run_seed_script(&b, "failover.sh", &["rbd", "--force"]);
+    assert!(ok, "failover.sh failed:\n{out}");
+    assert!(
+        out.contains("Promotion complete: 3 succeeded, 0 failed"),
+        "{out}"
+    );
+    for (name, mode) in images {
+        assert_eq!(
+            b.tern_json(&["info", &spec(name)])["mirroring"]["primary"],
+            true
+        );
+        scatter(&b, name, 21, 2 << 20);
+        snap_if(&b, name, mode);
+    }
+    // A returns: demote its images and resync them from B (Step 7).
+    a.restart();
+    to_a.set_cut(false);
+    to_b.set_cut(false);
+    let _ma = a.start_mirror();
+    a.tern_ok(&["mirror", "pool", "demote", "rbd"]);
+    for (name, _) in images {
+        a.tern_ok(&["mirror", "image", "resync", &spec(name)]);
+    }
+    for (name, _) in images {
+        wait_same(&b, &a, name, Duration::from_secs(60));
+    }
+    // failback.sh on the DR site waits for sync and demotes there.
+    let (ok, out) = run_seed_script(&b, "failback.sh", &["rbd"]);
+    assert!(ok, "failback.sh failed:\n{out}");
+    for (name, _) in images {
+        assert!(out.contains(&format!("{name} is fully synced")), "{out}");
+        assert!(out.contains(&format!("{name} demoted on DR site")), "{out}");
+    }
+    // "Now promote images on primary site": failover.sh, plain, on A.
+    let (ok, out) = run_seed_script(&a, "failover.sh", &["rbd"]);
+    assert!(ok, "failover.sh on A failed:\n{out}");
+    assert!(
+        out.contains("Promotion complete: 3 succeeded, 0 failed"),
+        "{out}"
+    );
+    for (name, mode) in images {
+        assert_identical(&a, &b, name);
+        scatter(&a, name, 22, 1 << 20);
+        snap_if(&a, name, mode);
+    }
+    for (name, _) in images {
+        wait_same(&a, &b, name, Duration::from_secs(60));
+        assert_identical(&a, &b, name);
+    }
+}
+
+fn primaries(s: &Site) -> usize {
+    let rt = rt();
+    let c = s.client(&rt);
+    rt.block_on(c.mirror_image_list(pb::PoolRequest { pool: "rbd".into() }))
+        .map(|l| l.images.iter().filter(|i| i.primary).count())
+        .unwrap_or(0)
+}
+
+/// `tern dr failover`: a dry run changes nothing; a run killed halfway and
+/// run again finishes the job; the RTO for 200 images after a site loss.
+#[test]
+fn dr_failover_interrupted_then_finished() {
+    const N: u64 = 200;
+    let Pair {
+        mut a,
+        b,
+        to_a,
+        to_b,
+    } = pair();
+    a.tern_ok(&[
+        "mirror",
+        "pool",
+        "enable",
+        "rbd",
+        "pool",
+        "--site-name",
+        "site-a",
+    ]);
+    let rt = rt();
+    let c = a.client(&rt);
+    rt.block_on(async {
+        for i in 0..N {
+            let name = format!("img{i:03}");
+            c.image_create(pb::ImageCreateRequest {
+                pool: "rbd".into(),
+                image: name.clone(),
+                size: 4 << 20,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            c.write(pb::WriteRequest {
+                image: Some(image_ref("rbd", &name)),
+                offset: i * 4096,
+                data: random_bytes(i, 16 * 1024),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            c.mirror_image_snapshot(image_ref("rbd", &name))
+                .await
+                .unwrap();
+        }
+    });
+    let mut ma = a.start_mirror();
+    let _mb = b.start_mirror();
+    let ok = wait_until(Duration::from_secs(240), || {
+        let st = b.tern_json(&["mirror", "pool", "status", "rbd"]);
+        st["summary"]["states"]["replaying"].as_u64() == Some(N)
+    });
+    assert!(ok, "{N} images not replaying on B");
+    a.kill9();
+    ma.kill9();
+    to_a.set_cut(true);
+    to_b.set_cut(true);
+    let log = b.root.path().join("dr.log");
+    let log_s = log.to_str().unwrap();
+
+    // Without --force, A being unreachable stops it before any change.
+    let (code, err) = b.tern_err(&["dr", "failover", "--pool", "rbd", "--log", log_s]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("cannot be reached") && err.contains("--force") || err.contains("preflight"),
+        "{err}"
+    );
+    assert_eq!(primaries(&b), 0);
+    // A dry run changes nothing.
+    b.tern_ok(&[
+        "dr",
+        "failover",
+        "--pool",
+        "rbd",
+        "--force",
+        "--dry-run",
+        "--log",
+        log_s,
+    ]);
+    assert_eq!(primaries(&b), 0, "--dry-run promoted images");
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("dry run: nothing was changed")
+    );
+
+    // Killed halfway...
+    let t = Instant::now();
+    let mut child = b
+        .tern_cmd()
+        .args(["dr", "failover", "--pool", "rbd", "--force", "--log", log_s])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // A tight poll (no sleeps): the whole run takes well under a second.
+    let mut ok = false;
+    let cb = b.client(&rt);
+    let count = || {
+        rt.block_on(cb.mirror_image_list(pb::PoolRequest { pool: "rbd".into() }))
+            .map(|l| l.images.iter().filter(|i| i.primary).count())
+            .unwrap_or(0)
+    };
+    while t.elapsed() < Duration::from_secs(60) {
+        if count() >= 10 {
+            ok = true;
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let first = t.elapsed();
+    assert!(ok, "the first run promoted fewer than 10 images in 60 s");
+    let done = primaries(&b);
+    assert!(
+        (10..N as usize).contains(&done),
+        "the kill came too late to test an interruption: {done} promoted"
+    );
+    // ...and run again: it finishes, skipping what is done.
+    let t = Instant::now();
+    let out = b.tern_ok(&[
+        "dr", "failover", "--pool", "rbd", "--force", "--log", log_s, "--format", "json",
+    ]);
+    let second = t.elapsed();
+    assert_eq!(primaries(&b), N as usize);
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let imgs = report["images"].as_array().unwrap();
+    assert_eq!(imgs.len(), N as usize);
+    assert!(imgs.iter().all(|i| i["ok"] == true), "{report}");
+    let skipped = imgs
+        .iter()
+        .filter(|i| i["result"].as_str().unwrap().contains("skipped"))
+        .count();
+    assert!(
+        skipped >= done,
+        "{skipped} skipped, {done} done before: {report}"
+    );
+    let with_rpo = imgs.iter().filter(|i| i["rpo_seconds"].is_number()).count();
+    assert_eq!(with_rpo, N as usize - skipped, "RPO missing: {report}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains(&format!("failover complete: {N} succeeded, 0 failed")),
+        "{text}"
+    );
+    eprintln!(
+        "RTO, {N} images: the first run promoted {done} in {first:?} before it was killed; the re-run \
+         promoted the other {} (skipping {done}) in {second:?}: {:?} in all",
+        N as usize - done,
+        first + second
+    );
+}
