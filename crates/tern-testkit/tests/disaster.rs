@@ -729,6 +729,54 @@ fn dr_failover_interrupted_then_finished() {
         text.contains(&format!("failover complete: {N} succeeded, 0 failed")),
         "{text}"
     );
+    // A returns; its images are demoted and resynced, then `tern dr
+    // failback --to site-a` on B hands every image back.
+    a.restart();
+    to_a.set_cut(false);
+    to_b.set_cut(false);
+    let _ma = a.start_mirror();
+    a.tern_ok(&["mirror", "pool", "demote", "rbd"]);
+    let ca = a.client(&rt);
+    rt.block_on(async {
+        for i in 0..N {
+            ca.mirror_image_resync(image_ref("rbd", &format!("img{i:03}")))
+                .await
+                .unwrap();
+        }
+    });
+    let ok = wait_until(Duration::from_secs(120), || {
+        let st = a.tern_json(&["mirror", "pool", "status", "rbd"]);
+        st["summary"]["states"]["replaying"].as_u64() == Some(N)
+    });
+    assert!(ok, "A's {N} images did not resync");
+    for f in std::fs::read_dir(&a.conf_dir).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), b.conf_dir.join(f.file_name())).unwrap();
+    }
+    let t = Instant::now();
+    let out = b.tern_ok(&[
+        "dr", "failback", "--pool", "rbd", "--to", "site-a", "--log", log_s, "--format", "json",
+    ]);
+    let back = t.elapsed();
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(
+        report["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["ok"] == true),
+        "{report}"
+    );
+    assert_eq!(primaries(&a), N as usize);
+    assert_eq!(primaries(&b), 0);
+    for i in [0u64, 77, 199] {
+        assert_identical(&a, &b, &format!("img{i:03}"));
+    }
+    // Idempotent: a second failback finds nothing to do.
+    b.tern_ok(&[
+        "dr", "failback", "--pool", "rbd", "--to", "site-a", "--log", log_s,
+    ]);
+    eprintln!("failback of {N} images (resynced by delta) to site-a: {back:?}");
     eprintln!(
         "RTO, {N} images: the first run promoted {done} in {first:?} before it was killed; the re-run \
          promoted the other {} (skipping {done}) in {second:?}: {:?} in all",
