@@ -153,8 +153,19 @@ pub enum Cmd {
     },
     /// Measure I/O against an image, like `rbd bench`.
     Bench(BenchArgs),
-    /// Site health and usage, like `ceph status`.
+    /// Site health and usage, like `ceph status`, with the mirror daemons
+    /// seen and their heartbeats.
     Status,
+    /// Print a shell completion script: `tern completion bash > /etc/bash_completion.d/tern`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (tern.1 and one per subcommand) into a directory.
+    Man {
+        #[arg(default_value = "man")]
+        dir: PathBuf,
+    },
     /// Central configuration, like `ceph config`.
     #[command(subcommand)]
     Config(ConfigCmd),

@@ -75,6 +75,39 @@ impl Rates {
     }
 }
 
+/// The "replaying, {json}" status with rbd's keys and ours.
+fn replaying_status(
+    job: &Job,
+    rates: &Rates,
+    applied_tid: u64,
+    applied_ts: u64,
+    primary_tid: u64,
+) -> crate::Reported {
+    let (eps, bps) = rates.per_second();
+    let behind = primary_tid.saturating_sub(applied_tid);
+    // The RPO estimate: how old the last applied write is while the
+    // primary has newer ones; nothing while caught up.
+    let lag = if behind > 0 && applied_ts > 0 {
+        now_us().saturating_sub(applied_ts) as f64 / 1e6
+    } else {
+        0.0
+    };
+    let d = serde_json::json!({
+        "bytes_per_second": bps,
+        "entries_behind_primary": behind,
+        "entries_per_second": eps,
+        "seconds_until_synced": if eps > 0.0 { behind as f64 / eps } else if behind == 0 { 0.0 } else { -1.0 },
+        "non_primary_position": {"entry_tid": applied_tid, "timestamp": applied_ts / 1_000_000},
+        "primary_position": {"entry_tid": primary_tid},
+        "replay_lag_seconds": lag,
+        "replay_state": if behind > 0 { "replaying" } else { "idle" },
+    });
+    let mut r = job.status("replaying", "replaying", format!("replaying, {d}"));
+    r.status.lag_seconds = lag;
+    r.status.last_sync = now();
+    r
+}
+
 pub(crate) async fn run(
     sh: &Arc<Shared>,
     job: &Job,
@@ -82,6 +115,7 @@ pub(crate) async fn run(
     plan: Plan,
 ) -> Result<(), ClientError> {
     let remote_ref = snap_ref(&job.peer.remote_pool, &job.remote_image.name, None);
+    let peer_limit = sh.peer_limiter(&job.peer.uuid).await;
     let local_ref = snap_ref(&job.pool, &local.name, None);
     let me = job.local_mirror_uuid.clone();
     let client_req = |action: &str, tid: u64| pb::JournalClientRequest {
@@ -204,6 +238,29 @@ pub(crate) async fn run(
         let mut demoted = false;
         if let Some(c) = chunk {
             primary_tid = primary_tid.max(c.durable_tid);
+            // The WAN limits hold for journal replay as for snapshot copies.
+            // While throttled, status keeps saying how far behind we are.
+            let n = c.entries.len() as u64;
+            let wait = async {
+                sh.limit.take(n).await;
+                peer_limit.take(n).await;
+            };
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    _ = &mut wait => break,
+                    _ = tokio::time::sleep(REPORT_EVERY) => {
+                        if let Ok(ci) = job.remote.journal_client(client_req("get", 0)).await {
+                            primary_tid = primary_tid.max(ci.commit_tid + ci.entries_behind);
+                        }
+                        if skip_to.is_none() {
+                            let r = replaying_status(job, &rates, applied_tid, applied_ts, primary_tid);
+                            sh.report(r).await;
+                            last_report = Instant::now();
+                        }
+                    }
+                }
+            }
             let mut bytes = &c.entries[..];
             if let Some(name) = &skip_to {
                 // Entries up to the sync point's snapshot are in the copy.
@@ -232,6 +289,13 @@ pub(crate) async fn run(
                     })
                     .await?;
                 rates.add(a.entries, a.bytes);
+                sh.count_replicated(
+                    &job.pool,
+                    &job.remote_image.name,
+                    &job.peer.site_name,
+                    a.bytes,
+                    a.entries,
+                );
                 applied_tid = a.last_tid;
                 applied_ts = a.last_timestamp_us;
                 demoted = a.demoted;
@@ -287,28 +351,12 @@ pub(crate) async fn run(
         if last_report.elapsed() >= REPORT_EVERY {
             last_report = Instant::now();
             if skip_to.is_none() {
-                let (eps, bps) = rates.per_second();
-                let behind = primary_tid.saturating_sub(applied_tid);
-                // The RPO estimate: how old the last applied write is while
-                // the primary has newer ones; nothing while caught up.
-                let lag = if behind > 0 && applied_ts > 0 {
-                    now_us().saturating_sub(applied_ts) as f64 / 1e6
-                } else {
-                    0.0
-                };
-                let d = serde_json::json!({
-                    "bytes_per_second": bps,
-                    "entries_behind_primary": behind,
-                    "entries_per_second": eps,
-                    "seconds_until_synced": if eps > 0.0 { behind as f64 / eps } else if behind == 0 { 0.0 } else { -1.0 },
-                    "non_primary_position": {"entry_tid": applied_tid, "timestamp": applied_ts / 1_000_000},
-                    "primary_position": {"entry_tid": primary_tid},
-                    "replay_lag_seconds": lag,
-                    "replay_state": if behind > 0 { "replaying" } else { "idle" },
-                });
-                let mut r = job.status("replaying", "replaying", format!("replaying, {d}"));
-                r.status.lag_seconds = lag;
-                r.status.last_sync = now();
+                // What the primary holds now, not only what reached us: a
+                // backed-up stream must not look caught up.
+                if let Ok(ci) = job.remote.journal_client(client_req("get", 0)).await {
+                    primary_tid = primary_tid.max(ci.commit_tid + ci.entries_behind);
+                }
+                let r = replaying_status(job, &rates, applied_tid, applied_ts, primary_tid);
                 sh.report(r).await;
             }
             // Promoted here meanwhile: stop replaying into it.

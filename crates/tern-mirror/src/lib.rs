@@ -12,6 +12,7 @@
 
 mod journal;
 mod limit;
+mod metrics;
 mod replay;
 
 use std::collections::{HashMap, HashSet};
@@ -28,6 +29,9 @@ pub struct Options {
     pub conf: Option<PathBuf>,
     pub id: String,
     pub keyring: Option<PathBuf>,
+    /// Prometheus metrics listener (loopback unless allowed); None: off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    pub metrics_allow_remote: bool,
 }
 
 pub(crate) const HEARTBEAT: Duration = Duration::from_millis(1000);
@@ -64,11 +68,17 @@ pub(crate) fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// (pool, image, source site) of the replication counters.
+pub(crate) type ReplicaKey = (String, String, String);
+
 /// The last status a replayer set for an image, re-sent on every heartbeat.
 #[derive(Clone, Default)]
 pub(crate) struct Reported {
     pub pool: String,
     pub global_id: String,
+    /// For metrics: the image's name and the site it copies from.
+    pub image: String,
+    pub source: String,
     pub status: pb::MirrorSiteStatus,
     /// (peer client, peer's pool) to report to as well.
     pub peers: Vec<(SiteClient, String)>,
@@ -88,9 +98,39 @@ pub(crate) struct Shared {
     /// replayer holds (see `journal`).
     pub memory_target: std::sync::atomic::AtomicU64,
     pub compress: std::sync::atomic::AtomicBool,
+    /// Bytes and journal entries replicated, per (pool, image, source site).
+    pub replicated: std::sync::Mutex<HashMap<ReplicaKey, (u64, u64)>>,
 }
 
 impl Shared {
+    /// The bandwidth limiter shared by every copy from one peer.
+    pub async fn peer_limiter(&self, peer_uuid: &str) -> Arc<limit::Limiter> {
+        let mut m = self.peer_limits.lock().await;
+        m.entry(peer_uuid.to_string())
+            .or_insert_with(|| {
+                Arc::new(limit::Limiter::new(
+                    self.peer_rate.load(std::sync::atomic::Ordering::Relaxed),
+                ))
+            })
+            .clone()
+    }
+
+    pub fn count_replicated(
+        &self,
+        pool: &str,
+        image: &str,
+        source: &str,
+        bytes: u64,
+        entries: u64,
+    ) {
+        let mut m = self.replicated.lock().expect("lock");
+        let e = m
+            .entry((pool.to_string(), image.to_string(), source.to_string()))
+            .or_default();
+        e.0 += bytes;
+        e.1 += entries;
+    }
+
     /// Records a status and pushes it at once to the local site and peers.
     pub async fn report(&self, mut r: Reported) {
         r.status.last_update = now();
@@ -171,7 +211,17 @@ pub async fn run(opts: Options) -> Result<(), ClientError> {
         peer_rate: std::sync::atomic::AtomicU64::new(0),
         memory_target: std::sync::atomic::AtomicU64::new(256 << 20),
         compress: std::sync::atomic::AtomicBool::new(false),
+        replicated: std::sync::Mutex::new(HashMap::new()),
     });
+    if let Some(addr) = opts.metrics_listen {
+        metrics::serve(
+            sh.clone(),
+            addr,
+            opts.metrics_allow_remote,
+            &hello.site_name,
+        )
+        .await?;
+    }
     let mut peers: HashMap<String, SiteClient> = HashMap::new();
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
@@ -308,6 +358,8 @@ async fn scan(
             let r = Reported {
                 pool: p.name.clone(),
                 global_id: img.global_id.clone(),
+                image: img.name.clone(),
+                source: String::new(),
                 status: pb::MirrorSiteStatus {
                     site_name: info.site_name.clone(),
                     mirror_uuids: info.mirror_uuid.clone(),
@@ -398,6 +450,8 @@ async fn scan(
                         let r = Reported {
                             pool: p.name.clone(),
                             global_id: global_id.clone(),
+                            image: cands[0].1.name.clone(),
+                            source: String::new(),
                             status: pb::MirrorSiteStatus {
                                 site_name: info.site_name.clone(),
                                 mirror_uuids: info.mirror_uuid.clone(),
@@ -470,6 +524,8 @@ async fn mark_unreachable(
         let r = Reported {
             pool: pool.to_string(),
             global_id: img.global_id.clone(),
+            image: img.name.clone(),
+            source: peer.site_name.clone(),
             status: pb::MirrorSiteStatus {
                 site_name: info.site_name.clone(),
                 mirror_uuids: info.mirror_uuid.clone(),

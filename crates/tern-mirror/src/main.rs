@@ -19,6 +19,12 @@ struct Args {
     /// Keyring for client.ID.
     #[arg(short = 'k', long)]
     keyring: Option<std::path::PathBuf>,
+    /// Prometheus metrics listen address (/metrics), or "off".
+    #[arg(long, default_value = "127.0.0.1:9283")]
+    metrics_listen: String,
+    /// Serve metrics on a non-loopback address (unauthenticated).
+    #[arg(long)]
+    metrics_allow_remote: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,7 +40,21 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .expect("runtime");
+    let metrics_listen = match args.metrics_listen.as_str() {
+        "off" | "none" => None,
+        a => match a.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                eprintln!(
+                    "tern-mirror: --metrics-listen '{a}' is not an address (use HOST:PORT or off)"
+                );
+                return std::process::ExitCode::from(22);
+            }
+        },
+    };
     let opts = tern_mirror::Options {
+        metrics_listen,
+        metrics_allow_remote: args.metrics_allow_remote,
         cluster: args.cluster,
         conf: args.conf,
         id: args.id,

@@ -24,6 +24,8 @@ impl Job {
         Reported {
             pool: self.pool.clone(),
             global_id: self.remote_image.global_id.clone(),
+            image: self.remote_image.name.clone(),
+            source: self.peer.site_name.clone(),
             status: pb::MirrorSiteStatus {
                 site_name: self.site_name.clone(),
                 mirror_uuids: self.local_mirror_uuid.clone(),
@@ -220,16 +222,7 @@ pub(crate) async fn sync_to(
         .map_err(|s| job.remote.err(s))?
         .into_inner();
     let local_ref = snap_ref(&job.pool, &local.name, None);
-    let peer_limit = {
-        let mut m = sh.peer_limits.lock().await;
-        m.entry(job.peer.uuid.clone())
-            .or_insert_with(|| {
-                Arc::new(crate::limit::Limiter::new(
-                    sh.peer_rate.load(std::sync::atomic::Ordering::Relaxed),
-                ))
-            })
-            .clone()
-    };
+    let peer_limit = sh.peer_limiter(&job.peer.uuid).await;
     let mut writer: Option<Writer> = None;
     let (mut sent, mut since_ckpt) = (0u64, 0u64);
     let mut pos;
@@ -249,6 +242,7 @@ pub(crate) async fn sync_to(
             peer_limit.take(n).await;
             sent += ch.data.len() as u64;
             since_ckpt += ch.data.len() as u64;
+            sh.count_replicated(&job.pool, &rimg.name, &job.peer.site_name, n, 0);
         }
         w.send(ch).await?;
         pos = end;

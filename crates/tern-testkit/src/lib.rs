@@ -45,8 +45,11 @@ pub struct Site {
     pub addr: String,
     /// The NBD listener (host:port).
     pub nbd_addr: String,
+    /// Metrics and status page (http://ADDR/metrics, http://ADDR/).
+    pub http_addr: String,
     listen: String,
     nbd_listen: String,
+    http_listen: String,
     child: Option<Child>,
     extra: Vec<String>,
 }
@@ -71,6 +74,8 @@ impl Site {
             root,
             addr: String::new(),
             nbd_addr: String::new(),
+            http_addr: String::new(),
+            http_listen: "127.0.0.1:0".into(),
             listen: "127.0.0.1:0".into(),
             nbd_listen: "127.0.0.1:0".into(),
             child: None,
@@ -80,6 +85,7 @@ impl Site {
         // Restarts reuse the ports so configs, tokens and NBD URIs stay valid.
         s.listen = s.addr.clone();
         s.nbd_listen = s.nbd_addr.clone();
+        s.http_listen = s.http_addr.clone();
         s
     }
 
@@ -101,6 +107,8 @@ impl Site {
                 &self.listen,
                 "--nbd-listen",
                 &self.nbd_listen,
+                "--http-listen",
+                &self.http_listen,
                 "--conf-dir",
             ])
             .arg(&self.conf_dir)
@@ -128,6 +136,10 @@ impl Site {
             .to_string();
         self.nbd_addr = std::fs::read_to_string(self.data.join("nbd.addr"))
             .expect("nbd addr")
+            .trim()
+            .to_string();
+        self.http_addr = std::fs::read_to_string(self.data.join("http.addr"))
+            .expect("http addr")
             .trim()
             .to_string();
     }
@@ -258,6 +270,8 @@ pub struct MirrorDaemon {
     log: PathBuf,
     site_name: String,
     conf_dir: PathBuf,
+    /// "metrics serving" lines in the log before the current run started.
+    spawns: usize,
 }
 
 impl Site {
@@ -284,6 +298,7 @@ impl Site {
             log: self.root.path().join("tern-mirror.log"),
             site_name: self.name.clone(),
             conf_dir: self.conf_dir.clone(),
+            spawns: 0,
         };
         d.spawn();
         d
@@ -301,10 +316,12 @@ impl MirrorDaemon {
         cmd.env("TERN_CONF_DIR", &self.conf_dir)
             .env("TERN_LOG", "info,tern_mirror=debug")
             .args(["--cluster", &self.site_name, "--id", "rbd-mirror"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        self.spawns = self.log().matches("metrics serving").count();
         self.child = Some(cmd.spawn().expect("spawn tern-mirror"));
     }
 
@@ -322,6 +339,34 @@ impl MirrorDaemon {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Where the running daemon serves /metrics (from its log; waits up to 10 s).
+    pub fn metrics_addr(&self) -> Option<String> {
+        let mut found = None;
+        wait_until(Duration::from_secs(10), || {
+            let log = self.log();
+            let before = self.spawns;
+            let addrs: Vec<String> = log
+                .lines()
+                .filter(|l| l.contains("metrics serving"))
+                .map(strip_ansi)
+                .filter_map(|l| {
+                    l.split("addr=")
+                        .nth(1)
+                        .and_then(|a| a.split_whitespace().next())
+                        .map(String::from)
+                })
+                .collect();
+            // The current run's: the first line after those of earlier runs.
+            if addrs.len() > before {
+                found = addrs.get(before).cloned();
+                true
+            } else {
+                false
+            }
+        });
+        found
     }
 
     /// SIGTERM and wait; true if it exited cleanly.
@@ -371,6 +416,80 @@ impl Drop for Site {
 }
 
 /// Allocated bytes (st_blocks) of every file below `dir`.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut esc = false;
+    for c in s.chars() {
+        match (esc, c) {
+            (false, '\u{1b}') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out
+}
+
+/// A plain HTTP GET on loopback: (status code, body); None if nothing answers.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Some((
+        code,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
+    ))
+}
+
+fn dechunk(mut b: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = b.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(len.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        b = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The value of the first sample of `name` whose labels contain every
+/// `k="v"` in `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' '))
+        })
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 pub fn du(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0;

@@ -452,6 +452,12 @@ fn killed_daemon_resumes_the_initial_sync() {
     );
     let mut mb = b.start_mirror();
     wait_synced(&b, &a, "big", Duration::from_secs(120));
+    // The copy is complete before its daemon reports it: wait for the report.
+    wait_until(Duration::from_secs(10), || {
+        status_json(&b, "big")["description"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("replaying, "))
+    });
     let st = status_json(&b, "big");
     let d: serde_json::Value = serde_json::from_str(
         st["description"]
@@ -956,9 +962,11 @@ fn compression_and_bandwidth_limit() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     sampler.join().unwrap();
     let s = samples.lock().unwrap();
-    // The steady part of the transfer: from 1 MiB moved to 1 MiB before the end.
+    // The steady part of the transfer: past the first 16 MiB (the stream's
+    // 8 MiB flow-control window fills at once, ahead of the limiter) to
+    // 1 MiB before the end.
     let (b0, b1) = (s.first().unwrap().1, s.last().unwrap().1);
-    let start = s.iter().find(|x| x.1 > b0 + (1 << 20)).unwrap();
+    let start = s.iter().find(|x| x.1 > b0 + (16 << 20)).unwrap();
     let end = s.iter().rev().find(|x| x.1 < b1 - (1 << 20)).unwrap();
     let rate = (end.1 - start.1) as f64 / end.0.duration_since(start.0).as_secs_f64();
     let target = 20.0 * 1048576.0;

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod locks;
+pub mod metrics;
 pub mod mirror;
 pub mod nbd;
 pub mod options;
@@ -28,6 +29,10 @@ pub struct Options {
     pub insecure: bool,
     /// NBD listener; None disables NBD.
     pub nbd_listen: Option<SocketAddr>,
+    /// Metrics and status page listener; None disables it.
+    pub http_listen: Option<SocketAddr>,
+    /// Allow a non-loopback http listener (it has no authentication).
+    pub http_allow_remote: bool,
 }
 
 /// Starts the site and serves until SIGTERM or SIGINT.
@@ -111,15 +116,19 @@ pub async fn run(opts: Options) -> Result<(), Error> {
         Some(addr) => Some(start_nbd(&site, &locks, addr, &opts, stopped(stop_rx.clone())).await?),
         None => None,
     };
-    let svc = tern_proto::v1::site_server::SiteServer::new(service::Service::new(
-        site.clone(),
-        locks.clone(),
-    ))
-    .max_decoding_message_size(tern_proto::MAX_MESSAGE)
-    .max_encoding_message_size(tern_proto::MAX_MESSAGE)
-    // Compressed only for clients that ask (rbd_mirror_compression on a daemon).
-    .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
-    .send_compressed(tonic::codec::CompressionEncoding::Zstd);
+    let service = Arc::new(service::Service::new(site.clone(), locks.clone()));
+    let http_task = match opts.http_listen {
+        Some(addr) => {
+            Some(start_http(service.clone(), addr, &opts, stopped(stop_rx.clone())).await?)
+        }
+        None => None,
+    };
+    let svc = tern_proto::v1::site_server::SiteServer::from_arc(service)
+        .max_decoding_message_size(tern_proto::MAX_MESSAGE)
+        .max_encoding_message_size(tern_proto::MAX_MESSAGE)
+        // Compressed only for clients that ask (rbd_mirror_compression on a daemon).
+        .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
+        .send_compressed(tonic::codec::CompressionEncoding::Zstd);
     let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
@@ -153,6 +162,9 @@ pub async fn run(opts: Options) -> Result<(), Error> {
         .await
         .map_err(|e| Error::new(ErrorKind::Internal, format!("server failed: {e}")))?;
     if let Some(t) = nbd_task {
+        let _ = t.await;
+    }
+    if let Some(t) = http_task {
         let _ = t.await;
     }
     tracing::info!("shutting down: flushing open images");
@@ -207,6 +219,74 @@ async fn start_nbd(
     Ok(tokio::spawn(async move {
         if let Err(e) = tern_nbd::serve(listener, exports, cfg, stop).await {
             tracing::error!(error = %e, "nbd listener failed");
+        }
+    }))
+}
+
+/// Serves /metrics (Prometheus) and / (the status page). Read-only and
+/// unauthenticated, so loopback only unless asked for explicitly.
+async fn start_http(
+    svc: Arc<service::Service>,
+    addr: SocketAddr,
+    opts: &Options,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
+    if !addr.ip().is_loopback() && !opts.http_allow_remote {
+        return Err(Error::invalid(format!(
+            "--http-listen {addr} is not a loopback address: the metrics and status page have no \
+             authentication; add --http-allow-remote to serve them there anyway"
+        )));
+    }
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        Error::new(
+            ErrorKind::Unavailable,
+            format!("cannot listen for HTTP on {addr}: {e}"),
+        )
+    })?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
+    use axum::response::IntoResponse;
+    let m = svc.clone();
+    let p = svc.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = m.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics::render(&m).await,
+                    )
+                        .into_response()
+                }
+            }),
+        )
+        .route(
+            "/",
+            axum::routing::get(move || {
+                let p = p.clone();
+                async move { axum::response::Html(metrics::page(&p).await).into_response() }
+            }),
+        );
+    let f = opts.data.join("http.addr");
+    std::fs::write(&f, format!("{local}\n")).map_err(|e| {
+        Error::new(
+            ErrorKind::Internal,
+            format!("cannot write {}: {e}", f.display()),
+        )
+    })?;
+    tracing::info!(endpoint = %local, "metrics and status page serving");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::error!(error = %e, "http listener failed");
         }
     }))
 }

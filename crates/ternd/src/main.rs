@@ -32,6 +32,14 @@ struct Args {
     /// use TLS (STARTTLS with the site certificate).
     #[arg(long, default_value = "127.0.0.1:10809")]
     nbd_listen: String,
+    /// Prometheus metrics (/metrics) and the status page (/) listen
+    /// address, or "off".
+    #[arg(long, default_value = "127.0.0.1:9284")]
+    http_listen: String,
+    /// Serve metrics and the status page on a non-loopback address (they
+    /// are read-only and unauthenticated).
+    #[arg(long)]
+    http_allow_remote: bool,
 }
 
 fn raise_fd_limit() {
@@ -64,7 +72,19 @@ fn main() -> std::process::ExitCode {
         .thread_name("ternd")
         .build()
         .expect("tokio runtime");
+    let http_listen = match args.http_listen.as_str() {
+        "off" | "none" => None,
+        a => match a.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                eprintln!("ternd: --http-listen '{a}' is not an address (use HOST:PORT or off)");
+                return std::process::ExitCode::from(22);
+            }
+        },
+    };
     let opts = ternd::Options {
+        http_listen,
+        http_allow_remote: args.http_allow_remote,
         data: args.data,
         cluster: args.cluster,
         site_name: args.site_name,

@@ -86,6 +86,7 @@ impl Exports for SiteExports {
             img,
             contexts,
             lock: None,
+            io: self.site.clone(),
         };
         if !dev.read_only && info.features.has(Features::EXCLUSIVE_LOCK) {
             let cookie = format!("nbd {}", uuid::Uuid::new_v4().simple());
@@ -192,9 +193,18 @@ struct StoreDevice {
     size: u64,
     contexts: Vec<(String, u64)>,
     lock: Option<NbdLock>,
+    /// The site, for its I/O metrics.
+    io: Arc<Site>,
 }
 
 impl StoreDevice {
+    fn record(&self, op: &str, bytes: u64, since: std::time::Instant) {
+        let pool = self.spec.split('/').next().unwrap_or("");
+        self.io
+            .io
+            .record(pool, op, bytes, since.elapsed().as_secs_f64());
+    }
+
     /// Writers must still hold the lock: after `lock rm` they are fenced.
     fn check_write(&self) -> Result<(), DeviceError> {
         if self.read_only {
@@ -237,12 +247,15 @@ impl BlockDevice for StoreDevice {
 
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, DeviceError> {
         let (img, snap) = (self.img.clone(), self.snap);
-        blocking(move || {
+        let t = std::time::Instant::now();
+        let r = blocking(move || {
             let mut buf = vec![0u8; len as usize];
             img.read_at(snap, offset, &mut buf)?;
             Ok(buf)
         })
-        .await
+        .await;
+        self.record("read", len as u64, t);
+        r
     }
 
     async fn read_sparse(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, DeviceError> {
@@ -272,18 +285,26 @@ impl BlockDevice for StoreDevice {
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {
         self.check_write()?;
         let img = self.img.clone();
+        let (t, n) = (std::time::Instant::now(), data.len() as u64);
         // A journaled image takes the write without a blocking thread: it
         // is queued for the journal's committer and awaited.
-        let data = match img.try_queue_write(offset, data, fua) {
-            Ok(queued) => return queued.map_err(dev_err)?.wait_async().await.map_err(dev_err),
-            Err(data) => data,
+        let r = match img.try_queue_write(offset, data, fua) {
+            Ok(queued) => match queued {
+                Ok(ticket) => ticket.wait_async().await.map_err(dev_err),
+                Err(e) => Err(dev_err(e)),
+            },
+            Err(data) => blocking(move || img.write(offset, &data, fua)).await,
         };
-        blocking(move || img.write(offset, &data, fua)).await
+        self.record("write", n, t);
+        r
     }
 
     async fn flush(&self) -> Result<(), DeviceError> {
         let img = self.img.clone();
-        blocking(move || img.flush()).await
+        let t = std::time::Instant::now();
+        let r = blocking(move || img.flush()).await;
+        self.record("flush", 0, t);
+        r
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), DeviceError> {

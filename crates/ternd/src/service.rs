@@ -150,6 +150,25 @@ impl Service {
         }
     }
 
+    pub(crate) fn site_ref(&self) -> &Arc<Site> {
+        &self.site
+    }
+
+    pub(crate) fn all_counters(&self) -> Vec<(String, Arc<PoolCounters>)> {
+        self.counters
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    pub(crate) async fn pool_status_of(
+        &self,
+        pool: &str,
+    ) -> Result<pb::MirrorPoolStatusReply, Status> {
+        self.pool_status(pool).await
+    }
+
     fn counters(&self, pool: &str) -> Arc<PoolCounters> {
         self.counters
             .lock()
@@ -3159,7 +3178,12 @@ impl Service {
                 daemon_health: daemon_health.into(),
                 image_health: image_health.into(),
                 states: states.into_iter().collect(),
-                daemons: daemon_pb.into_iter().filter(|d| d.up).collect(),
+                // Live daemons, and for ten minutes the ones that went
+                // silent (shown down): a restarted daemon has a new id.
+                daemons: daemon_pb
+                    .into_iter()
+                    .filter(|d| d.up || (now / 1000).saturating_sub(d.last_heartbeat) < 600)
+                    .collect(),
                 images,
             })
         })

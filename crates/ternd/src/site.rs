@@ -66,6 +66,8 @@ pub struct Site {
     /// interleave, and no entry is applied again once passed (the image
     /// never steps back to an older state).
     pub replay: parking_lot::Mutex<HashMap<String, ReplaySlot>>,
+    /// NBD I/O counters and latency histograms (for /metrics).
+    pub io: crate::metrics::IoMetrics,
 }
 
 impl Site {
@@ -125,6 +127,7 @@ impl Site {
             master,
             users: RwLock::new(HashMap::new()),
             replay: parking_lot::Mutex::new(HashMap::new()),
+            io: crate::metrics::IoMetrics::default(),
         };
         site.reload_users()?;
         if !site.users.read().contains_key(ADMIN) {

@@ -10,6 +10,23 @@ use tern_types::format_size;
 pub async fn status(ctx: &Ctx) -> Result<()> {
     let c = ctx.connect().await?;
     let s = c.status(pb::StatusRequest {}).await?;
+    // Mirroring: every mirrored pool's health and the daemons seen.
+    let mut mirroring = Vec::new();
+    for p in c.pool_list(pb::Empty {}).await?.pools {
+        if let Ok(m) = c
+            .mirror_pool_status(pb::MirrorPoolStatusRequest {
+                pool: p.name.clone(),
+                verbose: false,
+            })
+            .await
+        {
+            mirroring.push((p.name, m));
+        }
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     if ctx.json() {
         ctx.print_json(&json!({
             "fsid": s.site_id,
@@ -23,6 +40,22 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
             "images": s.images,
             "usage": {"provisioned_bytes": s.provisioned_bytes, "used_bytes": s.used_bytes,
                       "avail_bytes": s.avail_bytes, "total_bytes": s.total_bytes},
+            "mirroring": mirroring.iter().map(|(pool, m)| json!({
+                "pool": pool,
+                "health": m.health,
+                "daemon_health": m.daemon_health,
+                "image_health": m.image_health,
+                "states": m.states,
+                "daemons": m.daemons.iter().map(|d| json!({
+                    "service_id": d.service_id,
+                    "instance_id": d.instance_id,
+                    "client_id": d.client_id,
+                    "hostname": d.hostname,
+                    "up": d.up,
+                    "last_heartbeat": d.last_heartbeat,
+                    "heartbeat_age_secs": now.saturating_sub(d.last_heartbeat),
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
         }));
         return Ok(());
     }
@@ -44,6 +77,30 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
     if !s.nbd_endpoint.is_empty() {
         println!("    nbd:   nbd://{}/POOL/IMAGE[@SNAP]", s.nbd_endpoint);
     }
+    let mut seen = std::collections::BTreeMap::new();
+    for (_, m) in &mirroring {
+        for d in &m.daemons {
+            seen.insert(d.service_id.clone(), d.clone());
+        }
+    }
+    if mirroring.is_empty() {
+        println!("    rbd-mirror: no pool is mirrored");
+    } else if seen.is_empty() {
+        println!("    rbd-mirror: no daemon has reported");
+    } else {
+        let up = seen.values().filter(|d| d.up).count();
+        println!("    rbd-mirror: {} daemon(s), {up} up", seen.len());
+        for d in seen.values() {
+            println!(
+                "      {} ({} on {}): {}, heartbeat {} s ago",
+                d.service_id,
+                d.client_id,
+                d.hostname,
+                if d.up { "up" } else { "DOWN" },
+                now.saturating_sub(d.last_heartbeat)
+            );
+        }
+    }
     println!();
     println!("  data:");
     println!("    pools:  {} pools, {} images", s.pools, s.images);
@@ -54,6 +111,23 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
         format_size(s.avail_bytes),
         format_size(s.total_bytes)
     );
+    if !mirroring.is_empty() {
+        println!();
+        println!("  mirroring:");
+        for (pool, m) in &mirroring {
+            let mut states: Vec<_> = m.states.iter().collect();
+            states.sort();
+            let states: Vec<String> = states.iter().map(|(k, v)| format!("{v} {k}")).collect();
+            println!(
+                "    {pool}: health {} (daemons {}, images {}){}{}",
+                m.health,
+                m.daemon_health,
+                m.image_health,
+                if states.is_empty() { "" } else { "; " },
+                states.join(", ")
+            );
+        }
+    }
     Ok(())
 }
 

@@ -11,6 +11,14 @@ use tern_client::ClientError;
 use tern_types::ErrorKind;
 
 const SITES: [(&str, &str); 2] = [("site-a", "127.0.0.1:10809"), ("site-b", "127.0.0.1:10810")];
+/// Per site: ternd's metrics and status page, the mirror daemon's metrics.
+fn http_ports(site: &str) -> (&'static str, &'static str) {
+    if site == "site-a" {
+        ("127.0.0.1:9284", "127.0.0.1:9283")
+    } else {
+        ("127.0.0.1:9286", "127.0.0.1:9285")
+    }
+}
 
 fn sibling(name: &str) -> Result<PathBuf> {
     let exe =
@@ -138,6 +146,8 @@ fn up(dir: &Path, conf: &Path) -> Result<()> {
                 &listen,
                 "--nbd-listen",
                 nbd,
+                "--http-listen",
+                http_ports(site).0,
             ],
             conf,
         )?;
@@ -233,7 +243,14 @@ fn up(dir: &Path, conf: &Path) -> Result<()> {
             dir,
             &format!("{site}.tern-mirror"),
             &mirror,
-            &["--cluster", site, "--id", "rbd-mirror"],
+            &[
+                "--cluster",
+                site,
+                "--id",
+                "rbd-mirror",
+                "--metrics-listen",
+                http_ports(site).1,
+            ],
             conf,
         )?;
     }
@@ -248,6 +265,8 @@ Try (the lab's configs are in {conf}):
   tern --cluster site-a mirror image snapshot rbd/vol1
   tern --cluster site-b mirror image status rbd/vol1
   tern --cluster site-b mirror pool status rbd --verbose
+  status pages: http://127.0.0.1:9284/ (site-a), http://127.0.0.1:9286/ (site-b)
+  metrics: ternd :9284/:9286, tern-mirror :9283/:9285 (/metrics)
   tern --cluster site-a mirror image demote rbd/vol1 && tern --cluster site-b mirror image promote rbd/vol1
 
 Stop it with: tern lab down --dir {dir}",

@@ -71,6 +71,21 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::ImportDiff { path, spec } => diff::import_diff(&ctx, &path, &spec).await,
         Cmd::Bench(a) => bench::run(&ctx, a).await,
         Cmd::Status => admin::status(&ctx).await,
+        Cmd::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "tern", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man { dir } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            std::fs::create_dir_all(&dir)
+                .and_then(|_| clap_mangen::generate_to(cmd, &dir))
+                .map_err(|e| {
+                    crate::ctx::invalid(format!("cannot write man pages to {}: {e}", dir.display()))
+                })?;
+            eprintln!("man pages written to {}", dir.display());
+            Ok(())
+        }
         Cmd::Config(c) => admin::config(&ctx, c).await,
         Cmd::Auth(c) => admin::auth(&ctx, c).await,
     }

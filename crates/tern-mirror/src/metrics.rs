@@ -1,0 +1,173 @@
+//! The daemon's Prometheus metrics (`--metrics-listen`, default
+//! 127.0.0.1:9283, the seed's port): what each replayer last reported and what it moved.
+//! The site's own exporter (ternd, 9284) shows every daemon's reports as
+//! the site received them; this one is the daemon's own view, and it
+//! disappears with the daemon, which is what the "daemon down" alert keys on.
+
+use crate::Shared;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use tern_client::ClientError;
+use tern_types::ErrorKind;
+
+type Labels = Vec<(String, String)>;
+type FGauge = Gauge<f64, AtomicU64>;
+
+fn entries_behind(description: &str) -> Option<f64> {
+    let j = description.strip_prefix("replaying, ")?;
+    let v: serde_json::Value = serde_json::from_str(j).ok()?;
+    v.get("entries_behind_primary")?.as_f64()
+}
+
+async fn render(sh: &Shared, site: &str) -> String {
+    let mut reg = Registry::with_prefix("tern_mirror_daemon");
+    let info = Family::<Labels, Gauge>::default();
+    reg.register(
+        "info",
+        "The daemon: site, service id, version (always 1)",
+        info.clone(),
+    );
+    info.get_or_create(&vec![
+        ("site".into(), site.to_string()),
+        ("service_id".into(), sh.me.service_id.clone()),
+        ("version".into(), env!("CARGO_PKG_VERSION").into()),
+    ])
+    .set(1);
+    let state = Family::<Labels, FGauge>::default();
+    let lag = Family::<Labels, FGauge>::default();
+    let behind = Family::<Labels, FGauge>::default();
+    let progress = Family::<Labels, FGauge>::default();
+    let bytes = Family::<Labels, Counter>::default();
+    let entries = Family::<Labels, Counter>::default();
+    reg.register(
+        "image_state",
+        "1 for the state this daemon reports for an image",
+        state.clone(),
+    );
+    reg.register(
+        "image_replay_lag_seconds",
+        "Age of the newest primary write the local copy lacks (the RPO estimate)",
+        lag.clone(),
+    );
+    reg.register(
+        "image_entries_behind",
+        "Journal entries of the primary not replayed yet",
+        behind.clone(),
+    );
+    reg.register(
+        "image_sync_progress",
+        "Progress of a running sync, 0..1",
+        progress.clone(),
+    );
+    reg.register(
+        "replicated_bytes",
+        "Bytes copied or replayed into local copies since the daemon started",
+        bytes.clone(),
+    );
+    reg.register(
+        "replicated_entries",
+        "Journal entries replayed since the daemon started",
+        entries.clone(),
+    );
+    let statuses: Vec<crate::Reported> = sh.statuses.lock().await.values().cloned().collect();
+    for r in statuses {
+        let l: Labels = vec![
+            ("pool".into(), r.pool.clone()),
+            ("image".into(), r.image.clone()),
+            ("source".into(), r.source.clone()),
+        ];
+        let mut ls = l.clone();
+        let st = if r.status.reason == "primary" {
+            "primary"
+        } else {
+            r.status.state.as_str()
+        };
+        ls.push(("state".into(), st.to_string()));
+        state.get_or_create(&ls).set(1.0);
+        if r.status.reason == "primary" {
+            continue;
+        }
+        lag.get_or_create(&l).set(r.status.lag_seconds);
+        if let Some(b) = entries_behind(&r.status.description) {
+            behind.get_or_create(&l).set(b);
+        }
+        progress.get_or_create(&l).set(r.status.progress);
+    }
+    let counted: Vec<_> = sh
+        .replicated
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    for ((pool, image, source), (b, e)) in counted {
+        let l: Labels = vec![
+            ("pool".into(), pool),
+            ("image".into(), image),
+            ("source".into(), source),
+        ];
+        bytes.get_or_create(&l).inc_by(b);
+        entries.get_or_create(&l).inc_by(e);
+    }
+    let mut out = String::new();
+    if encode(&mut out, &reg).is_err() {
+        out.clear();
+    }
+    out
+}
+
+pub(crate) async fn serve(
+    sh: Arc<Shared>,
+    addr: std::net::SocketAddr,
+    allow_remote: bool,
+    site: &str,
+) -> Result<(), ClientError> {
+    if !addr.ip().is_loopback() && !allow_remote {
+        return Err(ClientError::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "--metrics-listen {addr} is not a loopback address: metrics have no authentication; \
+                 add --metrics-allow-remote to serve them there anyway"
+            ),
+        ));
+    }
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        ClientError::new(
+            ErrorKind::Unavailable,
+            format!("cannot listen for metrics on {addr}: {e}"),
+        )
+    })?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| ClientError::new(ErrorKind::Internal, e.to_string()))?;
+    let site = site.to_string();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let (sh, site) = (sh.clone(), site.clone());
+            async move {
+                use axum::response::IntoResponse;
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    render(&sh, &site).await,
+                )
+                    .into_response()
+            }
+        }),
+    );
+    tracing::info!(addr = %local, "metrics serving");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics listener failed");
+        }
+    });
+    Ok(())
+}
