@@ -490,6 +490,39 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Creates `n` mirrored 4 MiB images `rbd/img000`… on `site` (the pool
+/// in `pool` mirroring mode), each with 64 KiB of its own data and a
+/// mirror snapshot: the scale tests' fleet.
+pub fn mirrored_fleet(site: &Site, n: u64) {
+    use tern_client::{image_ref, pb};
+    let rt = rt();
+    let c = site.client(&rt);
+    rt.block_on(async {
+        for i in 0..n {
+            let name = format!("img{i:03}");
+            c.image_create(pb::ImageCreateRequest {
+                pool: "rbd".into(),
+                image: name.clone(),
+                size: 4 << 20,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            c.write(pb::WriteRequest {
+                image: Some(image_ref("rbd", &name)),
+                offset: i * 4096,
+                data: random_bytes(i, 64 * 1024),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            c.mirror_image_snapshot(image_ref("rbd", &name))
+                .await
+                .unwrap();
+        }
+    });
+}
+
 pub fn du(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0;

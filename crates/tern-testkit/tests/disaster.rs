@@ -605,32 +605,8 @@ fn dr_failover_interrupted_then_finished() {
         "--site-name",
         "site-a",
     ]);
+    tern_testkit::mirrored_fleet(&a, N);
     let rt = rt();
-    let c = a.client(&rt);
-    rt.block_on(async {
-        for i in 0..N {
-            let name = format!("img{i:03}");
-            c.image_create(pb::ImageCreateRequest {
-                pool: "rbd".into(),
-                image: name.clone(),
-                size: 4 << 20,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-            c.write(pb::WriteRequest {
-                image: Some(image_ref("rbd", &name)),
-                offset: i * 4096,
-                data: random_bytes(i, 16 * 1024),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-            c.mirror_image_snapshot(image_ref("rbd", &name))
-                .await
-                .unwrap();
-        }
-    });
     let mut ma = a.start_mirror();
     let _mb = b.start_mirror();
     let ok = wait_until(Duration::from_secs(240), || {

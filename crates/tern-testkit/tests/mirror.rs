@@ -761,33 +761,7 @@ fn two_hundred_images_one_daemon() {
         "--site-name",
         "site-a",
     ]);
-    let rt = rt();
-    let c = a.client(&rt);
-    rt.block_on(async {
-        for i in 0..200u64 {
-            let name = format!("img{i:03}");
-            c.image_create(pb::ImageCreateRequest {
-                pool: "rbd".into(),
-                image: name.clone(),
-                size: 4 * MIB,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-            let data = random_bytes(i, 64 * 1024);
-            c.write(pb::WriteRequest {
-                image: Some(image_ref("rbd", &name)),
-                offset: i * 4096,
-                data,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-            c.mirror_image_snapshot(image_ref("rbd", &name))
-                .await
-                .unwrap();
-        }
-    });
+    tern_testkit::mirrored_fleet(&a, 200);
     let _ma = a.start_mirror();
     let _mb = b.start_mirror();
     let t = Instant::now();

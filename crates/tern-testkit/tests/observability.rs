@@ -26,6 +26,16 @@ fn image_state(s: &Site, spec: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The daemon and pool-health series of a site, for failure messages.
+fn daemon_lines(s: &Site) -> String {
+    scrape(&s.http_addr)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("daemon") || l.contains("pool_health"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn scrape(addr: &str) -> Option<String> {
     match http_get(addr, "/metrics") {
         Some((200, body)) => Some(body),
@@ -298,12 +308,7 @@ fn metrics_follow_replication_and_daemon_death() {
         ok,
         "B did not show its daemon down: {}\n{}",
         b.tern_json(&["mirror", "pool", "status", "rbd", "--verbose"]),
-        scrape(&b.http_addr)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("daemon") || l.contains("pool_health"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        daemon_lines(&b)
     );
     eprintln!("daemon shown down {:?} after the kill", t.elapsed());
     let status = b.tern_ok(&["status"]);
@@ -330,12 +335,7 @@ fn metrics_follow_replication_and_daemon_death() {
         "B did not heal after the daemon restarted: {} / {:?}\n{}",
         image_state(&b, "rbd/db"),
         scrape(&mb_addr).map(|m| m.len()),
-        scrape(&b.http_addr)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("daemon") || l.contains("pool_health"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        daemon_lines(&b)
     );
     let status = b.tern_ok(&["status"]);
     assert!(

@@ -141,6 +141,26 @@ async fn peers(c: &SiteClient, pool: &str) -> Result<(pb::MirrorPoolInfo, Vec<Pe
     Ok((info, out))
 }
 
+/// Logs the preflight's problems and refuses to go on if there are any.
+fn preflight_verdict(log: &mut Log, problems: &[String]) -> Result<()> {
+    if problems.is_empty() {
+        log.line("preflight checks passed");
+        return Ok(());
+    }
+    for p in problems {
+        log.line(format!("ERROR: {p}"));
+    }
+    log.line("preflight failed: nothing was changed");
+    Err(ClientError::new(
+        ErrorKind::Busy,
+        format!(
+            "preflight failed for {} image(s): nothing was changed (see the log: {})",
+            problems.len(),
+            log.path.display()
+        ),
+    ))
+}
+
 struct Outcome {
     image: String,
     result: String,
@@ -282,21 +302,7 @@ async fn failover(ctx: &Ctx, a: DrArgs) -> Result<()> {
     for (img, action) in &plan {
         log.line(format!("plan: {}/{}: {action}", pool, img.name));
     }
-    if !problems.is_empty() {
-        for p in &problems {
-            log.line(format!("ERROR: {p}"));
-        }
-        log.line("preflight failed: nothing was changed");
-        return Err(ClientError::new(
-            ErrorKind::Busy,
-            format!(
-                "preflight failed for {} image(s): nothing was changed (see the log: {})",
-                problems.len(),
-                log.path.display()
-            ),
-        ));
-    }
-    log.line("preflight checks passed");
+    preflight_verdict(&mut log, &problems)?;
     if a.dry_run {
         log.line("dry run: nothing was changed");
         return Ok(());
@@ -528,20 +534,7 @@ async fn failback(ctx: &Ctx, a: DrArgs) -> Result<()> {
         }
         log.line(format!("plan: {pool}/{}: {action}", img.name));
     }
-    if !problems.is_empty() {
-        for p in &problems {
-            log.line(format!("ERROR: {p}"));
-        }
-        log.line("preflight failed: nothing was changed");
-        return Err(ClientError::new(
-            ErrorKind::Busy,
-            format!(
-                "preflight failed for {} image(s): nothing was changed",
-                problems.len()
-            ),
-        ));
-    }
-    log.line("preflight checks passed");
+    preflight_verdict(&mut log, &problems)?;
     if a.dry_run {
         log.line("dry run: nothing was changed");
         return Ok(());
