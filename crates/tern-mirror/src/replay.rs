@@ -671,3 +671,81 @@ impl Writer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(id: u64, state: &str, origin: Option<(&str, u64)>) -> pb::SnapInfo {
+        pb::SnapInfo {
+            id,
+            name: format!("s{id}"),
+            namespace: "mirror".into(),
+            mirror_state: state.into(),
+            mirror_complete: true,
+            primary_mirror_uuid: origin.map(|o| o.0.to_string()).unwrap_or_default(),
+            primary_snap_id: origin.map_or(0, |o| o.1),
+            ..Default::default()
+        }
+    }
+
+    fn image(snaps: Vec<pb::SnapInfo>) -> pb::MirrorImageInfo {
+        pb::MirrorImageInfo {
+            mirror_snaps: snaps,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn common_point_after_a_forced_promotion() {
+        // A took 1, 2, 3 and its demotion 4; B copied 1 and 2, then was
+        // promoted (its own 7, 8).
+        let a = image(vec![
+            snap(1, "primary", None),
+            snap(2, "primary", None),
+            snap(3, "primary", None),
+            snap(4, "demoted", None),
+        ]);
+        let b = image(vec![
+            snap(5, "non-primary", Some(("A", 1))),
+            snap(6, "non-primary", Some(("A", 2))),
+            snap(7, "primary", None),
+            snap(8, "primary", None),
+        ]);
+        let (l, r) = common_point(&a, &b, "A", "B").unwrap();
+        assert_eq!((l.id, r.as_str()), (2, "s6"));
+    }
+
+    #[test]
+    fn common_point_between_two_copies_of_a_third_site() {
+        // B and C both copied A's snapshot 9 (and C also 10); C is primary now.
+        let b = image(vec![
+            snap(3, "non-primary", Some(("A", 8))),
+            snap(4, "non-primary demoted", Some(("A", 9))),
+        ]);
+        let c = image(vec![
+            snap(20, "non-primary", Some(("A", 9))),
+            snap(21, "non-primary", Some(("A", 10))),
+            snap(22, "primary", None),
+        ]);
+        let (l, r) = common_point(&b, &c, "B", "C").unwrap();
+        assert_eq!((l.id, r.as_str()), (4, "s20"));
+        // And C's own snapshot as B's copy of it: the failback case.
+        let b2 = image(vec![snap(5, "non-primary", Some(("C", 22)))]);
+        let (l, r) = common_point(&b2, &c, "B", "C").unwrap();
+        assert_eq!((l.id, r.as_str()), (5, "s22"));
+    }
+
+    #[test]
+    fn no_common_point_means_a_full_copy() {
+        let a = image(vec![snap(1, "primary", None), snap(2, "demoted", None)]);
+        // B's copies of A's snapshots were all pruned; incomplete or user
+        // snapshots never count.
+        let mut incomplete = snap(9, "non-primary", Some(("A", 2)));
+        incomplete.mirror_complete = false;
+        let mut user = snap(10, "", None);
+        user.namespace = "user".into();
+        let b = image(vec![incomplete, user, snap(11, "primary", None)]);
+        assert!(common_point(&a, &b, "A", "B").is_none());
+    }
+}

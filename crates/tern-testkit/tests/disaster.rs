@@ -424,15 +424,35 @@ fn three_sites() {
         wait_same(a, b, name, Duration::from_secs(60));
         wait_same(a, c, name, Duration::from_secs(60));
     }
-    // Orderly failover to C.
+    // Orderly failover to C: demote the pool at A, then `tern dr failover`
+    // (plain) at C waits for each demotion to be replayed and promotes.
+    a.tern_ok(&["mirror", "pool", "demote", "rbd"]);
+    let log = c.root.path().join("dr.log");
+    let out = c.tern_ok(&[
+        "dr",
+        "failover",
+        "--pool",
+        "rbd",
+        "--timeout",
+        "60",
+        "--log",
+        log.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for img in report["images"].as_array().unwrap() {
+        assert_eq!(img["ok"], true, "{report}");
+        assert_eq!(
+            img["rpo_seconds"], 0.0,
+            "a planned failover loses nothing: {report}"
+        );
+    }
     for name in ["snapvol", "jvol"] {
-        a.tern_ok(&["mirror", "image", "demote", &spec(name)]);
-        let ok = wait_until(Duration::from_secs(60), || {
-            c.tern(&["mirror", "image", "promote", &spec(name)])
-                .status
-                .success()
-        });
-        assert!(ok, "promote on C never succeeded: {}", status(c, name));
+        assert_eq!(
+            c.tern_json(&["info", &spec(name)])["mirroring"]["primary"],
+            true
+        );
         scatter(c, name, 11, 4 << 20);
         snap_if(c, name, if name == "snapvol" { "snapshot" } else { "" });
     }
