@@ -19,7 +19,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 t() { "$bin/tern" --cluster "$@"; }
 for s in site-a site-b; do
-  "$bin/ternd" --data "$work/$s" --cluster $s --listen 127.0.0.1:0 --nbd-listen 127.0.0.1:0 >"$work/$s.log" 2>&1 &
+  "$bin/ternd" --data "$work/$s" --cluster $s --listen 127.0.0.1:0 --nbd-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 >"$work/$s.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 100); do [ -s "$work/$s/ternd.addr" ] && break; sleep 0.1; done
   t $s pool create rbd >/dev/null 2>&1; t $s pool init rbd
@@ -28,7 +28,7 @@ for s in site-a site-b; do
 done
 t site-a mirror pool peer bootstrap create rbd >"$work/token"
 t site-b mirror pool peer bootstrap import --site-name site-b rbd "$work/token"
-for s in site-a site-b; do "$bin/tern-mirror" --cluster $s >"$work/$s.mirror.log" 2>&1 & pids+=($!); done
+for s in site-a site-b; do "$bin/tern-mirror" --cluster $s --metrics-listen 127.0.0.1:0 >"$work/$s.mirror.log" 2>&1 & pids+=($!); done
 A=nbd://$(cat "$work/site-a/nbd.addr"); B=nbd://$(cat "$work/site-b/nbd.addr")
 
 newest_primary() { t site-a snap ls --all rbd/img --format json | jq '[.[] | select(.namespace.state=="primary") | .id] | max'; }

@@ -22,7 +22,7 @@ head -c 1G /dev/urandom >"$work/src1g.raw"
 
 # tern
 "$top/target/release/ternd" --data "$work/site" --cluster bench --listen 127.0.0.1:0 \
-  --nbd-listen 127.0.0.1:0 >"$work/ternd.log" 2>&1 &
+  --nbd-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 >"$work/ternd.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do [ -s "$work/site/ternd.addr" ] && break; sleep 0.1; done
 tern() { "$top/target/release/tern" --cluster bench "$@"; }

@@ -16,7 +16,7 @@ export TERN_CONF_DIR=$work/conf
 cleanup() { [ -n "${pid:-}" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 
-"$top/target/release/ternd" --data "$work/site" --cluster bench --listen 127.0.0.1:0 >"$work/ternd.log" 2>&1 &
+"$top/target/release/ternd" --data "$work/site" --cluster bench --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 >"$work/ternd.log" 2>&1 &
 pid=$!
 for _ in $(seq 100); do [ -s "$work/site/ternd.addr" ] && break; sleep 0.1; done
 tern() { "$top/target/release/tern" --cluster bench "$@"; }
