@@ -206,6 +206,41 @@ impl Site {
         c
     }
 
+    /// Imports a bootstrap token into pool `rbd` here, rx-tx, naming this
+    /// site `site_name` (seed step 2).
+    pub fn import_token(&self, token: &str, site_name: &str) {
+        let f = self
+            .root
+            .path()
+            .join(format!("token-{}", rand::random::<u32>()));
+        std::fs::write(&f, token).expect("token file");
+        self.tern_ok(&[
+            "mirror",
+            "pool",
+            "peer",
+            "bootstrap",
+            "import",
+            "--site-name",
+            site_name,
+            "--direction",
+            "rx-tx",
+            "rbd",
+            f.to_str().expect("utf8"),
+        ]);
+    }
+
+    /// SHA-256 of `tern export SPEC` (an image or image@snap), byte for byte.
+    pub fn export_sha256(&self, spec: &str) -> String {
+        let out = self
+            .root
+            .path()
+            .join(format!("x-{}.raw", rand::random::<u64>()));
+        self.tern_ok(&["export", spec, out.to_str().expect("utf8")]);
+        let h = sha256_file(&out);
+        std::fs::remove_file(out).expect("remove export");
+        h
+    }
+
     pub fn tern(&self, args: &[&str]) -> Output {
         self.tern_cmd().args(args).output().expect("run tern")
     }
@@ -740,20 +775,6 @@ pub fn linked_sites() -> (Site, Site, Proxy) {
     let mut j: serde_json::Value =
         serde_json::from_slice(&b64.decode(token.trim()).unwrap()).unwrap();
     j["mon_host"] = serde_json::json!(link.addr);
-    let f = b.root.path().join("token");
-    std::fs::write(&f, b64.encode(j.to_string())).unwrap();
-    b.tern_ok(&[
-        "mirror",
-        "pool",
-        "peer",
-        "bootstrap",
-        "import",
-        "--site-name",
-        "site-b",
-        "--direction",
-        "rx-tx",
-        "rbd",
-        f.to_str().unwrap(),
-    ]);
+    b.import_token(&b64.encode(j.to_string()), "site-b");
     (a, b, link)
 }

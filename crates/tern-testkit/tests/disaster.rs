@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tern_client::{image_ref, pb};
 use tern_testkit::nbd::NbdClient;
-use tern_testkit::{Proxy, Site, random_bytes, rt, sha256_file, wait_until};
+use tern_testkit::{Proxy, Site, random_bytes, rt, wait_until};
 
 const GIB: u64 = 1 << 30;
 const DIVERGE: u64 = 8 << 20;
@@ -31,14 +31,7 @@ fn sums(s: &Site, name: &str) -> Vec<Vec<u8>> {
 }
 
 fn export_sum(s: &Site, name: &str) -> String {
-    let out = s
-        .root
-        .path()
-        .join(format!("x-{}.raw", rand::random::<u64>()));
-    s.tern_ok(&["export", &spec(name), out.to_str().unwrap()]);
-    let h = sha256_file(&out);
-    std::fs::remove_file(out).unwrap();
-    h
+    s.export_sha256(&spec(name))
 }
 
 /// Byte for byte: both images exported whole and hashed.
@@ -371,27 +364,6 @@ fn unplanned_failover_journal_mode() {
     unplanned_failover("journal");
 }
 
-fn import(s: &Site, token: &str, site_name: &str) {
-    let f = s
-        .root
-        .path()
-        .join(format!("token-{}", rand::random::<u32>()));
-    std::fs::write(&f, token).unwrap();
-    s.tern_ok(&[
-        "mirror",
-        "pool",
-        "peer",
-        "bootstrap",
-        "import",
-        "--site-name",
-        site_name,
-        "--direction",
-        "rx-tx",
-        "rbd",
-        f.to_str().unwrap(),
-    ]);
-}
-
 /// Three sites peered pairwise: the image primary on A reaches B and C;
 /// after a failover to C, B (and A) follow C; all three equal.
 #[test]
@@ -407,9 +379,9 @@ fn three_sites() {
         .collect();
     let (a, b, c) = (&sites[0], &sites[1], &sites[2]);
     let token = |s: &Site| s.tern_ok(&["mirror", "pool", "peer", "bootstrap", "create", "rbd"]);
-    import(b, &token(a), "site-b");
-    import(c, &token(a), "site-c");
-    import(c, &token(b), "site-c");
+    b.import_token(&token(a), "site-b");
+    c.import_token(&token(a), "site-c");
+    c.import_token(&token(b), "site-c");
     for s in [a, b, c] {
         let info = s.tern_json(&["mirror", "pool", "info", "rbd"]);
         assert_eq!(info["peers"].as_array().unwrap().len(), 2, "{info}");

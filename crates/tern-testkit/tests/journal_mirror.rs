@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tern_testkit::nbd::NbdClient;
-use tern_testkit::{Site, linked_sites as sites_with_link, sha256_file, wait_until};
+use tern_testkit::{Site, linked_sites as sites_with_link, wait_until};
 
 const SLOT: u64 = 4096;
 const SLOTS: u64 = 1024;
@@ -201,14 +201,7 @@ fn burst(
 }
 
 fn export_sum(s: &Site, spec: &str) -> String {
-    let out = s
-        .root
-        .path()
-        .join(format!("x-{}.raw", rand::random::<u64>()));
-    s.tern_ok(&["export", spec, out.to_str().unwrap()]);
-    let h = sha256_file(&out);
-    std::fs::remove_file(out).unwrap();
-    h
+    s.export_sha256(spec)
 }
 
 fn wait_equal(a: &Site, b: &Site, name: &str, timeout: Duration) -> Duration {

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 use tern_client::{image_ref, pb};
-use tern_testkit::{Site, random_bytes, rt, sha256_file, wait_until};
+use tern_testkit::{Site, random_bytes, rt, wait_until};
 
 const MIB: u64 = 1 << 20;
 
@@ -38,35 +38,9 @@ fn two_sites() -> (Site, Site) {
         "site-a",
         "rbd",
     ]);
-    let tf = b.root.path().join("token");
-    std::fs::write(&tf, &token).unwrap();
-    b.tern_ok(&[
-        "mirror",
-        "pool",
-        "peer",
-        "bootstrap",
-        "import",
-        "--site-name",
-        "site-b",
-        "--direction",
-        "rx-tx",
-        "rbd",
-        tf.to_str().unwrap(),
-    ]);
+    b.import_token(&token, "site-b");
     // Re-import is idempotent.
-    b.tern_ok(&[
-        "mirror",
-        "pool",
-        "peer",
-        "bootstrap",
-        "import",
-        "--site-name",
-        "site-b",
-        "--direction",
-        "rx-tx",
-        "rbd",
-        tf.to_str().unwrap(),
-    ]);
+    b.import_token(&token, "site-b");
     let ib = b.tern_json(&["mirror", "pool", "info", "rbd"]);
     let ia = a.tern_json(&["mirror", "pool", "info", "rbd"]);
     assert_eq!(ib["peers"].as_array().unwrap().len(), 1, "{ib}");
@@ -133,14 +107,7 @@ fn newest_primary(s: &Site, image: &str) -> (String, u64) {
 }
 
 fn export_sum(s: &Site, spec: &str) -> String {
-    let out = s
-        .root
-        .path()
-        .join(format!("x-{}.raw", rand::random::<u64>()));
-    s.tern_ok(&["export", spec, out.to_str().unwrap()]);
-    let h = sha256_file(&out);
-    std::fs::remove_file(out).unwrap();
-    h
+    s.export_sha256(spec)
 }
 
 fn wait_synced(dst: &Site, src: &Site, image: &str, timeout: Duration) -> Duration {

@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use std::io::Write;
 use std::time::Duration;
 use tern_client::{image_ref, pb, snap_ref};
-use tern_testkit::{Site, random_bytes, rt, sha256_file};
+use tern_testkit::{Site, random_bytes, rt};
 
 const MIB: u64 = 1 << 20;
 
@@ -34,14 +34,7 @@ fn write_random(s: &Site, image: &str, seed: u64, count: usize, size: u64) {
 }
 
 fn export_sum(s: &Site, spec: &str) -> String {
-    let out = s
-        .root
-        .path()
-        .join(format!("x-{}.raw", rand::random::<u64>()));
-    s.tern_ok(&["export", spec, out.to_str().unwrap()]);
-    let h = sha256_file(&out);
-    std::fs::remove_file(out).unwrap();
-    h
+    s.export_sha256(spec)
 }
 
 fn site() -> Site {

@@ -611,12 +611,12 @@ impl Mirror {
     /// sync is rolled back to the last complete snapshot so the image is
     /// crash-consistent, and the promotion epoch rises.
     pub fn promote(&self, pool: &str, name: &str, force: bool) -> Result<ImageMirror, Error> {
-        let (info, _) = self.image_of(pool, name)?;
+        let info = self.store().image_info(pool, name).map_err(serr)?;
         // No journal batch may land while (or after) this image turns
         // primary: the replay position read here is what it holds.
         let slot = self.replay_slot(&info.id.to_string());
         let hw = slot.lock();
-        let (info, m) = self.image_of(pool, name)?;
+        let m = self.image(&info.id.to_string())?;
         let mut m = m.ok_or_else(|| {
             Error::invalid(format!("mirroring is not enabled on image '{pool}/{name}'"))
         })?;
@@ -1086,8 +1086,18 @@ impl Mirror {
         persist: bool,
     ) -> Result<Applied, Error> {
         use tern_store::journal::{JournalEntry, JournalOp};
-        let (info, m) = self.image_of(pool, name)?;
-        let m = m.ok_or_else(|| {
+        let id = self
+            .store()
+            .image_info(pool, name)
+            .map_err(serr)?
+            .id
+            .to_string();
+        let img = self.store().open_image(pool, name).map_err(serr)?;
+        let slot = self.replay_slot(&id);
+        let mut hw = slot.lock();
+        // Read under the lock: a promotion holds it while it turns the
+        // image primary, so no batch lands after that.
+        let mut m = self.image(&id)?.ok_or_else(|| {
             Error::invalid(format!("mirroring is not enabled on image '{pool}/{name}'"))
         })?;
         if m.primary {
@@ -1098,18 +1108,6 @@ impl Mirror {
                 ),
             ));
         }
-        let id = info.id.to_string();
-        let img = self.store().open_image(pool, name).map_err(serr)?;
-        let slot = self.replay_slot(&id);
-        let mut hw = slot.lock();
-        // A promotion may have happened while we waited for the lock.
-        let (_, m2) = self.image_of(pool, name)?;
-        let Some(mut m) = m2.filter(|x| !x.primary) else {
-            return Err(Error::new(
-                ErrorKind::Busy,
-                format!("'{pool}/{name}' was promoted here: journal replay stops"),
-            ));
-        };
         if hw.0 != primary_mirror_uuid {
             let from = m
                 .journal_pos
