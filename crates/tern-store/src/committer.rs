@@ -5,14 +5,18 @@
 //! writer lock (so the queue is in tid order), then waits, holding no
 //! thread if it is async. The committer's sync stage takes everything
 //! queued and makes it durable with one `fdatasync` (or, in `OnFlush` mode
-//! without FUA, just writes it to the segment file); its apply stage, a
-//! second thread, applies each synced batch to the object files in tid
-//! order and wakes the writers, while the next batch is being synced. So the write-ahead rule holds (no
-//! object file ever holds a write its journal could lose), concurrent
-//! writers share syncs, overlapping writes land in journal order (the
-//! order a peer replays them in), and no writer thread parks per request:
-//! under load a round carries as many mutations as arrived during the
-//! previous one.
+//! without FUA, just writes it to the segment file) and acknowledges it;
+//! its apply stage, a second thread, applies each synced batch to the
+//! object files in tid order while the next batch is being synced. A read
+//! of the head first waits for the apply of every acknowledged write to
+//! its range (`Journal::settle`), so it sees them all.
+//!
+//! So the write-ahead rule holds (no object file ever holds a write its
+//! journal could lose), concurrent writers share syncs, overlapping writes
+//! land in journal order (the order a peer replays them in), a writer
+//! waits for one sync and not also for the apply of everything ahead of
+//! it, and no writer thread parks per request: under load a round carries
+//! as many mutations as arrived during the previous one.
 //!
 //! Barriers (snapshot operations, resize, markers, feature changes, clean
 //! close) hold the image state for writing, which the committer needs for
@@ -32,7 +36,8 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// Blocks until the mutation is durable as promised and applied.
+    /// Blocks until the mutation is durable as promised (reads see it from
+    /// then on).
     pub fn wait(self) -> Result<(), StoreError> {
         self.j.wait_done(self.tid)
     }
@@ -74,40 +79,41 @@ impl Image {
         self.apply_ready(st, j);
     }
 
-    /// Applies the ready batches in order and wakes their writers. An
-    /// entry whose apply fails stays unapplied (the next open replays it)
-    /// and its writer gets the error. Called with `round` held.
+    /// Applies the ready batches in order. An entry whose apply fails
+    /// stays unapplied: it was acknowledged, being durable, so the next
+    /// open replays it, and until then reads of its range fail instead of
+    /// returning what it replaced. Called with `round` held.
     fn apply_ready(&self, st: &State, j: &Journal) {
         for rb in j.take_ready() {
-            let Some(last) = rb.batch.last().map(|p| p.tid) else {
-                continue;
-            };
-            let mut errors = Vec::new();
-            match rb.synced {
-                Err(e) => errors.extend(rb.batch.iter().map(|p| (p.tid, e.clone()))),
-                Ok(()) => {
-                    for p in rb.batch {
-                        let r = match &p.op {
-                            PendingOp::Write { offset, data } => {
-                                self.write_locked(st, *offset, data, false)
-                            }
-                            PendingOp::Zero {
-                                discard,
-                                offset,
-                                len,
-                            } => {
-                                let doing = if *discard { "discarding" } else { "zeroing" };
-                                self.zero_range_locked(st, doing, *offset, *len)
-                            }
-                        };
-                        match r {
-                            Ok(()) => j.applied(p.tid),
-                            Err(e) => errors.push((p.tid, Arc::new(e))),
-                        }
+            let mut failed = Vec::new();
+            for p in &rb.batch {
+                let r = match &p.op {
+                    PendingOp::Write { offset, data } => {
+                        self.write_locked(st, *offset, data, false)
+                    }
+                    PendingOp::Zero {
+                        discard,
+                        offset,
+                        len,
+                    } => {
+                        let doing = if *discard { "discarding" } else { "zeroing" };
+                        self.zero_range_locked(st, doing, *offset, *len)
+                    }
+                };
+                match r {
+                    Ok(()) => j.applied(p.tid),
+                    Err(e) => {
+                        tracing::error!(
+                            "journal entry {} is durable but applying it failed: {e}; \
+                             reads of its range fail until the image is opened again, \
+                             which replays it",
+                            p.tid
+                        );
+                        failed.push((p.tid, Arc::new(e)));
                     }
                 }
             }
-            j.finish(last, errors);
+            j.batch_applied(&rb.batch, failed);
         }
     }
 }

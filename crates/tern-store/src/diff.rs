@@ -92,6 +92,9 @@ impl Image {
         len: u64,
         whole_object: bool,
     ) -> Result<Vec<DiffExtent>, StoreError> {
+        if to.is_none() {
+            self.settle(off, len)?;
+        }
         self.with_state("diff", |st| {
             let spec = spec_of(&st.info);
             let (to_spec, to_size) = match to {

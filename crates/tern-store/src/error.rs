@@ -203,6 +203,14 @@ pub enum StoreError {
         "journal of image '{spec}' no longer holds entry {tid} (it starts at {first}): the client was disconnected or is too far behind and must resync"
     )]
     JournalTrimmed { spec: String, tid: u64, first: u64 },
+    #[error(
+        "image '{spec}': a write acknowledged earlier (journal entry {tid}) is safe in the journal but could not be applied to the image's files ({source}); reads of its range fail until the image is opened again (restart ternd), which replays it"
+    )]
+    JournalApply {
+        spec: String,
+        tid: u64,
+        source: std::sync::Arc<StoreError>,
+    },
     #[error("journal of image '{spec}' has no client '{client}'")]
     JournalClientNotFound { spec: String, client: String },
     #[error(
@@ -294,6 +302,7 @@ impl StoreError {
             | E::SnapshotData { .. }
             | E::Marker { .. }
             | E::JournalIo { .. }
+            | E::JournalApply { .. }
             | E::RemoveData { .. } => ErrorKind::Internal,
             E::Shared(e) => e.kind(),
         }

@@ -453,7 +453,21 @@ impl Image {
         Ok(v)
     }
 
+    /// Before a read of the head: on a journaled image, waits until the
+    /// writes acknowledged so far that touch the range are in the object
+    /// files (the committer acknowledges a write once its entry is durable
+    /// and applies it just after). Call without holding `state`: the apply
+    /// needs it.
+    pub(crate) fn settle(&self, off: u64, len: u64) -> Result<(), StoreError> {
+        let j = self.state.read().journal.clone();
+        match j {
+            Some(j) => j.settle(off, len),
+            None => Ok(()),
+        }
+    }
+
     pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.settle(off, buf.len() as u64)?;
         let st = self.state.read();
         self.check(&st, "read", off, buf.len() as u64)?;
         let spec = spec_of(&st.info);
@@ -826,6 +840,7 @@ impl Image {
     /// Data extents `(offset, len)` of the image inside `[off, off+len)`,
     /// sorted and merged; everything else reads as zeros. Reads no data.
     pub fn allocated_extents(&self, off: u64, len: u64) -> Result<Vec<(u64, u64)>, StoreError> {
+        self.settle(off, len)?;
         let st = self.state.read();
         self.check(&st, "allocation query", off, len)?;
         let spec = spec_of(&st.info);

@@ -14,12 +14,12 @@
 //! # Write path and durability
 //!
 //! A mutation of a journaled image appends an entry (tid strictly
-//! increasing by one) to an in-memory buffer, waits until the entry is
-//! durable (group commit, see `commit`), then applies it to the object
-//! files, which are not synced for it. In [`JournalDurability::OnFlush`]
-//! mode the entry is only written to the segment (page cache) before the
-//! apply, and is durable at the next flush or FUA, as with a disk's write
-//! cache.
+//! increasing by one) to an in-memory buffer and is acknowledged once the
+//! entry is durable (group commit, see `commit`); it is then applied to the
+//! object files, which are not synced for it, and a read of its range
+//! waits for that apply. In [`JournalDurability::OnFlush`] mode the entry
+//! is only written to the segment (page cache) before the acknowledgement,
+//! and is durable at the next flush or FUA, as with a disk's write cache.
 //!
 //! # Checkpoint, replay and trimming
 //!
@@ -233,10 +233,19 @@ pub(crate) enum PendingOp {
     },
 }
 
-/// A batch whose entries may now be applied (or whose sync failed).
+impl PendingOp {
+    /// The image range it changes.
+    fn range(&self) -> (u64, u64) {
+        match self {
+            PendingOp::Write { offset, data } => (*offset, data.len() as u64),
+            PendingOp::Zero { offset, len, .. } => (*offset, *len),
+        }
+    }
+}
+
+/// A synced and acknowledged batch, for the apply stage.
 pub(crate) struct ReadyBatch {
     pub batch: Vec<Pending>,
-    pub synced: Result<(), Arc<StoreError>>,
 }
 
 #[derive(Default)]
@@ -246,16 +255,32 @@ struct Ready {
 }
 
 /// What the committer has finished: every queued entry with tid <=
-/// `through` is applied, or failed with the error kept here.
+/// `through` is acknowledged (durable as promised), or failed with the
+/// error kept here. Acknowledged entries wait in `unapplied` until they
+/// are in the object files; reads of their ranges wait for that.
 #[derive(Default)]
 struct Done {
     through: u64,
     errors: BTreeMap<u64, Arc<StoreError>>,
+    /// Acknowledged, not yet applied, in tid order.
+    unapplied: Vec<Unapplied>,
+    /// Acknowledged entries whose apply failed: they stay in `unapplied`
+    /// (reads of their ranges fail rather than return what they replaced)
+    /// and are replayed at the next open, being above the checkpoint.
+    apply_failed: BTreeMap<u64, Arc<StoreError>>,
     closed: bool,
     /// Writers waiting without a thread of their own, each woken alone
     /// when its entry is finished (waking every waiter at every round
     /// would cost more than the round).
     waiters: BTreeMap<u64, tokio::sync::oneshot::Sender<Result<(), Arc<StoreError>>>>,
+}
+
+/// The image range of an acknowledged, unapplied mutation.
+#[derive(Debug, Clone, Copy)]
+struct Unapplied {
+    tid: u64,
+    offset: u64,
+    len: u64,
 }
 
 impl Writer {
@@ -701,12 +726,33 @@ impl Journal {
         } else {
             self.write_out()
         };
-        let mut r = self.ready.lock();
-        r.batches.push_back(ReadyBatch {
-            batch,
-            synced: synced.map_err(Arc::new),
-        });
-        self.ready_cv.notify_one();
+        // Acknowledged now, before the apply: the entries are as durable
+        // as promised, reads of their ranges wait for the apply, and the
+        // next sync overlaps this apply. So a writer waits for one sync,
+        // not for a sync and the apply of everything ahead of it.
+        match synced {
+            Ok(()) => {
+                let mut d = self.done.lock();
+                d.unapplied.extend(batch.iter().map(|p| {
+                    let (offset, len) = p.op.range();
+                    Unapplied {
+                        tid: p.tid,
+                        offset,
+                        len,
+                    }
+                }));
+                self.finish_locked(&mut d, last, Vec::new());
+                drop(d);
+                let mut r = self.ready.lock();
+                r.batches.push_back(ReadyBatch { batch });
+                self.ready_cv.notify_one();
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                let errors = batch.iter().map(|p| (p.tid, e.clone())).collect();
+                self.finish(last, errors);
+            }
+        }
     }
 
     /// Whether a spare segment should be prepared now (the journal is on
@@ -754,6 +800,10 @@ impl Journal {
     /// `errors` are the ones that failed.
     pub(crate) fn finish(&self, through: u64, errors: Vec<(u64, Arc<StoreError>)>) {
         let mut d = self.done.lock();
+        self.finish_locked(&mut d, through, errors);
+    }
+
+    fn finish_locked(&self, d: &mut Done, through: u64, errors: Vec<(u64, Arc<StoreError>)>) {
         d.errors.extend(errors);
         d.through = d.through.max(through);
         let ready: Vec<u64> = d.waiters.range(..=d.through).map(|(t, _)| *t).collect();
@@ -763,6 +813,53 @@ impl Journal {
             let _ = tx.send(r);
         }
         self.done_cv.notify_all();
+    }
+
+    /// The apply stage is done with `batch` (acknowledged entries, in tid
+    /// order); `failed` are the ones whose apply failed.
+    pub(crate) fn batch_applied(&self, batch: &[Pending], failed: Vec<(u64, Arc<StoreError>)>) {
+        let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+            return;
+        };
+        let mut d = self.done.lock();
+        d.apply_failed.extend(failed);
+        let Done {
+            unapplied,
+            apply_failed,
+            ..
+        } = &mut *d;
+        unapplied
+            .retain(|u| u.tid < first.tid || u.tid > last.tid || apply_failed.contains_key(&u.tid));
+        self.done_cv.notify_all();
+    }
+
+    /// Blocks until every acknowledged mutation that touches
+    /// `[offset, offset+len)` is in the object files, so a read of the range
+    /// sees every write acknowledged before it. Fails if one of them could
+    /// not be applied.
+    pub(crate) fn settle(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        let end = offset.saturating_add(len);
+        let mut d = self.done.lock();
+        loop {
+            let mut overlapping = d
+                .unapplied
+                .iter()
+                .filter(|u| u.offset < end && offset < u.offset.saturating_add(u.len));
+            let Some(u) = overlapping.next() else {
+                return Ok(());
+            };
+            if let Some(e) = d.apply_failed.get(&u.tid) {
+                return Err(StoreError::JournalApply {
+                    spec: self.spec.read().clone(),
+                    tid: u.tid,
+                    source: e.clone(),
+                });
+            }
+            if d.closed {
+                return Err(self.closed_error());
+            }
+            self.done_cv.wait(&mut d);
+        }
     }
 
     fn result_of(&self, d: &mut Done, tid: u64) -> Option<Result<(), StoreError>> {
@@ -784,7 +881,7 @@ impl Journal {
         }
     }
 
-    /// Blocks until the committer has applied (or failed) entry `tid`.
+    /// Blocks until the committer has acknowledged (or failed) entry `tid`.
     pub(crate) fn wait_done(&self, tid: u64) -> Result<(), StoreError> {
         let mut d = self.done.lock();
         loop {
@@ -861,6 +958,15 @@ impl Journal {
     }
 
     fn write_out_locked(&self, w: &mut Writer) -> Result<(), StoreError> {
+        if w.failed {
+            // What failed is still in `buf`: writing it now would make
+            // entries after it durable, and their writers acknowledged,
+            // while the failed ones' writers were told they failed.
+            return Err(self.io_err(
+                &self.dir,
+                io::Error::other("an earlier journal write failed; the image needs checking"),
+            ));
+        }
         if w.buf.is_empty() {
             return Ok(());
         }
