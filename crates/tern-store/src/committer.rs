@@ -55,6 +55,7 @@ impl Image {
             .name("tern-jsync".into())
             .spawn(move || {
                 while jj.wait_work() {
+                    jj.wait_apply_room();
                     jj.sync_stage();
                     if jj.wants_spare() {
                         let jp = jj.clone();
@@ -85,6 +86,7 @@ impl Image {
     /// returning what it replaced. Called with `round` held.
     fn apply_ready(&self, st: &State, j: &Journal) {
         for rb in j.take_ready() {
+            j.apply_delay();
             let mut failed = Vec::new();
             for p in &rb.batch {
                 let r = match &p.op {

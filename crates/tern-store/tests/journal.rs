@@ -749,3 +749,61 @@ fn failed_apply_fails_reads_and_is_replayed() {
     img.read(0, &mut b).unwrap();
     assert_eq!(b, [7u8; 4096]);
 }
+
+/// Acknowledging before the apply must not let a fast writer run
+/// arbitrarily far ahead of a slow apply stage: the acknowledged,
+/// unapplied data stays within 32 MiB plus one round, and everything reads
+/// back afterwards.
+#[test]
+fn apply_backlog_is_bounded() {
+    let t = tempfile::tempdir().unwrap();
+    let s = Store::open(t.path()).unwrap();
+    s.pool_create("p").unwrap();
+    let (mib, writers) = (1u64 << 20, 4u64);
+    create(&s, "i", 64 * mib, Layout::simple(4 * mib), journaled());
+    let img = s.open_image("p", "i").unwrap();
+    let j = img.journal().unwrap();
+    j.slow_apply_for_tests(Duration::from_millis(30));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (j, stop) = (j.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut max = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                max = max.max(j.apply_backlog());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            max
+        })
+    };
+    let threads: Vec<_> = (0..writers)
+        .map(|k| {
+            let img = img.clone();
+            std::thread::spawn(move || {
+                // 64 MiB per writer in 1 MiB writes over its 16 MiB range.
+                for i in 0..64u64 {
+                    let off = k * 16 * mib + (i % 16) * mib;
+                    img.write(off, &vec![(i as u8) | 1; mib as usize], false)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let max = sampler.join().unwrap();
+    assert!(
+        max <= (32 + writers) * mib,
+        "apply backlog reached {max} bytes"
+    );
+    assert!(max >= 16 * mib, "the apply was the slow stage: {max}");
+    let mut b = vec![0u8; mib as usize];
+    for k in 0..writers {
+        for r in 0..16u64 {
+            img.read(k * 16 * mib + r * mib, &mut b).unwrap();
+            assert!(b.iter().all(|&x| x == ((48 + r) as u8) | 1));
+        }
+    }
+}

@@ -76,6 +76,13 @@ pub const MAX_WRITE_ENTRY: usize = 4 << 20;
 /// A flush checkpoints if the last checkpoint is older than this.
 const CHECKPOINT_AGE: Duration = Duration::from_secs(30);
 
+/// Acknowledged writes not yet applied, in bytes of data, past which the
+/// sync stage waits for the apply stage. Acknowledging no longer waits for
+/// the apply, so without it a writer faster than the apply (copy-on-write
+/// after a snapshot, a slow disk) would queue without bound, in memory
+/// and in the list every read checks.
+const APPLY_BACKLOG: u64 = 32 << 20;
+
 /// When an appended entry is durable.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JournalDurability {
@@ -233,6 +240,16 @@ pub(crate) enum PendingOp {
     },
 }
 
+fn backlog_bytes(batch: &[Pending]) -> u64 {
+    batch
+        .iter()
+        .map(|p| match &p.op {
+            PendingOp::Write { data, .. } => data.len() as u64,
+            PendingOp::Zero { .. } => 4096,
+        })
+        .sum()
+}
+
 impl PendingOp {
     /// The image range it changes.
     fn range(&self) -> (u64, u64) {
@@ -264,6 +281,9 @@ struct Done {
     errors: BTreeMap<u64, Arc<StoreError>>,
     /// Acknowledged, not yet applied, in tid order.
     unapplied: Vec<Unapplied>,
+    /// Bytes of the acknowledged batches the apply stage has not finished
+    /// (a discard or zeroing counts one block).
+    backlog: u64,
     /// Acknowledged entries whose apply failed: they stay in `unapplied`
     /// (reads of their ranges fail rather than return what they replaced)
     /// and are replayed at the next open, being above the checkpoint.
@@ -315,6 +335,8 @@ pub struct Journal {
     ready_cv: Condvar,
     /// A spare segment is being zero-filled.
     preparing: std::sync::atomic::AtomicBool,
+    /// Tests only: microseconds the apply stage sleeps per batch.
+    apply_delay_us: std::sync::atomic::AtomicU64,
     /// Wakes the committer (paired with `w`).
     work: Condvar,
     done: Mutex<Done>,
@@ -555,6 +577,7 @@ impl Journal {
             ready: Mutex::new(Ready::default()),
             ready_cv: Condvar::new(),
             preparing: std::sync::atomic::AtomicBool::new(false),
+            apply_delay_us: std::sync::atomic::AtomicU64::new(0),
             work: Condvar::new(),
             done: Mutex::new(Done {
                 through: next_tid - 1,
@@ -683,6 +706,15 @@ impl Journal {
 
     // ---- the committer's side ----
 
+    /// Blocks while the apply stage is more than [`APPLY_BACKLOG`] behind
+    /// the acknowledgements (the sync stage calls it before a round).
+    pub(crate) fn wait_apply_room(&self) {
+        let mut d = self.done.lock();
+        while d.backlog > APPLY_BACKLOG && !d.closed {
+            self.done_cv.wait(&mut d);
+        }
+    }
+
     /// Blocks until mutations are queued; returns false once the journal
     /// is closing and nothing is left.
     pub(crate) fn wait_work(&self) -> bool {
@@ -733,6 +765,7 @@ impl Journal {
         match synced {
             Ok(()) => {
                 let mut d = self.done.lock();
+                d.backlog += backlog_bytes(&batch);
                 d.unapplied.extend(batch.iter().map(|p| {
                     let (offset, len) = p.op.range();
                     Unapplied {
@@ -822,6 +855,7 @@ impl Journal {
             return;
         };
         let mut d = self.done.lock();
+        d.backlog = d.backlog.saturating_sub(backlog_bytes(batch));
         d.apply_failed.extend(failed);
         let Done {
             unapplied,
@@ -1067,6 +1101,30 @@ impl Journal {
 
     pub fn durable_tid(&self) -> u64 {
         self.commit.durable()
+    }
+
+    /// Bytes of acknowledged writes not yet applied to the object files.
+    pub fn apply_backlog(&self) -> u64 {
+        self.done.lock().backlog
+    }
+
+    /// Makes the apply stage sleep this long per batch, so tests can make
+    /// it the slow one.
+    #[doc(hidden)]
+    pub fn slow_apply_for_tests(&self, per_batch: Duration) {
+        self.apply_delay_us.store(
+            per_batch.as_micros() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    pub(crate) fn apply_delay(&self) {
+        let us = self
+            .apply_delay_us
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if us > 0 {
+            std::thread::sleep(Duration::from_micros(us));
+        }
     }
 
     pub fn stats(&self) -> CommitStats {
