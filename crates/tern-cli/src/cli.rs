@@ -650,8 +650,14 @@ pub enum MirrorImageCmd {
     Demote {
         spec: String,
     },
+    /// Make this non-primary copy equal to the primary again: by default
+    /// copies only what diverged since the last common point; `--full`
+    /// copies the whole image (after damage behind tern's back, such as
+    /// `verify` reports).
     Resync {
         spec: String,
+        #[arg(long)]
+        full: bool,
     },
     /// Take a mirror snapshot now (the peers copy it).
     Snapshot {

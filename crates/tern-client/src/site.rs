@@ -212,7 +212,7 @@ rpc! {
     mirror_image_disable(pb::MirrorImageDisableRequest) -> pb::Empty;
     mirror_image_promote(pb::MirrorImagePromoteRequest) -> pb::MirrorImageInfo;
     mirror_image_demote(pb::ImageRef) -> pb::MirrorImageInfo;
-    mirror_image_resync(pb::ImageRef) -> pb::Empty;
+    mirror_image_resync(pb::MirrorImageResyncRequest) -> pb::Empty;
     mirror_image_snapshot(pb::ImageRef) -> pb::SnapInfo;
     mirror_image_get(pb::ImageRef) -> pb::MirrorImageInfo;
     mirror_image_list(pb::PoolRequest) -> pb::MirrorImageListReply;

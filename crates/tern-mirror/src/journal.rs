@@ -124,9 +124,13 @@ pub(crate) async fn run(
         action: action.into(),
         tid,
     };
-    // Resume where we were, if the primary kept our place.
+    // Resume where we were, if the primary kept our place (not when a
+    // resync was asked for: that starts over from a new sync point).
     let mut resume = None;
-    if local.journal_primary_uuid == job.remote_mirror_uuid && local.journal_tid > 0 {
+    if local.journal_primary_uuid == job.remote_mirror_uuid
+        && local.journal_tid > 0
+        && plan.resync.is_none()
+    {
         match job.remote.journal_client(client_req("get", 0)).await {
             Ok(c) if !c.disconnected && c.commit_tid <= local.journal_tid => {
                 resume = Some(local.journal_tid);
@@ -359,9 +363,24 @@ pub(crate) async fn run(
                 let r = replaying_status(job, &rates, applied_tid, applied_ts, primary_tid);
                 sh.report(r).await;
             }
-            // Promoted here meanwhile: stop replaying into it.
+            // Promoted here meanwhile: stop replaying into it. Asked to
+            // resync: stop, and the next pass starts over with a resync.
             let me_now = sh.local.mirror_image_get(local_ref.clone()).await?;
             if me_now.primary {
+                return Ok(());
+            }
+            if me_now.resync_requested {
+                tracing::warn!(image = %job.spec(), "resync requested: restarting replay from a new sync point");
+                let r = job.status(
+                    "syncing",
+                    "resync-requested",
+                    format!(
+                        "resync requested: replay of {}'s journal stopped at entry {applied_tid}; \
+                         starting over from a new sync point",
+                        job.peer.site_name
+                    ),
+                );
+                sh.report(r).await;
                 return Ok(());
             }
         }

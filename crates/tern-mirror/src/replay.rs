@@ -111,7 +111,7 @@ async fn replay(sh: &Arc<Shared>, job: &Job) -> Result<(), ClientError> {
                 "error",
                 "split-brain",
                 format!(
-                    "split-brain: {why}. Nothing was overwritten. To keep {peer}'s data, run                      `tern mirror image resync {spec}` here: only what diverged is copied",
+                    "split-brain: {why}. Nothing was overwritten. To keep {peer}'s data, run `tern mirror image resync {spec}` here: only what diverged is copied",
                     peer = job.peer.site_name
                 ),
             );
@@ -406,6 +406,16 @@ pub(crate) async fn assess(
 ) -> Result<Standing, ClientError> {
     let (lu, ru) = (&job.local_mirror_uuid, &job.remote_mirror_uuid);
     let rimg = &job.remote_image;
+    if local.resync_requested && local.resync_full {
+        // Asked for everything: no point is trusted. Every extent the
+        // primary holds, and every one held here (the primary sends what it
+        // has there: data or zeros).
+        return Ok(Standing::Follows(Plan {
+            base: None,
+            extra: local_changes(sh, job, local, None).await?,
+            resync: Some("full copy (requested with --full)".into()),
+        }));
+    }
     let common = common_point(local, rimg, lu, ru);
     let newest = local
         .mirror_snaps
@@ -437,7 +447,7 @@ pub(crate) async fn assess(
             };
             (beyond || !holds_newest).then(|| {
                 format!(
-                    "this copy replayed its former primary's journal up to entry {tid},                      which {peer} does not hold (it was promoted {})",
+                    "this copy replayed its former primary's journal up to entry {tid}, which {peer} does not hold (it was promoted {})",
                     if rimg.fork_journal_tid > 0 {
                         format!("at entry {}", rimg.fork_journal_tid)
                     } else {
@@ -449,7 +459,7 @@ pub(crate) async fn assess(
         None if holds_newest => None,
         None => Some(match newest {
             Some(n) if is_primary_state(&n.mirror_state) => format!(
-                "this image was primary here until it was demoted, and {peer} was promoted                  without its last writes (a forced promotion): this site's writes after {} are not on {peer}",
+                "this image was primary here until it was demoted, and {peer} was promoted without its last writes (a forced promotion): this site's writes after {} are not on {peer}",
                 common
                     .as_ref()
                     .map_or("the first sync".to_string(), |(c, _)| format!(
@@ -458,7 +468,7 @@ pub(crate) async fn assess(
                     ))
             ),
             _ => format!(
-                "this copy holds a newer state of its former primary than {peer} does                  ({peer} was promoted from an older point)"
+                "this copy holds a newer state of its former primary than {peer} does ({peer} was promoted from an older point)"
             ),
         }),
     };
@@ -510,7 +520,7 @@ pub(crate) async fn assess(
                             base: Some(fork_snap.name.clone()),
                             extra: d.extents,
                             resync: Some(format!(
-                                "delta from {peer}'s promotion point (entry {} of this site's journal;                                  {mine} bytes written here after it)",
+                                "delta from {peer}'s promotion point (entry {} of this site's journal; {mine} bytes written here after it)",
                                 rimg.fork_journal_tid
                             )),
                         }));

@@ -707,9 +707,12 @@ fn dr_failover_interrupted_then_finished() {
     let ca = a.client(&rt);
     rt.block_on(async {
         for i in 0..N {
-            ca.mirror_image_resync(image_ref("rbd", &format!("img{i:03}")))
-                .await
-                .unwrap();
+            ca.mirror_image_resync(pb::MirrorImageResyncRequest {
+                image: Some(image_ref("rbd", &format!("img{i:03}"))),
+                full: false,
+            })
+            .await
+            .unwrap();
         }
     });
     let ok = wait_until(Duration::from_secs(120), || {

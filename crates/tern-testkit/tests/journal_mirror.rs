@@ -455,3 +455,68 @@ fn journal_mirroring_lagging_peer_catches_up_by_delta() {
         "caught up by replaying the journal? {moved} bytes"
     );
 }
+
+/// `resync` on a healthy journal-mode copy is taken up by the running
+/// daemon (no restart): replay stops, a delta from a new sync point runs,
+/// replay resumes. After damage behind tern's back, which no journal or
+/// snapshot knows of, `resync --full` copies the whole image and repairs it.
+#[test]
+fn journal_replica_resync_while_replaying() {
+    let (a, b, link) = sites_with_link();
+    let _ma = a.start_mirror();
+    let _mb = b.start_mirror();
+    journaled_image(&a, "r");
+    wait_replaying(&b, "r");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    burst(&a, "rbd/r", &log, 2000, 2);
+    wait_equal(&a, &b, "r", Duration::from_secs(60));
+    let last_resync = || {
+        b.tern_json(&["info", "rbd/r"])["mirroring"]["last_resync"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let resync = |args: &[&str], kind: &str| -> u64 {
+        let before = link.down_bytes();
+        let mut cmd = vec!["mirror", "image", "resync"];
+        cmd.extend_from_slice(args);
+        cmd.push("rbd/r");
+        b.tern_ok(&cmd);
+        let ok = wait_until(Duration::from_secs(60), || last_resync().starts_with(kind));
+        assert!(
+            ok,
+            "no {kind} resync: {} / {}",
+            last_resync(),
+            status(&b, "r")
+        );
+        wait_replaying(&b, "r");
+        burst(&a, "rbd/r", &log, 500, 1);
+        wait_equal(&a, &b, "r", Duration::from_secs(60));
+        link.down_bytes() - before
+    };
+    let delta = resync(&[], "delta");
+
+    // Damage B's copy on disk, behind tern's back.
+    let id = b.tern_json(&["info", "rbd/r"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let obj = b.data.join("objects").join(&id).join(format!("{:016x}", 3));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&obj).unwrap();
+        f.write_all_at(&[0xee; 8192], 4096 + 64 * 1024).unwrap();
+    }
+    assert_ne!(export_sum(&b, "rbd/r"), export_sum(&a, "rbd/r"));
+    let full = resync(&["--full"], "full copy (requested with --full)");
+    let l = log.lock().unwrap().clone();
+    assert_eq!(check_prefix(&b, "r", &l), l.len());
+    eprintln!("resync of a healthy copy moved {delta} bytes; resync --full {full} bytes");
+    // Every slot written is 4 KiB of data the full copy had to send.
+    let written: std::collections::HashSet<u64> = l.iter().map(|(slot, _)| *slot).collect();
+    assert!(
+        full >= written.len() as u64 * SLOT,
+        "a full copy moved only {full} bytes for {} written slots",
+        written.len()
+    );
+}

@@ -809,6 +809,24 @@ fn verify_names_a_corrupted_extent() {
         serde_json::json!([{"offset": 3 * 4 * MIB, "length": 4 * MIB}]),
         "{v}"
     );
+
+    // The repair: a full resync, taken up by the running daemon.
+    b.tern_ok(&["mirror", "image", "resync", "--full", "rbd/v"]);
+    let resynced = || {
+        b.tern_json(&["info", "rbd/v"])["mirroring"]["last_resync"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("full copy (requested with --full)")
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), resynced),
+        "no full resync: {}",
+        b.tern_json(&["info", "rbd/v"])
+    );
+    wait_synced(&b, &a, "v", Duration::from_secs(60));
+    let v = b.tern_json(&["mirror", "image", "verify", "rbd/v"]);
+    assert_eq!(v["equal"], true, "{v}");
+    assert_eq!(b.export_sha256("rbd/v"), a.export_sha256("rbd/v"));
 }
 
 /// Over a link of the test's making (a counting proxy in front of site A):

@@ -68,6 +68,9 @@ pub struct ImageMirror {
     pub primary_mirror_uuid: String,
     #[serde(default)]
     pub resync_requested: bool,
+    /// The requested resync copies everything (`resync --full`).
+    #[serde(default)]
+    pub resync_full: bool,
     /// A sync from the primary in progress: the image head is being
     /// overwritten and is consistent only at its last complete snapshot.
     #[serde(default)]
@@ -416,6 +419,7 @@ impl Mirror {
             demoted: false,
             primary_mirror_uuid: p.mirror_uuid.clone(),
             resync_requested: false,
+            resync_full: false,
             sync: None,
             journal_pos: None,
             fork: None,
@@ -769,6 +773,7 @@ impl Mirror {
             demoted: false,
             primary_mirror_uuid: primary_mirror_uuid.into(),
             resync_requested: false,
+            resync_full: false,
             sync: None,
             journal_pos: None,
             fork: None,
@@ -881,6 +886,7 @@ impl Mirror {
         m.sync = None;
         if !resync_summary.is_empty() {
             m.resync_requested = false;
+            m.resync_full = false;
             m.last_resync = format!("{resync_summary} (finished {})", now_secs());
         }
         self.save_image(&info.id.to_string(), &m)?;

@@ -1796,8 +1796,12 @@ impl pb::site_server::Site for Service {
         self.mirror_image_info(&r).await.map(Response::new)
     }
 
-    async fn mirror_image_resync(&self, req: Request<pb::ImageRef>) -> SResult<pb::Empty> {
-        let r = req.get_ref().clone();
+    async fn mirror_image_resync(
+        &self,
+        req: Request<pb::MirrorImageResyncRequest>,
+    ) -> SResult<pb::Empty> {
+        let full = req.get_ref().full;
+        let r = req.get_ref().image.clone().unwrap_or_default();
         self.check(&req, Need::Write(&r.pool))?;
         let m = self.mirror();
         blocking(move || {
@@ -1811,6 +1815,7 @@ impl pb::site_server::Site for Service {
                 )));
             }
             im.resync_requested = true;
+            im.resync_full |= full;
             m.set_image(&info.id.to_string(), &im)
         })
         .await?;
@@ -2888,6 +2893,7 @@ fn mirror_info_pb(
             .unwrap_or_default(),
         primary_mirror_uuid: im.primary_mirror_uuid.clone(),
         resync_requested: im.resync_requested,
+        resync_full: im.resync_full,
         fork_mirror_uuid: im
             .fork
             .as_ref()

@@ -527,11 +527,18 @@ async fn image(ctx: &Ctx, c: &SiteClient, cmd: MirrorImageCmd) -> Result<()> {
                 eprintln!("Image demoted to non-primary");
             }
         }
-        MirrorImageCmd::Resync { spec } => {
+        MirrorImageCmd::Resync { spec, full } => {
             let s = image_spec(&spec)?;
-            c.mirror_image_resync(image_ref(&s.pool, &s.image)).await?;
+            c.mirror_image_resync(pb::MirrorImageResyncRequest {
+                image: Some(image_ref(&s.pool, &s.image)),
+                full,
+            })
+            .await?;
             if !ctx.json() {
-                eprintln!("Flagged image for resync from primary");
+                eprintln!(
+                    "Flagged image for {} resync from primary",
+                    if full { "a full" } else { "a" }
+                );
             }
         }
         MirrorImageCmd::Snapshot { spec } => {
@@ -670,7 +677,8 @@ async fn verify(ctx: &Ctx, c: &SiteClient, spec: &str, chunk: &str) -> Result<()
         Err(ClientError::new(
             ErrorKind::Corrupt,
             format!(
-                "{spec}: the copy differs from the primary in {} extent(s)",
+                "{spec}: the copy differs from the primary in {} extent(s); \
+                 `tern mirror image resync --full {spec}` copies the image again",
                 bad.len()
             ),
         ))
