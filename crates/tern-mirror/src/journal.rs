@@ -124,6 +124,27 @@ pub(crate) async fn run(
         action: action.into(),
         tid,
     };
+    // The site we follow now registered on this copy's journal while it
+    // followed us: it reads from us no more, and its position would hold
+    // back trimming here until rbd_journal_max_size cut it off.
+    match sh
+        .local
+        .journal_client(pb::JournalClientRequest {
+            image: Some(local_ref.clone()),
+            client: job.remote_mirror_uuid.clone(),
+            action: "unregister".into(),
+            tid: 0,
+        })
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(image = %job.spec(), "dropped {}'s stale client from this copy's journal", job.peer.site_name)
+        }
+        Err(e) if matches!(e.kind, ErrorKind::NotFound | ErrorKind::InvalidArgument) => {}
+        Err(e) => {
+            tracing::warn!(image = %job.spec(), error = %e, "could not drop {}'s stale journal client", job.peer.site_name)
+        }
+    }
     // Resume where we were, if the primary kept our place (not when a
     // resync was asked for: that starts over from a new sync point).
     let mut resume = None;

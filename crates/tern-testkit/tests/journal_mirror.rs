@@ -200,6 +200,19 @@ fn burst(
     w.join().unwrap()
 }
 
+/// The ids of the clients registered on the image's journal.
+fn journal_clients(s: &Site, name: &str) -> Vec<String> {
+    let st = s.tern_json(&["journal", "status", &format!("rbd/{name}")]);
+    let mut ids: Vec<String> = st["registered_clients"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{st}"))
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
 fn export_sum(s: &Site, spec: &str) -> String {
     s.export_sha256(spec)
 }
@@ -362,6 +375,9 @@ fn journal_mirroring_orderly_failover_and_failback() {
     burst(&b, 3);
     // A follows B now, with no resync: only what B wrote moves.
     wait_equal(&b, &a, "d", Duration::from_secs(60));
+    // B reads A's journal no more: its client there is gone, so it holds
+    // back no trimming.
+    assert_eq!(journal_clients(&a, "d"), ["local"]);
     // Failback: demote B, promote A, write on A, B follows again.
     b.tern_ok(&["mirror", "image", "demote", "rbd/d"]);
     let ok = wait_until(Duration::from_secs(30), || {
@@ -378,6 +394,8 @@ fn journal_mirroring_orderly_failover_and_failback() {
     wait_equal(&a, &b, "d", Duration::from_secs(60));
     let l = log.lock().unwrap().clone();
     assert_eq!(check_prefix(&b, "d", &l), l.len());
+    assert_eq!(journal_clients(&b, "d"), ["local"]);
+    assert_eq!(journal_clients(&a, "d").len(), 2, "B reads A's journal");
     let moved = link.down_bytes() - before;
     eprintln!(
         "failover and failback: {} writes in all; {moved} bytes from A to B after the first switch",
