@@ -161,6 +161,59 @@ pub struct Mirror {
     pub site: Arc<Site>,
 }
 
+/// How long a silent daemon stays listed (as down) before its record goes.
+pub const DAEMON_FORGET_MS: u64 = 600_000;
+
+/// The keys of daemon records silent for longer than [`DAEMON_FORGET_MS`]
+/// (or unreadable).
+fn forgotten_daemons(records: &[(String, String)], now: u64) -> Vec<String> {
+    records
+        .iter()
+        .filter(|(_, v)| {
+            serde_json::from_str::<Daemon>(v).map_or(true, |d| {
+                now.saturating_sub(d.received_ms) > DAEMON_FORGET_MS
+            })
+        })
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod daemon_tests {
+    use super::*;
+
+    #[test]
+    fn silent_daemons_are_forgotten_after_ten_minutes() {
+        let rec = |id: &str, received_ms: u64| {
+            let d = Daemon {
+                service_id: id.into(),
+                instance_id: id.into(),
+                client_id: "mirror".into(),
+                hostname: "h".into(),
+                version: "v".into(),
+                site_name: "site-a".into(),
+                last_heartbeat: received_ms / 1000,
+                received_ms,
+            };
+            (
+                format!("daemon/site-a/{id}"),
+                serde_json::to_string(&d).unwrap(),
+            )
+        };
+        let now = 10_000_000;
+        let records = vec![
+            rec("live", now - 1_000),
+            rec("down-9min", now - 540_000),
+            rec("gone-11min", now - 660_000),
+            ("daemon/site-a/damaged".to_string(), "{".to_string()),
+        ];
+        assert_eq!(
+            forgotten_daemons(&records, now),
+            ["daemon/site-a/gone-11min", "daemon/site-a/damaged"]
+        );
+    }
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -983,7 +1036,18 @@ impl Mirror {
             self.store(),
             &format!("daemon/{}/{}", d.site_name, d.service_id),
             &d,
-        )
+        )?;
+        // A restarted daemon has a new id, so silent ones would pile up.
+        let all = self
+            .store()
+            .kv_list(KvTable::Mirror, "daemon/")
+            .map_err(serr)?;
+        for key in forgotten_daemons(&all, d.received_ms) {
+            self.store()
+                .kv_delete(KvTable::Mirror, &key)
+                .map_err(serr)?;
+        }
+        Ok(())
     }
 
     pub fn daemons(&self) -> Result<Vec<Daemon>, Error> {

@@ -3188,7 +3188,10 @@ impl Service {
                 // silent (shown down): a restarted daemon has a new id.
                 daemons: daemon_pb
                     .into_iter()
-                    .filter(|d| d.up || (now / 1000).saturating_sub(d.last_heartbeat) < 600)
+                    .filter(|d| {
+                        d.up || now.saturating_sub(d.last_heartbeat * 1000)
+                            < mirror::DAEMON_FORGET_MS
+                    })
                     .collect(),
                 images,
             })
