@@ -25,7 +25,7 @@
 
 use crate::error::StoreError;
 use crate::image::{Image, State};
-use crate::journal::{Journal, PendingOp};
+use crate::journal::{Journal, PendingOp, ReadyBatch};
 use std::sync::{Arc, Weak};
 
 /// A queued journaled mutation to wait for.
@@ -74,21 +74,30 @@ impl Image {
     /// A whole round for a caller holding `state` (a barrier): syncs what
     /// is queued, waits for a sync in progress, and applies every ready
     /// batch, so everything queued before the call is applied after it.
-    pub(crate) fn commit_round(&self, st: &State, j: &Journal) {
+    /// Fails if the apply stage is stalled (the barrier must not run ahead
+    /// of acknowledged writes).
+    pub(crate) fn commit_round(&self, st: &State, j: &Journal) -> Result<(), StoreError> {
         let _one = j.round.lock();
         j.sync_stage();
         self.apply_ready(st, j);
+        match j.stalled_error() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
-    /// Applies the ready batches in order. An entry whose apply fails
-    /// stays unapplied: it was acknowledged, being durable, so the next
-    /// open replays it, and until then reads of its range fail instead of
-    /// returning what it replaced. Called with `round` held.
+    /// Applies the ready batches in order. At an entry whose apply fails
+    /// (a full disk) the stage stops: that entry and all after it go back
+    /// to the queue, in order, to be tried again (see `Journal::stall`).
+    /// They are acknowledged and durable in the journal, so nothing is
+    /// lost, even across a crash (the next open replays them). Called with
+    /// `round` held.
     fn apply_ready(&self, st: &State, j: &Journal) {
-        for rb in j.take_ready() {
+        let mut batches = j.take_ready().into_iter();
+        while let Some(mut rb) = batches.next() {
             j.apply_delay();
-            let mut failed = Vec::new();
-            for p in &rb.batch {
+            let mut failed = None;
+            for (i, p) in rb.batch.iter().enumerate() {
                 let r = match &p.op {
                     PendingOp::Write { offset, data } => {
                         self.write_locked(st, *offset, data, false)
@@ -105,18 +114,24 @@ impl Image {
                 match r {
                     Ok(()) => j.applied(p.tid),
                     Err(e) => {
-                        tracing::error!(
-                            "journal entry {} is durable but applying it failed: {e}; \
-                             reads of its range fail until the image is opened again, \
-                             which replays it",
-                            p.tid
-                        );
-                        failed.push((p.tid, Arc::new(e)));
+                        failed = Some((i, e));
+                        break;
                     }
                 }
             }
-            j.batch_applied(&rb.batch, failed);
+            match failed {
+                None => j.batch_applied(&rb.batch),
+                Some((i, e)) => {
+                    let rest = rb.batch.split_off(i);
+                    j.batch_applied(&rb.batch);
+                    let mut back = vec![ReadyBatch { batch: rest }];
+                    back.extend(batches);
+                    j.stall(back, Arc::new(e));
+                    return;
+                }
+            }
         }
+        j.unstall();
     }
 }
 

@@ -204,7 +204,7 @@ pub enum StoreError {
     )]
     JournalTrimmed { spec: String, tid: u64, first: u64 },
     #[error(
-        "image '{spec}': a write acknowledged earlier (journal entry {tid}) is safe in the journal but could not be applied to the image's files ({source}); reads of its range fail until the image is opened again (restart ternd), which replays it"
+        "image '{spec}': writes acknowledged earlier (from journal entry {tid} on) are safe in the journal but cannot be applied to the image's files ({source}); tern retries them, and until they are applied new writes and reads of their ranges fail"
     )]
     JournalApply {
         spec: String,
@@ -302,9 +302,9 @@ impl StoreError {
             | E::SnapshotData { .. }
             | E::Marker { .. }
             | E::JournalIo { .. }
-            | E::JournalApply { .. }
             | E::RemoveData { .. } => ErrorKind::Internal,
             E::Shared(e) => e.kind(),
+            E::JournalApply { source, .. } => source.kind(),
         }
     }
 

@@ -548,7 +548,7 @@ impl Image {
         match &st.journal {
             Some(j) => {
                 if wait {
-                    self.commit_round(st, j);
+                    self.commit_round(st, j)?;
                 }
                 j.checkpoint(wait, || self.flush_locked(st))
             }
@@ -572,7 +572,7 @@ impl Image {
                 spec: spec_of(&st.info),
             });
         };
-        self.commit_round(&st, j);
+        self.commit_round(&st, j)?;
         let tid = j.append(&JournalOp::Marker {
             kind: kind.to_string(),
             payload: payload.to_vec(),
@@ -593,7 +593,7 @@ impl Image {
             return Ok(None);
         };
         // Everything queued before the barrier is applied before it.
-        self.commit_round(st, j);
+        self.commit_round(st, j)?;
         let tid = j.append(op)?;
         if let Err(e) = j.sync_to(tid) {
             j.applied(tid);

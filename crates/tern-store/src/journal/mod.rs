@@ -83,6 +83,9 @@ const CHECKPOINT_AGE: Duration = Duration::from_secs(30);
 /// and in the list every read checks.
 const APPLY_BACKLOG: u64 = 32 << 20;
 
+/// How often a stalled apply stage tries its failed entry again.
+const APPLY_RETRY: Duration = Duration::from_millis(200);
+
 /// When an appended entry is durable.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JournalDurability {
@@ -269,6 +272,9 @@ pub(crate) struct ReadyBatch {
 struct Ready {
     batches: std::collections::VecDeque<ReadyBatch>,
     closed: bool,
+    /// The apply stage is stalled on a failed entry (the first batch):
+    /// it retries every [`APPLY_RETRY`].
+    stalled: bool,
 }
 
 /// What the committer has finished: every queued entry with tid <=
@@ -284,10 +290,11 @@ struct Done {
     /// Bytes of the acknowledged batches the apply stage has not finished
     /// (a discard or zeroing counts one block).
     backlog: u64,
-    /// Acknowledged entries whose apply failed: they stay in `unapplied`
-    /// (reads of their ranges fail rather than return what they replaced)
-    /// and are replayed at the next open, being above the checkpoint.
-    apply_failed: BTreeMap<u64, Arc<StoreError>>,
+    /// The apply stage stopped at this entry, which failed to apply (a
+    /// full disk): it and every later entry wait, in order, for a retry
+    /// to succeed. Meanwhile reads of unapplied ranges and new writes
+    /// fail with this error instead of waiting or piling up.
+    stalled: Option<(u64, Arc<StoreError>)>,
     closed: bool,
     /// Writers waiting without a thread of their own, each woken alone
     /// when its entry is finished (waking every waiter at every round
@@ -335,6 +342,8 @@ pub struct Journal {
     ready_cv: Condvar,
     /// A spare segment is being zero-filled.
     preparing: std::sync::atomic::AtomicBool,
+    /// `Done::stalled` is set (read on every write without the lock).
+    stalled_flag: std::sync::atomic::AtomicBool,
     /// Tests only: microseconds the apply stage sleeps per batch.
     apply_delay_us: std::sync::atomic::AtomicU64,
     /// Wakes the committer (paired with `w`).
@@ -577,6 +586,7 @@ impl Journal {
             ready: Mutex::new(Ready::default()),
             ready_cv: Condvar::new(),
             preparing: std::sync::atomic::AtomicBool::new(false),
+            stalled_flag: std::sync::atomic::AtomicBool::new(false),
             apply_delay_us: std::sync::atomic::AtomicU64::new(0),
             work: Condvar::new(),
             done: Mutex::new(Done {
@@ -672,6 +682,13 @@ impl Journal {
         encode: impl FnOnce(u64, &mut Vec<u8>, Option<&PendingOp>),
         queue: Option<(PendingOp, bool)>,
     ) -> Result<u64, StoreError> {
+        if queue.is_some()
+            && let Some(e) = self.stalled_error()
+        {
+            // Nothing more is taken on while the acknowledged writes
+            // cannot be applied: they would only fail the same way.
+            return Err(e);
+        }
         let mut w = self.w.lock();
         if w.failed {
             return Err(self.io_err(
@@ -816,9 +833,13 @@ impl Journal {
             .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Blocks until a batch is ready to apply; false once closing.
+    /// Blocks until a batch is ready to apply (after a pause when
+    /// stalled); false once closing.
     pub(crate) fn wait_ready(&self) -> bool {
         let mut r = self.ready.lock();
+        if r.stalled && !r.closed {
+            self.ready_cv.wait_for(&mut r, APPLY_RETRY);
+        }
         while r.batches.is_empty() && !r.closed {
             self.ready_cv.wait(&mut r);
         }
@@ -848,23 +869,76 @@ impl Journal {
         self.done_cv.notify_all();
     }
 
-    /// The apply stage is done with `batch` (acknowledged entries, in tid
-    /// order); `failed` are the ones whose apply failed.
-    pub(crate) fn batch_applied(&self, batch: &[Pending], failed: Vec<(u64, Arc<StoreError>)>) {
+    /// The apply stage has applied `batch` (acknowledged entries, in tid
+    /// order).
+    pub(crate) fn batch_applied(&self, batch: &[Pending]) {
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
             return;
         };
         let mut d = self.done.lock();
         d.backlog = d.backlog.saturating_sub(backlog_bytes(batch));
-        d.apply_failed.extend(failed);
-        let Done {
-            unapplied,
-            apply_failed,
-            ..
-        } = &mut *d;
-        unapplied
-            .retain(|u| u.tid < first.tid || u.tid > last.tid || apply_failed.contains_key(&u.tid));
+        d.unapplied
+            .retain(|u| u.tid < first.tid || u.tid > last.tid);
         self.done_cv.notify_all();
+    }
+
+    /// The apply stage stopped at the first entry of `rest` with `error`:
+    /// `rest` (that entry and everything after it, in order) goes back to
+    /// the front of the queue for the next try.
+    pub(crate) fn stall(&self, rest: Vec<ReadyBatch>, error: Arc<StoreError>) {
+        let Some(tid) = rest.first().and_then(|b| b.batch.first()).map(|p| p.tid) else {
+            return;
+        };
+        {
+            let mut r = self.ready.lock();
+            for b in rest.into_iter().rev() {
+                r.batches.push_front(b);
+            }
+            r.stalled = true;
+        }
+        let mut d = self.done.lock();
+        if d.stalled.is_none() {
+            tracing::error!(
+                "journal entry {tid} of image '{}' is durable but applying it failed: {error}; \
+                 retrying every {APPLY_RETRY:?}, refusing new writes meanwhile",
+                self.spec.read()
+            );
+        }
+        d.stalled = Some((tid, error));
+        self.stalled_flag
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.done_cv.notify_all();
+    }
+
+    /// Every queued entry is applied: a stall, if any, is over.
+    pub(crate) fn unstall(&self) {
+        if !self.stalled_flag.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        self.ready.lock().stalled = false;
+        let mut d = self.done.lock();
+        if let Some((tid, _)) = d.stalled.take() {
+            tracing::warn!(
+                "journal of image '{}': entry {tid} and those after it are applied now; writes accepted again",
+                self.spec.read()
+            );
+        }
+        self.stalled_flag
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.done_cv.notify_all();
+    }
+
+    /// The error of a stalled apply stage, as the image reports it.
+    pub(crate) fn stalled_error(&self) -> Option<StoreError> {
+        if !self.stalled_flag.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        let d = self.done.lock();
+        d.stalled.as_ref().map(|(tid, e)| StoreError::JournalApply {
+            spec: self.spec.read().clone(),
+            tid: *tid,
+            source: e.clone(),
+        })
     }
 
     /// Blocks until every acknowledged mutation that touches
@@ -879,13 +953,14 @@ impl Journal {
                 .unapplied
                 .iter()
                 .filter(|u| u.offset < end && offset < u.offset.saturating_add(u.len));
-            let Some(u) = overlapping.next() else {
+            if overlapping.next().is_none() {
                 return Ok(());
-            };
-            if let Some(e) = d.apply_failed.get(&u.tid) {
+            }
+            // Waiting would last as long as the disk stays full.
+            if let Some((tid, e)) = &d.stalled {
                 return Err(StoreError::JournalApply {
                     spec: self.spec.read().clone(),
-                    tid: u.tid,
+                    tid: *tid,
                     source: e.clone(),
                 });
             }
