@@ -61,9 +61,15 @@ impl Site {
     }
 
     pub fn start_with(name: &str, extra: &[&str]) -> Site {
+        Self::start_under(&std::env::temp_dir(), name, extra)
+    }
+
+    /// [`Self::start_with`], keeping the site's files (data, config, log)
+    /// in a new directory under `parent` (a small filesystem, say).
+    pub fn start_under(parent: &Path, name: &str, extra: &[&str]) -> Site {
         let root = tempfile::Builder::new()
             .prefix(&format!("tern-{name}-"))
-            .tempdir()
+            .tempdir_in(parent)
             .expect("tempdir");
         let data = root.path().join("data");
         let conf_dir = root.path().join("conf");
