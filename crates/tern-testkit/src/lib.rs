@@ -215,12 +215,22 @@ impl Site {
     /// Imports a bootstrap token into pool `rbd` here, rx-tx, naming this
     /// site `site_name` (seed step 2).
     pub fn import_token(&self, token: &str, site_name: &str) {
+        let o = self.try_import_token(token, site_name);
+        assert!(
+            o.status.success(),
+            "token import failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// [`Self::import_token`] that may fail: the command's output.
+    pub fn try_import_token(&self, token: &str, site_name: &str) -> Output {
         let f = self
             .root
             .path()
             .join(format!("token-{}", rand::random::<u32>()));
         std::fs::write(&f, token).expect("token file");
-        self.tern_ok(&[
+        self.tern(&[
             "mirror",
             "pool",
             "peer",
@@ -232,7 +242,7 @@ impl Site {
             "rx-tx",
             "rbd",
             f.to_str().expect("utf8"),
-        ]);
+        ])
     }
 
     /// SHA-256 of `tern export SPEC` (an image or image@snap), byte for byte.

@@ -485,7 +485,7 @@ fn faults_end_in_clear_errors_then_equal_images() {
         "rbd",
     ]);
     let token = token.trim().to_string();
-    let import = |t: &str| import_token(&b, t);
+    let import = |t: &str| b.try_import_token(t, "site-b");
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut j: serde_json::Value = serde_json::from_slice(&b64.decode(&token).unwrap()).unwrap();
@@ -569,7 +569,7 @@ fn faults_end_in_clear_errors_then_equal_images() {
     write_random(&a, "f", 13, 8 * MIB, MIB, 512 * MIB);
     a.tern_ok(&["mirror", "image", "snapshot", "rbd/f"]);
     let token = a.tern_ok(&["mirror", "pool", "peer", "bootstrap", "create", "rbd"]);
-    assert!(import_token(&b, token.trim()).status.success());
+    assert!(b.try_import_token(token.trim(), "site-b").status.success());
     mb.restart();
     wait_synced(&b, &a, "f", Duration::from_secs(60));
     let (copy, _) = newest_copy(&b, "f").unwrap();
@@ -578,22 +578,6 @@ fn faults_end_in_clear_errors_then_equal_images() {
         export_sum(&b, &format!("rbd/f@{copy}")),
         export_sum(&a, &format!("rbd/f@{prim}"))
     );
-}
-
-fn import_token(b: &Site, t: &str) -> std::process::Output {
-    let f = b.root.path().join(format!("t{}", rand::random::<u32>()));
-    std::fs::write(&f, t).unwrap();
-    b.tern(&[
-        "mirror",
-        "pool",
-        "peer",
-        "bootstrap",
-        "import",
-        "--site-name",
-        "site-b",
-        "rbd",
-        f.to_str().unwrap(),
-    ])
 }
 
 /// Snapshot schedules run on time at image and pool level, show in ls and
