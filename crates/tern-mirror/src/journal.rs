@@ -117,6 +117,9 @@ pub(crate) async fn run(
     let remote_ref = snap_ref(&job.peer.remote_pool, &job.remote_image.name, None);
     let peer_limit = sh.peer_limiter(&job.peer.uuid).await;
     let local_ref = snap_ref(&job.pool, &local.name, None);
+    // Every step into the local copy carries the epoch it had when this
+    // run began: once it is promoted here, the site refuses the rest.
+    let fence = Some(local.epoch);
     let me = job.local_mirror_uuid.clone();
     let client_req = |action: &str, tid: u64| pb::JournalClientRequest {
         image: Some(remote_ref.clone()),
@@ -179,6 +182,12 @@ pub(crate) async fn run(
             (tid, Some(local.journal_skip_to.clone()))
         }
         Some(tid) => (tid + 1, None),
+        // Demoted before this copy followed its journal: its demotion
+        // snapshot holds all it wrote. Copying it (a delta) puts the
+        // demotion here, so a plain promote here loses nothing.
+        None if !job.remote_image.primary => {
+            return crate::replay::snapshot_pass(sh, job, &local, &plan).await;
+        }
         None => {
             let reg = job.remote.journal_client(client_req("register", 0)).await?;
             let point = job.remote.mirror_image_snapshot(remote_ref.clone()).await?;
@@ -194,8 +203,7 @@ pub(crate) async fn run(
                         "the sync-point snapshot vanished on the primary".to_string(),
                     )
                 })?;
-            let local_now = sh.local.mirror_image_get(local_ref.clone()).await?;
-            sync_to(sh, job, &local_now, &rimg, &target, &plan).await?;
+            sync_to(sh, job, &local, &rimg, &target, &plan).await?;
             // The copy holds everything up to the sync point: from the
             // registration point on, skip to the snapshot's own entry.
             sh.local
@@ -205,6 +213,7 @@ pub(crate) async fn run(
                     tid: reg.commit_tid.max(1),
                     skip_to: target.name.clone(),
                     timestamp_us: 0,
+                    expect_epoch: fence,
                 })
                 .await?;
             (reg.commit_tid + 1, Some(target.name))
@@ -253,6 +262,7 @@ pub(crate) async fn run(
                             tid: 0,
                             skip_to: String::new(),
                             timestamp_us: 0,
+                            expect_epoch: fence,
                         })
                         .await;
                 }
@@ -311,6 +321,8 @@ pub(crate) async fn run(
                         primary_mirror_uuid: job.remote_mirror_uuid.clone(),
                         entries: bytes.to_vec(),
                         persist,
+                        expect_epoch: fence,
+                        primary_epoch: job.remote_image.epoch,
                     })
                     .await?;
                 rates.add(a.entries, a.bytes);
@@ -339,6 +351,8 @@ pub(crate) async fn run(
                         primary_mirror_uuid: job.remote_mirror_uuid.clone(),
                         entries: Vec::new(),
                         persist: true,
+                        expect_epoch: fence,
+                        primary_epoch: job.remote_image.epoch,
                     })
                     .await?;
                 sh.local
@@ -348,6 +362,7 @@ pub(crate) async fn run(
                         tid: applied_tid,
                         skip_to: skip_to.clone().unwrap_or_default(),
                         timestamp_us: applied_ts,
+                        expect_epoch: fence,
                     })
                     .await?;
                 committed = applied_tid;

@@ -61,6 +61,30 @@ impl Me {
     }
 }
 
+/// A test fault point: with `TERN_TEST_HOLD_DIR` set and the file
+/// `<dir>/<point>` present (armed by a test), the daemon removes it, says
+/// it got here (`<point>.held`) and waits until the test writes
+/// `<point>.go` (two minutes at most), so a test can act between two steps
+/// of a sync or a replay batch. Without the variable, nothing happens.
+pub(crate) async fn hold(point: &str) {
+    let Some(dir) = std::env::var_os("TERN_TEST_HOLD_DIR") else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    if std::fs::remove_file(dir.join(point)).is_err() {
+        return;
+    }
+    tracing::info!(point, "test fault point: holding");
+    let _ = std::fs::write(dir.join(format!("{point}.held")), b"");
+    let go = dir.join(format!("{point}.go"));
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    while !go.exists() && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = std::fs::remove_file(go);
+    tracing::info!(point, "test fault point: released");
+}
+
 pub(crate) fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -46,6 +46,25 @@ impl Job {
 
 pub(crate) async fn run(sh: &Arc<Shared>, job: Job) {
     if let Err(e) = replay(sh, &job).await {
+        // Promoted here meanwhile (the site fenced a step begun before):
+        // the image is no longer ours to write. Stop; the next pass reports
+        // its new role.
+        let local_ref = snap_ref(&job.pool, &job.remote_image.name, None);
+        let promoted = match sh.local.mirror_image_get(local_ref).await {
+            Ok(now) => {
+                now.primary
+                    || job
+                        .local_image
+                        .as_ref()
+                        .is_some_and(|l| l.epoch != now.epoch)
+            }
+            Err(_) => false,
+        };
+        if promoted || e.kind == tern_types::ErrorKind::Fenced && e.message.contains("changed role")
+        {
+            tracing::info!(image = %job.spec(), reason = %e, "stopped: the image changed role here");
+            return;
+        }
         tracing::warn!(image = %job.spec(), error = %e, "replay failed");
         let r = job.status("error", "error", format!("error: {}", e.message));
         sh.report(r).await;
@@ -122,6 +141,18 @@ async fn replay(sh: &Arc<Shared>, job: &Job) -> Result<(), ClientError> {
     if rimg.mode == "journal" {
         return crate::journal::run(sh, job, local, plan).await;
     }
+    snapshot_pass(sh, job, &local, &plan).await
+}
+
+/// One pass of snapshot replay: bring the copy to the primary's newest
+/// complete mirror snapshot (a demoted primary's newest is its demotion).
+pub(crate) async fn snapshot_pass(
+    sh: &Arc<Shared>,
+    job: &Job,
+    local: &pb::MirrorImageInfo,
+    plan: &Plan,
+) -> Result<(), ClientError> {
+    let rimg = &job.remote_image;
     let Some(target) = rimg
         .mirror_snaps
         .iter()
@@ -149,10 +180,10 @@ async fn replay(sh: &Arc<Shared>, job: &Job) -> Result<(), ClientError> {
         })
         .max_by_key(|s| s.id);
     if local_synced.is_some_and(|s| s.primary_snap_id == target.id) && plan.resync.is_none() {
-        report_idle(sh, job, &local, target).await;
+        report_idle(sh, job, local, target).await;
         return Ok(());
     }
-    let (sent, secs) = sync_to(sh, job, &local, rimg, target, &plan).await?;
+    let (sent, secs) = sync_to(sh, job, local, rimg, target, plan).await?;
     let local_ref = snap_ref(&job.pool, &local.name, None);
     let local_now = sh.local.mirror_image_get(local_ref).await?;
     let mut r = job.status(
@@ -169,7 +200,8 @@ async fn replay(sh: &Arc<Shared>, job: &Job) -> Result<(), ClientError> {
 /// Copies the primary's snapshot `target` into the local non-primary image:
 /// only the extents changed since the newest snapshot both sites hold (all
 /// of it the first time), resumable per object. Returns bytes sent and
-/// seconds taken.
+/// seconds taken. Every step carries `local.epoch`: once the image is
+/// promoted here, the site refuses the rest.
 pub(crate) async fn sync_to(
     sh: &Arc<Shared>,
     job: &Job,
@@ -178,8 +210,8 @@ pub(crate) async fn sync_to(
     target: &pb::SnapInfo,
     plan: &Plan,
 ) -> Result<(u64, f64), ClientError> {
-    let _ = local;
     let base = plan.base.clone();
+    let fence = Some(local.epoch);
     let _permit = sh.syncs.acquire().await.expect("semaphore");
     let state = sh
         .local
@@ -190,6 +222,8 @@ pub(crate) async fn sync_to(
             primary_snap_id: target.id,
             size: target.size,
             demoted: target.mirror_state == "demoted",
+            expect_epoch: fence,
+            primary_epoch: rimg.epoch,
         })
         .await?;
     let unit = rimg.object_size.max(4096);
@@ -233,7 +267,7 @@ pub(crate) async fn sync_to(
             continue;
         }
         if writer.is_none() {
-            writer = Some(Writer::open(&sh.local, local_ref.clone()).await?);
+            writer = Some(Writer::open(&sh.local, local_ref.clone(), fence).await?);
         }
         let w = writer.as_mut().expect("writer");
         if !ch.zero {
@@ -245,6 +279,7 @@ pub(crate) async fn sync_to(
             sh.count_replicated(&job.pool, &rimg.name, &job.peer.site_name, n, 0);
         }
         w.send(ch).await?;
+        crate::hold("sync-chunk").await;
         pos = end;
         // A checkpoint per object's worth of data: an interrupted sync redoes at most one object.
         if since_ckpt >= unit {
@@ -256,6 +291,7 @@ pub(crate) async fn sync_to(
                     snap_id: target.id,
                     last_copied_object_number: pos / unit,
                     resync_summary: String::new(),
+                    expect_epoch: fence,
                 })
                 .await?;
         }
@@ -303,6 +339,7 @@ pub(crate) async fn sync_to(
             snap_id: target.id,
             last_copied_object_number: target.size.div_ceil(unit),
             resync_summary,
+            expect_epoch: fence,
         })
         .await?;
     // Tell the primary we hold this snapshot, so it may prune older ones but never this base.
@@ -610,12 +647,17 @@ struct Writer {
 }
 
 impl Writer {
-    async fn open(local: &SiteClient, image: pb::ImageRef) -> Result<Writer, ClientError> {
+    async fn open(
+        local: &SiteClient,
+        image: pb::ImageRef,
+        expect_epoch: Option<u64>,
+    ) -> Result<Writer, ClientError> {
         use pb::write_stream_message::Msg;
         let (tx, rx) = tokio::sync::mpsc::channel::<pb::WriteStreamMessage>(8);
         let open = pb::WriteStreamOpen {
             image: Some(image),
             mirror_sync: true,
+            expect_epoch,
             ..Default::default()
         };
         tx.send(pb::WriteStreamMessage {

@@ -104,6 +104,8 @@ impl Site {
             .open(self.root.path().join("ternd.log"))
             .expect("log file");
         let mut cmd = Command::new(bin("ternd"));
+        let _ = std::fs::create_dir_all(self.hold_dir());
+        cmd.env("TERN_TEST_HOLD_DIR", self.hold_dir());
         cmd.args(["--data"])
             .arg(&self.data)
             .args([
@@ -152,6 +154,31 @@ impl Site {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.root.path().join("ternd.log")).unwrap_or_default()
+    }
+
+    /// Where this site's daemons (ternd and tern-mirror) look for armed
+    /// test fault points.
+    pub fn hold_dir(&self) -> PathBuf {
+        self.root.path().join("holds")
+    }
+
+    /// Arms a fault point: the next daemon of this site to reach it waits
+    /// there until [`Self::release`].
+    pub fn arm(&self, point: &str) {
+        let _ = std::fs::remove_file(self.hold_dir().join(format!("{point}.held")));
+        std::fs::write(self.hold_dir().join(point), b"").expect("arm");
+    }
+
+    /// Whether a daemon is waiting at `point` (within `timeout`).
+    pub fn wait_held(&self, point: &str, timeout: Duration) -> bool {
+        let f = self.hold_dir().join(format!("{point}.held"));
+        wait_until(timeout, || f.exists())
+    }
+
+    /// Lets the daemon waiting at `point` go on.
+    pub fn release(&self, point: &str) {
+        let _ = std::fs::remove_file(self.hold_dir().join(format!("{point}.held")));
+        std::fs::write(self.hold_dir().join(format!("{point}.go")), b"").expect("release");
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -366,6 +393,7 @@ impl MirrorDaemon {
         let mut cmd = Command::new(bin("tern-mirror"));
         cmd.env("TERN_CONF_DIR", &self.conf_dir)
             .env("TERN_LOG", "info,tern_mirror=debug")
+            .env("TERN_TEST_HOLD_DIR", self.conf_dir.with_file_name("holds"))
             .args(["--cluster", &self.site_name, "--id", "rbd-mirror"])
             .args(["--metrics-listen", "127.0.0.1:0"])
             .stdin(Stdio::null())
@@ -758,6 +786,11 @@ impl Proxy {
 
     pub fn down_bytes(&self) -> u64 {
         self.down.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes from the clients to the target.
+    pub fn up_bytes(&self) -> u64 {
+        self.up.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

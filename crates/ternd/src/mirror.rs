@@ -26,6 +26,27 @@ pub const PEER_CLIENT: &str = "client.rbd-mirror-peer";
 /// Primary mirror snapshots kept per image (rbd_mirroring_max_mirroring_snapshots).
 pub const DEFAULT_MAX_SNAPS: usize = 5;
 
+/// A test fault point (see tern-mirror's `hold`): with `TERN_TEST_HOLD_DIR`
+/// set and `<dir>/<point>` armed, wait (two minutes at most) until the
+/// test writes `<point>.go`, so a test can act between two steps.
+fn test_hold(point: &str) {
+    let Some(dir) = std::env::var_os("TERN_TEST_HOLD_DIR") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    if std::fs::remove_file(dir.join(point)).is_err() {
+        return;
+    }
+    tracing::info!(point, "test fault point: holding");
+    let _ = std::fs::write(dir.join(format!("{point}.held")), b"");
+    let go = dir.join(format!("{point}.go"));
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !go.exists() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(go);
+}
+
 fn serr(e: StoreError) -> Error {
     Error::new(e.kind(), e.to_string())
 }
@@ -86,6 +107,44 @@ pub struct ImageMirror {
     /// What the last completed resync did ("delta …" / "full …").
     #[serde(default)]
     pub last_resync: String,
+    /// Non-primary: the promotion epoch of the primary whose data (and
+    /// demotion) this copy holds. A plain promotion here builds on it: the
+    /// new epoch is one past it, and no site may have passed it.
+    #[serde(default)]
+    pub primary_epoch: u64,
+}
+
+/// What this site learnt from its peers, just before a promotion, of their
+/// copies of the image.
+#[derive(Debug, Clone, Default)]
+pub struct PeerView {
+    /// The highest promotion epoch any peer's copy carries.
+    pub max_epoch: u64,
+    /// (site name, epoch) of the copy that carries it.
+    pub max_epoch_site: String,
+    /// Peers whose copy is primary right now.
+    pub primary_at: Vec<String>,
+    /// Peers that could not be asked (name and why).
+    pub unreachable: Vec<(String, String)>,
+}
+
+/// Refuses a mirror daemon's step on a copy that was promoted after the
+/// step's work began: the daemon read the image at epoch `expect`, and a
+/// promotion since moved it on, so the step belongs to a role this image
+/// no longer has.
+fn check_fence(pool: &str, name: &str, m: &ImageMirror, expect: Option<u64>) -> Result<(), Error> {
+    if let Some(e) = expect
+        && e != m.epoch
+    {
+        return Err(Error::new(
+            ErrorKind::Fenced,
+            format!(
+                "'{pool}/{name}' changed role (epoch {e} → {}) after this mirroring step began: the step is refused",
+                m.epoch
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Recorded at promotion: the point where this image's history left the
@@ -477,6 +536,7 @@ impl Mirror {
             journal_pos: None,
             fork: None,
             last_resync: String::new(),
+            primary_epoch: 0,
         };
         self.save_image(&info.id.to_string(), &m)?;
         self.primary_snapshot(pool, name, MirrorSnapState::Primary)?;
@@ -484,7 +544,10 @@ impl Mirror {
     }
 
     pub fn image_disable(&self, pool: &str, name: &str, force: bool) -> Result<(), Error> {
-        let (info, m) = self.image_of(pool, name)?;
+        let (info, _) = self.image_of(pool, name)?;
+        let slot = self.replay_slot(&info.id.to_string());
+        let _gate = slot.lock();
+        let m = self.image(&info.id.to_string())?;
         let Some(m) = m else {
             return Err(Error::invalid(format!(
                 "mirroring is not enabled on image '{pool}/{name}'"
@@ -636,7 +699,10 @@ impl Mirror {
     }
 
     pub fn demote(&self, pool: &str, name: &str) -> Result<ImageMirror, Error> {
-        let (info, m) = self.image_of(pool, name)?;
+        let info = self.store().image_info(pool, name).map_err(serr)?;
+        let slot = self.replay_slot(&info.id.to_string());
+        let _gate = slot.lock();
+        let m = self.image(&info.id.to_string())?;
         let mut m = m.ok_or_else(|| {
             Error::invalid(format!("mirroring is not enabled on image '{pool}/{name}'"))
         })?;
@@ -663,14 +729,24 @@ impl Mirror {
         Ok(m)
     }
 
-    /// Promote. Plain: only once this site holds a complete copy of the old
-    /// primary's demotion (zero data loss). Forced: at once; an incomplete
-    /// sync is rolled back to the last complete snapshot so the image is
-    /// crash-consistent, and the promotion epoch rises.
-    pub fn promote(&self, pool: &str, name: &str, force: bool) -> Result<ImageMirror, Error> {
+    /// Promote. Plain: only once this site holds the demotion of the newest
+    /// primary there was — its own (it demoted the image and no peer was
+    /// promoted since: every peer is asked, in `peers`) or the demotion of
+    /// the site it follows, replayed here — so nothing acknowledged is lost.
+    /// Forced: at once; an incomplete sync is rolled back to the last
+    /// complete snapshot so the image is crash-consistent. Either way the
+    /// epoch moves past every epoch known here, which fences every
+    /// mirroring step begun before.
+    pub fn promote(
+        &self,
+        pool: &str,
+        name: &str,
+        force: bool,
+        peers: &PeerView,
+    ) -> Result<ImageMirror, Error> {
         let info = self.store().image_info(pool, name).map_err(serr)?;
-        // No journal batch may land while (or after) this image turns
-        // primary: the replay position read here is what it holds.
+        // No journal batch, sync step or record update may land while (or
+        // after) this image turns primary: they all take this lock.
         let slot = self.replay_slot(&info.id.to_string());
         let hw = slot.lock();
         let m = self.image(&info.id.to_string())?;
@@ -684,14 +760,15 @@ impl Mirror {
         }
         let snaps = self.mirror_snaps(pool, name)?;
         let last_complete = snaps.iter().rev().find(|(_, ms)| ms.complete);
-        let from = self
-            .pool_enabled(pool)?
+        let pool_rec = self.pool_enabled(pool)?;
+        let own = pool_rec.mirror_uuid.clone();
+        let from = pool_rec
             .peers
             .iter()
             .find(|p| p.mirror_uuid == m.primary_mirror_uuid)
             .map(|p| p.site_name.clone())
             .unwrap_or_else(|| "the primary site".into());
-        if !force {
+        let new_epoch = if !force {
             if m.sync.is_some() {
                 return Err(Error::new(
                     ErrorKind::Busy,
@@ -702,19 +779,16 @@ impl Mirror {
                     ),
                 ));
             }
+            let demoted_here = m.demoted && m.primary_mirror_uuid == own;
             let demotion_replayed = matches!(
                 snaps.last(),
                 Some((_, ms)) if ms.complete && ms.state == MirrorSnapState::NonPrimaryDemoted
             );
-            let own = self.pool_enabled(pool)?.mirror_uuid;
-            if m.demoted
-                && m.primary_mirror_uuid == own
-                && snaps
-                    .iter()
-                    .all(|(_, ms)| ms.state != MirrorSnapState::NonPrimaryDemoted)
-            {
-                // Demoted here and never promoted elsewhere: promoting back is safe.
-            } else if !demotion_replayed {
+            let holds_epoch = if demoted_here {
+                m.epoch
+            } else if demotion_replayed {
+                m.primary_epoch
+            } else {
                 let why = match snaps.last() {
                     Some((_, ms)) if !ms.complete => "a sync from it is still in progress",
                     _ => "it has not been demoted, or its demotion has not been replayed here yet",
@@ -727,7 +801,46 @@ impl Mirror {
                          or use --force if {from} is lost"
                     ),
                 ));
+            };
+            if !peers.primary_at.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "cannot promote '{pool}/{name}': {} holds it as primary. Demote it there first \
+                         (and wait until this site has replayed the demotion), or use --force if that site is lost",
+                        peers.primary_at.join(" and ")
+                    ),
+                ));
             }
+            // Someone was promoted after the demotion held here: its writes,
+            // and its own demotion, are not here yet.
+            let (newer, newer_site) = if peers.max_epoch > m.epoch.max(m.primary_epoch) {
+                (peers.max_epoch, peers.max_epoch_site.clone())
+            } else {
+                (m.epoch.max(m.primary_epoch), "this site".to_string())
+            };
+            if newer > holds_epoch {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "cannot promote '{pool}/{name}': {newer_site} was promoted (epoch {newer}) after the demotion \
+                         this site holds (epoch {holds_epoch}), and its demotion has not been replayed here yet. \
+                         Wait until `tern mirror image status {pool}/{name}` shows it replayed (the mirror daemon here \
+                         follows it), or use --force if {newer_site} is lost"
+                    ),
+                ));
+            }
+            if demoted_here && let Some((site, why)) = peers.unreachable.first() {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "cannot promote '{pool}/{name}' back without --force: this site demoted it, and {site} cannot \
+                         be asked whether it was promoted since ({why}). Retry when {site} answers, or use --force \
+                         if {site} is lost"
+                    ),
+                ));
+            }
+            holds_epoch + 1
         } else {
             // A sync cut short left the head half-written: go back to the
             // last complete copy so the promoted image is crash-consistent.
@@ -738,7 +851,8 @@ impl Mirror {
                     .snap_rollback(pool, name, &s.name)
                     .map_err(serr)?;
             }
-        }
+            m.epoch.max(m.primary_epoch).max(peers.max_epoch) + 1
+        };
         // What this site holds of the old primary: its journal up to a
         // tid (journal mode), or its newest snapshot copied here.
         let from_uuid = m.primary_mirror_uuid.clone();
@@ -762,7 +876,7 @@ impl Mirror {
         };
         m.primary = true;
         m.demoted = false;
-        m.epoch += 1;
+        m.epoch = new_epoch;
         // Once primary, this image's history is its own: if it ever
         // follows a peer's journal again, it starts from a sync point (a
         // delta), never from an old place that would replay, out of their
@@ -831,6 +945,7 @@ impl Mirror {
             journal_pos: None,
             fork: None,
             last_resync: String::new(),
+            primary_epoch: 0,
         };
         self.save_image(&info.id.to_string(), &m)?;
         Ok(m)
@@ -850,10 +965,13 @@ impl Mirror {
         name: &str,
         q: &tern_proto::v1::MirrorSyncBeginRequest,
     ) -> Result<SyncState, Error> {
-        let (info, m) = self.image_of(pool, name)?;
-        let mut m = m.ok_or_else(|| {
+        let info = self.store().image_info(pool, name).map_err(serr)?;
+        let slot = self.replay_slot(&info.id.to_string());
+        let _gate = slot.lock();
+        let mut m = self.image(&info.id.to_string())?.ok_or_else(|| {
             Error::invalid(format!("mirroring is not enabled on image '{pool}/{name}'"))
         })?;
+        check_fence(pool, name, &m, q.expect_epoch)?;
         if m.primary {
             return Err(Error::new(
                 ErrorKind::Busy,
@@ -868,6 +986,9 @@ impl Mirror {
         {
             return Ok(s.clone());
         }
+        if q.primary_epoch > 0 {
+            m.primary_epoch = q.primary_epoch;
+        }
         let s = SyncState {
             primary_mirror_uuid: q.primary_mirror_uuid.clone(),
             primary_snap_id: q.primary_snap_id,
@@ -881,6 +1002,9 @@ impl Mirror {
                 .image_resize(pool, name, q.size, true)
                 .map_err(serr)?;
         }
+        // Between reading the record and writing it back: a promotion
+        // here must wait (it takes the same lock), or be undone.
+        test_hold("sync-begin");
         m.sync = Some(s.clone());
         m.primary_mirror_uuid = q.primary_mirror_uuid.clone();
         // Following another site now: no longer "demoted here" (a copy
@@ -892,6 +1016,7 @@ impl Mirror {
 
     /// Records progress; with `complete`, flushes and takes the non-primary
     /// mirror snapshot that marks this copy complete.
+    #[allow(clippy::too_many_arguments)]
     pub fn sync_progress(
         &self,
         pool: &str,
@@ -900,11 +1025,21 @@ impl Mirror {
         last: u64,
         complete: bool,
         resync_summary: &str,
+        expect_epoch: Option<u64>,
     ) -> Result<SnapInfo, Error> {
-        let (info, m) = self.image_of(pool, name)?;
-        let mut m = m.ok_or_else(|| {
+        let info = self.store().image_info(pool, name).map_err(serr)?;
+        let slot = self.replay_slot(&info.id.to_string());
+        let _gate = slot.lock();
+        let mut m = self.image(&info.id.to_string())?.ok_or_else(|| {
             Error::invalid(format!("mirroring is not enabled on image '{pool}/{name}'"))
         })?;
+        check_fence(pool, name, &m, expect_epoch)?;
+        if m.primary {
+            return Err(Error::new(
+                ErrorKind::Fenced,
+                format!("'{pool}/{name}' is primary here: its sync from another site is over"),
+            ));
+        }
         let mut s = match m.sync.clone() {
             Some(s) if s.primary_snap_id == primary_snap_id => s,
             _ => {
@@ -1002,8 +1137,54 @@ impl Mirror {
         Ok(snap)
     }
 
-    pub fn set_image(&self, image_id: &str, m: &ImageMirror) -> Result<(), Error> {
-        self.save_image(image_id, m)
+    /// Changes an image's mirror record in place, serialised with
+    /// promotion and the mirror daemon's steps (a record read before a
+    /// promotion and written after it would undo the promotion).
+    pub fn update_image<T>(
+        &self,
+        image_id: &str,
+        f: impl FnOnce(&mut ImageMirror) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let slot = self.replay_slot(image_id);
+        let _gate = slot.lock();
+        let mut m = self
+            .image(image_id)?
+            .ok_or_else(|| Error::invalid("mirroring is not enabled on this image".to_string()))?;
+        let out = f(&mut m)?;
+        self.save_image(image_id, &m)?;
+        Ok(out)
+    }
+
+    /// Runs `write` (a mirror sync's data) only while the image is still
+    /// the non-primary copy, at the epoch, that the sync began on: a
+    /// promotion waits for a write in progress, and none lands after it.
+    pub fn sync_write<T>(
+        &self,
+        image_id: &str,
+        spec: &str,
+        expect_epoch: Option<u64>,
+        write: impl FnOnce() -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let slot = self.replay_slot(image_id);
+        let _gate = slot.lock();
+        let m = self.image(image_id)?;
+        match m {
+            Some(m) if !m.primary && m.sync.is_some() => {
+                let (pool, name) = spec.split_once('/').unwrap_or((spec, ""));
+                check_fence(pool, name, &m, expect_epoch)?;
+                write()
+            }
+            Some(m) if m.primary => Err(Error::new(
+                ErrorKind::Fenced,
+                format!("{spec} was promoted here: its mirror sync is refused"),
+            )),
+            _ => Err(Error::new(
+                ErrorKind::Fenced,
+                format!(
+                    "{spec} has no mirror sync in progress any more: the sync's writes are refused"
+                ),
+            )),
+        }
     }
 
     pub fn store_status(&self, global_id: &str, mut s: SiteStatus) -> Result<(), Error> {
@@ -1154,6 +1335,7 @@ impl Mirror {
         primary_mirror_uuid: &str,
         entries: &[u8],
         persist: bool,
+        fence: (Option<u64>, u64),
     ) -> Result<Applied, Error> {
         use tern_store::journal::{JournalEntry, JournalOp};
         let id = self
@@ -1170,6 +1352,7 @@ impl Mirror {
         let mut m = self.image(&id)?.ok_or_else(|| {
             Error::invalid(format!("mirroring is not enabled on image '{pool}/{name}'"))
         })?;
+        check_fence(pool, name, &m, fence.0)?;
         if m.primary {
             return Err(Error::new(
                 ErrorKind::Busy,
@@ -1349,6 +1532,9 @@ impl Mirror {
                 });
                 m.primary_mirror_uuid = primary_mirror_uuid.to_string();
                 m.demoted = false;
+                if fence.1 > 0 {
+                    m.primary_epoch = fence.1;
+                }
                 self.save_image(&id, &m)?;
             }
         }
@@ -1362,14 +1548,25 @@ impl Mirror {
         pool: &str,
         name: &str,
         pos: Option<JournalPos>,
+        expect_epoch: Option<u64>,
     ) -> Result<(), Error> {
-        let (info, m) = self.image_of(pool, name)?;
-        let mut m = m.ok_or_else(|| {
-            Error::invalid(format!("mirroring is not enabled on image '{pool}/{name}'"))
-        })?;
+        let info = self.store().image_info(pool, name).map_err(serr)?;
         let id = info.id.to_string();
+        // Read the record under the lock: read before it, a promotion in
+        // between would be written back over (the image turned non-primary).
         let slot = self.replay_slot(&id);
         let mut hw = slot.lock();
+        let mut m = self.image(&id)?.ok_or_else(|| {
+            Error::invalid(format!("mirroring is not enabled on image '{pool}/{name}'"))
+        })?;
+        check_fence(pool, name, &m, expect_epoch)?;
+        if m.primary {
+            return Err(Error::new(
+                ErrorKind::Fenced,
+                format!("'{pool}/{name}' is primary here: it replays no other site's journal"),
+            ));
+        }
+        test_hold("journal-position");
         *hw = pos.as_ref().map_or((String::new(), 0), |p| {
             (p.primary_mirror_uuid.clone(), p.tid)
         });

@@ -1067,6 +1067,7 @@ impl pb::site_server::Site for Service {
                 "a write stream must start with an open message",
             )));
         };
+        let mut sync_fence = None;
         let mut import = match (open.create, open.image) {
             (Some(create), _) => {
                 self.site
@@ -1082,7 +1083,13 @@ impl pb::site_server::Site for Service {
                     self.site
                         .authorize(&who, Need::MirrorDaemon(&r.pool))
                         .map_err(status_of)?;
-                    self.open_for_sync(&r).map_err(status_of)?
+                    let img = self.open_for_sync(&r).map_err(status_of)?;
+                    sync_fence = Some(SyncFence {
+                        image_id: img.info().id.to_string(),
+                        spec: format!("{}/{}", r.pool, r.image),
+                        expect_epoch: open.expect_epoch,
+                    });
+                    img
                 } else {
                     self.open_for_write(&r, &open.lock_cookie, &who)
                         .map_err(status_of)?
@@ -1097,6 +1104,7 @@ impl pb::site_server::Site for Service {
                     safety: None,
                     diff_to: None,
                     limit: u64::MAX,
+                    fence: sync_fence,
                 };
                 if let Some(d) = open.diff {
                     import.begin_diff(d).await?;
@@ -1776,9 +1784,16 @@ impl pb::site_server::Site for Service {
         let r = image_ref(req.get_ref().image.clone())?;
         self.check(&req, Need::Write(&r.pool))?;
         let force = req.get_ref().force;
+        // A plain promotion asks every peer first: one promoted after the
+        // demotion this site holds has writes this site lacks.
+        let peers = if force {
+            mirror::PeerView::default()
+        } else {
+            self.peer_view(&r.pool, &r.image).await?
+        };
         let m = self.mirror();
         let (p, n) = (r.pool.clone(), r.image.clone());
-        blocking(move || m.promote(&p, &n, force)).await?;
+        blocking(move || m.promote(&p, &n, force, &peers)).await?;
         tracing::warn!(image = %format!("{}/{}", r.pool, r.image), force, "image promoted to primary");
         self.mirror_image_info(&r).await.map(Response::new)
     }
@@ -1805,18 +1820,18 @@ impl pb::site_server::Site for Service {
         self.check(&req, Need::Write(&r.pool))?;
         let m = self.mirror();
         blocking(move || {
-            let (info, im) = m.image_of(&r.pool, &r.image)?;
-            let mut im =
-                im.ok_or_else(|| Error::invalid("mirroring is not enabled on this image"))?;
-            if im.primary {
-                return Err(Error::invalid(format!(
-                    "'{}/{}' is primary: resync runs on a demoted (non-primary) image",
-                    r.pool, r.image
-                )));
-            }
-            im.resync_requested = true;
-            im.resync_full |= full;
-            m.set_image(&info.id.to_string(), &im)
+            let (info, _) = m.image_of(&r.pool, &r.image)?;
+            m.update_image(&info.id.to_string(), |im| {
+                if im.primary {
+                    return Err(Error::invalid(format!(
+                        "'{}/{}' is primary: resync runs on a demoted (non-primary) image",
+                        r.pool, r.image
+                    )));
+                }
+                im.resync_requested = true;
+                im.resync_full |= full;
+                Ok(())
+            })
         })
         .await?;
         Ok(Response::new(pb::Empty {}))
@@ -1853,6 +1868,7 @@ impl pb::site_server::Site for Service {
                 &q.primary_mirror_uuid,
                 &q.entries,
                 q.persist,
+                (q.expect_epoch, q.primary_epoch),
             )
         })
         .await?;
@@ -1880,7 +1896,7 @@ impl pb::site_server::Site for Service {
                 skip_to: q.skip_to,
                 timestamp_us: q.timestamp_us,
             });
-            m.journal_pos_set(&r.pool, &r.image, pos)
+            m.journal_pos_set(&r.pool, &r.image, pos, q.expect_epoch)
         })
         .await?;
         Ok(Response::new(pb::Empty {}))
@@ -2067,6 +2083,7 @@ impl pb::site_server::Site for Service {
                 q.last_copied_object_number,
                 false,
                 "",
+                q.expect_epoch,
             )
         })
         .await?;
@@ -2089,6 +2106,7 @@ impl pb::site_server::Site for Service {
                 q.last_copied_object_number,
                 true,
                 &q.resync_summary,
+                q.expect_epoch,
             )
         })
         .await?;
@@ -2514,6 +2532,35 @@ struct Import {
     diff_to: Option<String>,
     /// No chunk may reach past this (the diff's declared size).
     limit: u64,
+    /// A mirror daemon's sync: each chunk is written only while the image
+    /// is still the non-primary copy the sync began on.
+    fence: Option<SyncFence>,
+}
+
+#[derive(Clone)]
+struct SyncFence {
+    image_id: String,
+    spec: String,
+    expect_epoch: Option<u64>,
+}
+
+impl SyncFence {
+    fn write<T>(&self, site: &Arc<Site>, f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+        let m = mirror::Mirror { site: site.clone() };
+        m.sync_write(&self.image_id, &self.spec, self.expect_epoch, f)
+    }
+}
+
+/// Runs `f`, under the sync fence when there is one.
+fn fenced<T>(
+    fence: &Option<SyncFence>,
+    site: &Arc<Site>,
+    f: impl FnOnce() -> Result<T, Error>,
+) -> Result<T, Error> {
+    match fence {
+        Some(x) => x.write(site, f),
+        None => f(),
+    }
 }
 
 const SAFETY_PREFIX: &str = ".import-diff-";
@@ -2561,6 +2608,7 @@ impl Import {
             safety: None,
             diff_to: None,
             limit: u64::MAX,
+            fence: None,
         })
     }
 
@@ -2576,11 +2624,17 @@ impl Import {
             ))));
         }
         let img = self.img.clone();
+        let (fence, site) = (self.fence.clone(), self.site.clone());
         if ch.zero {
             self.zeros += ch.length;
             // A new image is all zeros already.
             if self.hidden.is_none() {
-                blocking(move || img.write_zeroes(ch.offset, ch.length).map_err(serr)).await?;
+                blocking(move || {
+                    fenced(&fence, &site, || {
+                        img.write_zeroes(ch.offset, ch.length).map_err(serr)
+                    })
+                })
+                .await?;
             }
             return Ok(());
         }
@@ -2590,7 +2644,12 @@ impl Import {
             )));
         }
         self.data += ch.length;
-        blocking(move || img.write(ch.offset, &ch.data, false).map_err(serr)).await
+        blocking(move || {
+            fenced(&fence, &site, || {
+                img.write(ch.offset, &ch.data, false).map_err(serr)
+            })
+        })
+        .await
     }
 
     /// Checks an export-diff against the target and takes the safety snapshot.
@@ -2905,6 +2964,7 @@ fn mirror_info_pb(
         fork_data_as_of_us: im.fork.as_ref().map_or(0, |f| f.data_as_of_us),
         fork_at: im.fork.as_ref().map_or(0, |f| f.at),
         last_resync: im.last_resync.clone(),
+        primary_epoch: im.primary_epoch,
     }
 }
 
@@ -3049,6 +3109,91 @@ impl Service {
             peers: p.peers.iter().map(|x| peer_pb(x, with_keys)).collect(),
             fsid: self.site.site_id.clone(),
         }
+    }
+
+    /// Asks every peer of the pool what its copy of an image is now (its
+    /// role and promotion epoch), for a plain promotion here. Peers are
+    /// asked at once, each for at most a few seconds.
+    async fn peer_view(&self, pool: &str, image: &str) -> Result<mirror::PeerView, Status> {
+        let m = self.mirror();
+        let (p, n) = (pool.to_string(), image.to_string());
+        let (global_id, peers) = blocking(move || {
+            let (_, im) = m.image_of(&p, &n)?;
+            let im = im.ok_or_else(|| {
+                Error::invalid(format!("mirroring is not enabled on image '{p}/{n}'"))
+            })?;
+            Ok((im.global_id, m.pool_enabled(&p)?.peers))
+        })
+        .await?;
+        let asks: Vec<_> = peers
+            .into_iter()
+            .filter(|p| !p.key.is_empty())
+            .map(|peer| {
+                let (gid, name) = (global_id.clone(), image.to_string());
+                tokio::spawn(async move {
+                    let ask = async {
+                        let ep = peer.mon_host.first().ok_or_else(|| {
+                            tern_client::ClientError::new(ErrorKind::InvalidArgument, "no endpoint")
+                        })?;
+                        let tls =
+                            tern_client::config::TlsMode::Pinned(peer.tls_fingerprint.clone());
+                        let c = tern_client::SiteClient::connect_with(
+                            ep,
+                            &tls,
+                            &peer.client_name,
+                            &peer.key,
+                        )?;
+                        let by_name = c
+                            .mirror_image_get(pb::ImageRef {
+                                pool: peer.remote_pool.clone(),
+                                image: name,
+                                snap: String::new(),
+                            })
+                            .await;
+                        match by_name {
+                            Ok(i) if i.global_id == gid => return Ok(Some(i)),
+                            Ok(_) => {}
+                            Err(e)
+                                if matches!(
+                                    e.kind,
+                                    ErrorKind::NotFound | ErrorKind::InvalidArgument
+                                ) => {}
+                            Err(e) => return Err(e),
+                        }
+                        // Renamed there, or not mirrored under this name.
+                        let list = c
+                            .mirror_image_list(pb::PoolRequest {
+                                pool: peer.remote_pool.clone(),
+                            })
+                            .await?;
+                        Ok(list.images.into_iter().find(|i| i.global_id == gid))
+                    };
+                    let r = tokio::time::timeout(std::time::Duration::from_secs(5), ask).await;
+                    (peer.site_name, r)
+                })
+            })
+            .collect();
+        let mut view = mirror::PeerView::default();
+        for a in asks {
+            let Ok((site, r)) = a.await else { continue };
+            match r {
+                Ok(Ok(Some(i))) => {
+                    if i.primary {
+                        view.primary_at.push(site.clone());
+                    }
+                    if i.epoch > view.max_epoch {
+                        view.max_epoch = i.epoch;
+                        view.max_epoch_site = site;
+                    }
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => view.unreachable.push((site, e.message)),
+                Err(_) => view
+                    .unreachable
+                    .push((site, "no answer within 5 seconds".into())),
+            }
+        }
+        Ok(view)
     }
 
     async fn mirror_image_info(&self, r: &pb::ImageRef) -> Result<pb::MirrorImageInfo, Status> {
