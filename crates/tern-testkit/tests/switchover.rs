@@ -227,9 +227,8 @@ fn switch_back_at_once(mode: &str) {
         "[{mode}] promote on A refused {} time(s) first: {refusals:?}",
         refusals.len()
     );
-    assert_eq!(
-        read(a, "vol", 16 * MIB, MIB),
-        last,
+    assert!(
+        read(a, "vol", 16 * MIB, MIB) == last,
         "A was promoted without B's last flushed write"
     );
     // The new primary takes a write at once, and keeps taking them.
@@ -444,9 +443,8 @@ fn flips(mode: &str) {
         nbd_write(from, "vol", off, &data);
         from.tern_ok(&["mirror", "image", "demote", &spec("vol")]);
         refused += promote_when_safe(to, "vol", Duration::from_secs(60)).len();
-        assert_eq!(
-            read(to, "vol", off, PIECE),
-            data,
+        assert!(
+            read(to, "vol", off, PIECE) == data,
             "flip {i}: {} was promoted without {}'s last flushed write",
             to.name,
             from.name
