@@ -251,7 +251,7 @@ fn emit_entity(ctx: &Ctx, e: &pb::AuthEntity, out: Option<&std::path::Path>) -> 
 
 /// Ceph's cap arguments: SERVICE 'CAP' pairs.
 fn cap_pairs(caps: Vec<String>) -> Result<HashMap<String, String>> {
-    if caps.len() % 2 != 0 {
+    if !caps.len().is_multiple_of(2) {
         return Err(invalid(
             "caps come in pairs: SERVICE 'CAP' (e.g. mon 'profile rbd' osd 'profile rbd')",
         ));
