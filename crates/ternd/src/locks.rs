@@ -196,7 +196,19 @@ impl Locks {
         spec: &str,
         remove: impl FnOnce() -> Result<T, Error>,
     ) -> Result<T, Error> {
-        let watchers = self.watchers.lock();
+        // A client that has just disconnected may not be closed here yet:
+        // give it a moment before calling the image busy.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let watchers = loop {
+            let w = self.watchers.lock();
+            let open =
+                w.get(image_id).is_some_and(|v| !v.is_empty()) || self.list(image_id).is_some();
+            if !open || Instant::now() >= deadline {
+                break w;
+            }
+            drop(w);
+            std::thread::sleep(Duration::from_millis(50));
+        };
         let now = Instant::now();
         let lock = self
             .held

@@ -368,7 +368,7 @@ impl Mirror {
                 "a site cannot be its own peer: the token was made on this site",
             ));
         }
-        if peer.site_name == p.site_name || peer.site_name == self.site.site_name {
+        if peer.site_name == p.site_name {
             return Err(Error::invalid(format!(
                 "the peer calls itself '{}', the name of this site: site names must differ",
                 peer.site_name

@@ -1649,9 +1649,7 @@ impl pb::site_server::Site for Service {
         if rename_local {
             local.site_name = r.site_name.clone();
         }
-        if !token.site_name.is_empty()
-            && (token.site_name == local.site_name || token.site_name == self.site.site_name)
-        {
+        if !token.site_name.is_empty() && token.site_name == local.site_name {
             return Err(status_of(Error::invalid(format!(
                 "the token names site '{}', which is this site's own name: import a token made on the other site, or give the sites different names",
                 token.site_name
