@@ -327,6 +327,28 @@ fn tampered_token_site_name_is_refused_and_nothing_stored() {
     let ib = b.tern_json(&["mirror", "pool", "info", "rbd"]);
     assert_eq!(ib["peers"][0]["site_name"], "site-a", "{ib}");
     assert_eq!(peers(&a), 1);
+    // A peer's key cannot forge a site's name in status reports either.
+    let rt = rt();
+    let _g = rt.enter();
+    let peer = SiteClient::connect_with(
+        &a.addr,
+        &TlsMode::Pinned(good["tls_fingerprint"].as_str().unwrap().to_string()),
+        "client.rbd-mirror-peer",
+        good["key"].as_str().unwrap(),
+    )
+    .unwrap();
+    let e = rt
+        .block_on(peer.mirror_status_report(pb::MirrorStatusReportRequest {
+            pool: "rbd".into(),
+            global_id: "g".into(),
+            status: Some(pb::MirrorSiteStatus {
+                site_name: "site-b\nforged: OK".into(),
+                ..Default::default()
+            }),
+            daemon: None,
+        }))
+        .unwrap_err();
+    assert_eq!(e.kind, tern_types::ErrorKind::InvalidArgument, "{e}");
 }
 
 /// The NBD error of the reply to request `h`.

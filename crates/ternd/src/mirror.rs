@@ -1110,6 +1110,11 @@ impl Mirror {
     }
 
     pub fn store_status(&self, global_id: &str, mut s: SiteStatus) -> Result<(), Error> {
+        // Reports come from peers' keys too: the name keys the record and
+        // is shown in status and metrics.
+        if !s.site_name.is_empty() {
+            valid_site_name(&s.site_name)?;
+        }
         s.received = now_ms();
         put(
             self.store(),
@@ -1134,6 +1139,15 @@ impl Mirror {
     }
 
     pub fn heartbeat(&self, mut d: Daemon) -> Result<(), Error> {
+        if !d.site_name.is_empty() {
+            valid_site_name(&d.site_name)?;
+        }
+        if d.service_id.contains('/') || d.service_id.chars().any(tern_types::text::is_invisible) {
+            return Err(Error::invalid(format!(
+                "daemon id '{}' may hold visible characters only, no '/'",
+                tern_types::escaped(&d.service_id)
+            )));
+        }
         d.received_ms = now_ms();
         put(
             self.store(),
