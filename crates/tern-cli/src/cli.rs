@@ -394,9 +394,16 @@ pub enum AuthCmd {
     /// List entities.
     #[command(visible_alias = "list")]
     Ls,
-    /// Remove an entity: its key stops working at once.
+    /// Remove an entity: its key stops working at once, and a later
+    /// get-or-create of the same name gets a new key.
     #[command(visible_alias = "del")]
     Rm { entity: String },
+    /// Replace an entity's caps, keeping its key: mon 'profile rbd' osd 'profile rbd pool=P'.
+    Caps {
+        entity: String,
+        /// Pairs of service and cap, as for get-or-create.
+        caps: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]

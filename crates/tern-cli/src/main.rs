@@ -34,7 +34,9 @@ fn main() -> std::process::ExitCode {
     match rt.block_on(cmd::run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tern: {}", e.message);
+            // Messages quote names and answers from outside: show their
+            // control and bidi characters as escapes, never raw.
+            eprintln!("tern: {}", tern_types::text::escaped_message(&e.message));
             std::process::ExitCode::from(e.kind.exit_code() as u8)
         }
     }

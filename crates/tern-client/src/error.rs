@@ -86,3 +86,19 @@ impl From<tern_types::error::Error> for ClientError {
         ClientError::new(e.kind, e.message)
     }
 }
+
+/// The kind of a local file error: a full disk or quota (or a file past
+/// the filesystem's size limit) is `NoSpace`, exit code 28, as the README
+/// promises; a missing file `NotFound`; anything else is the caller's input.
+pub fn io_error_kind(e: &std::io::Error) -> ErrorKind {
+    const ENOSPC: i32 = 28;
+    const EFBIG: i32 = 27;
+    const EDQUOT: i32 = 122;
+    match (e.kind(), e.raw_os_error()) {
+        (std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded, _)
+        | (std::io::ErrorKind::FileTooLarge, _) => ErrorKind::NoSpace,
+        (_, Some(ENOSPC | EFBIG | EDQUOT)) => ErrorKind::NoSpace,
+        (std::io::ErrorKind::NotFound, _) => ErrorKind::NotFound,
+        _ => ErrorKind::InvalidArgument,
+    }
+}

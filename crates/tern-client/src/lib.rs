@@ -12,6 +12,6 @@ mod site;
 pub mod transfer;
 
 pub use config::{ClusterConfig, Keyring};
-pub use error::ClientError;
+pub use error::{ClientError, io_error_kind};
 pub use site::{SiteClient, image_ref, snap_ref};
 pub use tern_proto::v1 as pb;

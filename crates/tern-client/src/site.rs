@@ -182,6 +182,7 @@ rpc! {
     auth_get(pb::AuthName) -> pb::AuthEntity;
     auth_list(pb::Empty) -> pb::AuthListReply;
     auth_remove(pb::AuthName) -> pb::Empty;
+    auth_caps(pb::AuthGetOrCreateRequest) -> pb::AuthEntity;
     config_set(pb::ConfigSetRequest) -> pb::Empty;
     config_get(pb::ConfigGetRequest) -> pb::ConfigListReply;
     config_remove(pb::ConfigGetRequest) -> pb::Empty;

@@ -150,7 +150,16 @@ pub async fn export<W: AsyncWrite + Unpin>(
         .map_err(|s| client.err(s))?
         .into_inner();
     let io_err = |e: std::io::Error| {
-        ClientError::new(ErrorKind::Internal, format!("writing the output: {e}"))
+        let kind = match crate::error::io_error_kind(&e) {
+            ErrorKind::NoSpace => ErrorKind::NoSpace,
+            _ => ErrorKind::Internal,
+        };
+        let hint = if kind == ErrorKind::NoSpace {
+            ": free space there or export elsewhere"
+        } else {
+            ""
+        };
+        ClientError::new(kind, format!("writing the output: {e}{hint}"))
     };
     let zeros = vec![0u8; CHUNK];
     let (mut data_bytes, mut zero_bytes, mut pos) = (0u64, 0u64, 0u64);

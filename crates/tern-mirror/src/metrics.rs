@@ -15,7 +15,42 @@ use std::sync::atomic::AtomicU64;
 use tern_client::ClientError;
 use tern_types::ErrorKind;
 
-type Labels = Vec<(String, String)>;
+type Labels = Vec<(String, LabelValue)>;
+
+/// A label value as the text format needs it: prometheus-client 0.24
+/// writes values verbatim, so a name holding `"`, `\\` or a line feed would
+/// break the whole page; this one goes through the library's encoder
+/// escaped.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct LabelValue(String);
+
+impl prometheus_client::encoding::EncodeLabelValue for LabelValue {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(&tern_types::text::prometheus_label_value(&self.0))
+    }
+}
+
+impl From<&str> for LabelValue {
+    fn from(s: &str) -> Self {
+        LabelValue(s.to_string())
+    }
+}
+
+impl From<String> for LabelValue {
+    fn from(s: String) -> Self {
+        LabelValue(s)
+    }
+}
+
+impl From<&String> for LabelValue {
+    fn from(s: &String) -> Self {
+        LabelValue(s.clone())
+    }
+}
 type FGauge = Gauge<f64, AtomicU64>;
 
 fn entries_behind(description: &str) -> Option<f64> {
@@ -33,8 +68,8 @@ async fn render(sh: &Shared, site: &str) -> String {
         info.clone(),
     );
     info.get_or_create(&vec![
-        ("site".into(), site.to_string()),
-        ("service_id".into(), sh.me.service_id.clone()),
+        ("site".into(), site.into()),
+        ("service_id".into(), sh.me.service_id.as_str().into()),
         ("version".into(), env!("CARGO_PKG_VERSION").into()),
     ])
     .set(1);
@@ -77,9 +112,9 @@ async fn render(sh: &Shared, site: &str) -> String {
     let statuses: Vec<crate::Reported> = sh.statuses.lock().await.values().cloned().collect();
     for r in statuses {
         let l: Labels = vec![
-            ("pool".into(), r.pool.clone()),
-            ("image".into(), r.image.clone()),
-            ("source".into(), r.source.clone()),
+            ("pool".into(), r.pool.as_str().into()),
+            ("image".into(), r.image.as_str().into()),
+            ("source".into(), r.source.as_str().into()),
         ];
         let mut ls = l.clone();
         let st = if r.status.reason == "primary" {
@@ -87,7 +122,7 @@ async fn render(sh: &Shared, site: &str) -> String {
         } else {
             r.status.state.as_str()
         };
-        ls.push(("state".into(), st.to_string()));
+        ls.push(("state".into(), st.into()));
         state.get_or_create(&ls).set(1.0);
         if r.status.reason == "primary" {
             continue;
@@ -107,9 +142,9 @@ async fn render(sh: &Shared, site: &str) -> String {
         .collect();
     for ((pool, image, source), (b, e)) in counted {
         let l: Labels = vec![
-            ("pool".into(), pool),
-            ("image".into(), image),
-            ("source".into(), source),
+            ("pool".into(), pool.into()),
+            ("image".into(), image.into()),
+            ("source".into(), source.into()),
         ];
         bytes.get_or_create(&l).inc_by(b);
         entries.get_or_create(&l).inc_by(e);

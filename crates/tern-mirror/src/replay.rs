@@ -516,8 +516,12 @@ pub(crate) async fn assess(
                 ..Plan::default()
             };
             // A new primary: what this copy holds beyond the common point
-            // (an unfinished copy, replayed entries) goes back too.
-            if switching || local.resync_requested {
+            // (an unfinished copy, replayed entries) goes back too. So does
+            // everything it holds when no common point is left (the
+            // primary pruned this copy's base under its snapshot cap): a
+            // full copy alone would leave what the primary has since
+            // discarded.
+            if switching || local.resync_requested || common.is_none() {
                 plan.extra = local_changes(
                     sh,
                     job,

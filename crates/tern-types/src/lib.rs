@@ -9,6 +9,7 @@ pub mod ids;
 pub mod layout;
 pub mod size;
 pub mod spec;
+pub mod text;
 pub mod time;
 
 pub use error::ErrorKind;
@@ -17,6 +18,7 @@ pub use ids::{ImageId, PoolId, SiteId};
 pub use layout::{Layout, ObjectExtent};
 pub use size::{format_size, parse_size};
 pub use spec::{ImageSpec, validate_name};
+pub use text::{escaped, validate_visible};
 
 /// Version of the wire API. A client and a site must agree on the major part.
 pub const API_VERSION: u32 = 1;

@@ -4,29 +4,21 @@ use std::fmt;
 /// The pool used when a spec names no pool, as in rbd.
 pub const DEFAULT_POOL: &str = "rbd";
 
-/// Pool, image and snapshot names: what rbd accepts, minus the characters
-/// that would make a spec ambiguous.
+/// Pool, image and snapshot names: visible characters only (a name that
+/// draws as another, or as nothing, would make listings lie), minus the
+/// characters that would make a spec ambiguous.
 pub fn validate_name(what: &str, name: &str) -> Result<(), Error> {
-    if name.is_empty() {
-        return Err(Error::invalid(format!("{what} name must not be empty")));
-    }
-    if name.len() > 250 {
+    crate::text::validate_visible(&format!("{what} name"), name, 250)?;
+    if let Some(c) = name.chars().find(|c| matches!(c, '/' | '@')) {
         return Err(Error::invalid(format!(
-            "{what} name '{name}' is longer than 250 bytes"
+            "{what} name '{}' contains '{c}': names may not contain '/' or '@'",
+            crate::text::escaped(name)
         )));
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| matches!(c, '/' | '@') || c.is_control())
-    {
+    if name.starts_with('.') {
         return Err(Error::invalid(format!(
-            "{what} name '{name}' contains '{}': names may not contain '/', '@' or control characters",
-            c.escape_default()
-        )));
-    }
-    if name == "." || name == ".." || name.starts_with('.') {
-        return Err(Error::invalid(format!(
-            "{what} name '{name}' may not start with '.'"
+            "{what} name '{}' may not start with '.'",
+            crate::text::escaped(name)
         )));
     }
     Ok(())
@@ -127,5 +119,8 @@ mod tests {
         assert!(validate_name("pool", "a/b").is_err());
         assert!(validate_name("pool", "a@b").is_err());
         assert!(validate_name("pool", "ok-name_1").is_ok());
+        assert!(validate_name("image", "k\"z").is_ok());
+        assert!(validate_name("image", "a\u{202e}b").is_err());
+        assert!(validate_name("image", "a\u{200d}b").is_err());
     }
 }

@@ -33,6 +33,29 @@ pub struct Claim<'a> {
 pub struct Locks {
     /// Keyed by image id: renames keep the lock.
     held: Mutex<HashMap<String, Lock>>,
+    /// Open NBD exports per image id, as rbd's watchers: while an image
+    /// has any, `rm` refuses (a client writing to a removed image gets EIO).
+    watchers: Mutex<HashMap<String, Vec<(u64, String)>>>,
+    next_watch: std::sync::atomic::AtomicU64,
+}
+
+/// One open of an image; dropping it ends the watch.
+pub struct Watch {
+    locks: std::sync::Arc<Locks>,
+    image_id: String,
+    id: u64,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let mut w = self.locks.watchers.lock();
+        if let Some(v) = w.get_mut(&self.image_id) {
+            v.retain(|(id, _)| *id != self.id);
+            if v.is_empty() {
+                w.remove(&self.image_id);
+            }
+        }
+    }
 }
 
 fn fence_key(cookie: &str) -> String {
@@ -145,6 +168,78 @@ impl Locks {
             Some(l) if l.expires > now => Err(busy(spec, l, now)),
             _ => Ok(()),
         }
+    }
+
+    /// Records that `who` has the image open, until the Watch is dropped.
+    pub fn watch(self: &std::sync::Arc<Self>, image_id: &str, who: String) -> Watch {
+        let id = self
+            .next_watch
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.watchers
+            .lock()
+            .entry(image_id.to_string())
+            .or_default()
+            .push((id, who));
+        Watch {
+            locks: self.clone(),
+            image_id: image_id.to_string(),
+            id,
+        }
+    }
+
+    /// Runs `remove` only if nobody has the image open or holds its lock,
+    /// and keeps new opens waiting until it is done. Refuses as rbd does
+    /// ("image has watchers"), naming who holds it.
+    pub fn remove_unless_open<T>(
+        &self,
+        image_id: &str,
+        spec: &str,
+        remove: impl FnOnce() -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        // A client that has just disconnected may not be closed here yet:
+        // give it a moment before calling the image busy.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let watchers = loop {
+            let w = self.watchers.lock();
+            let open =
+                w.get(image_id).is_some_and(|v| !v.is_empty()) || self.list(image_id).is_some();
+            if !open || Instant::now() >= deadline {
+                break w;
+            }
+            drop(w);
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let now = Instant::now();
+        let lock = self
+            .held
+            .lock()
+            .get(image_id)
+            .filter(|l| l.expires > now)
+            .cloned();
+        let open = watchers.get(image_id).map(Vec::as_slice).unwrap_or(&[]);
+        if !open.is_empty() || lock.is_some() {
+            let mut who: Vec<String> = open.iter().map(|(_, w)| w.clone()).collect();
+            if let Some(l) = &lock
+                && !who.iter().any(|w| w.contains(&l.cookie))
+            {
+                who.push(format!("{} (exclusive lock {})", l.entity, l.cookie));
+            }
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "image has watchers - not removing: {spec} is open by {}; disconnect it (`tern device unmap`, or stop the NBD client) and retry{}",
+                    who.join(", "),
+                    match &lock {
+                        Some(l) => format!(
+                            "; if its owner is dead, `tern lock rm {spec} {} {}` fences it",
+                            l.cookie, l.entity
+                        ),
+                        None => String::new(),
+                    }
+                ),
+            ));
+        }
+        remove()
     }
 
     pub fn list(&self, image_id: &str) -> Option<Lock> {

@@ -17,7 +17,42 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use tern_client::pb;
 
-pub type Labels = Vec<(String, String)>;
+pub type Labels = Vec<(String, LabelValue)>;
+
+/// A label value as the text format needs it: prometheus-client 0.24
+/// writes values verbatim, so a name holding `"`, `\\` or a line feed would
+/// break the whole page; this one goes through the library's encoder
+/// escaped.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LabelValue(pub String);
+
+impl prometheus_client::encoding::EncodeLabelValue for LabelValue {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(&tern_types::text::prometheus_label_value(&self.0))
+    }
+}
+
+impl From<&str> for LabelValue {
+    fn from(s: &str) -> Self {
+        LabelValue(s.to_string())
+    }
+}
+
+impl From<String> for LabelValue {
+    fn from(s: String) -> Self {
+        LabelValue(s)
+    }
+}
+
+impl From<&String> for LabelValue {
+    fn from(s: &String) -> Self {
+        LabelValue(s.clone())
+    }
+}
 type FGauge = Gauge<f64, AtomicU64>;
 
 fn new_histogram() -> Histogram {
@@ -46,8 +81,8 @@ impl Default for IoMetrics {
 impl IoMetrics {
     pub fn record(&self, pool: &str, op: &str, bytes: u64, secs: f64) {
         let l = vec![
-            ("pool".to_string(), pool.to_string()),
-            ("op".to_string(), op.to_string()),
+            ("pool".to_string(), pool.into()),
+            ("op".to_string(), op.into()),
         ];
         self.latency.get_or_create(&l).observe(secs);
         self.ops.get_or_create(&l).inc();
@@ -60,7 +95,7 @@ impl IoMetrics {
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs
         .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .map(|(k, v)| (k.to_string(), LabelValue::from(*v)))
         .collect()
 }
 
@@ -346,7 +381,7 @@ pub async fn render(svc: &Arc<Service>) -> String {
                 ]);
                 let state = if s.up { strip_state(&s.state) } else { "down" };
                 let mut ls = l.clone();
-                ls.push(("state".into(), state.to_string()));
+                ls.push(("state".into(), state.into()));
                 img_state.get_or_create(&ls).set(1.0);
                 img_up.get_or_create(&l).set(if s.up { 1.0 } else { 0.0 });
                 if s.reason == "primary" {

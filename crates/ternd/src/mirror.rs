@@ -23,8 +23,6 @@ use tern_types::ErrorKind;
 use tern_types::error::Error;
 
 pub const PEER_CLIENT: &str = "client.rbd-mirror-peer";
-/// Primary mirror snapshots kept per image (rbd_mirroring_max_mirroring_snapshots).
-pub const DEFAULT_MAX_SNAPS: usize = 5;
 
 /// A test fault point (see tern-mirror's `hold`): with `TERN_TEST_HOLD_DIR`
 /// set and `<dir>/<point>` armed, wait (two minutes at most) until the
@@ -311,6 +309,34 @@ pub fn valid_direction(d: &str) -> Result<(), Error> {
     }
 }
 
+/// A peer that the snapshot cap overtook (see `Mirror::prune`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Behind {
+    /// The newest snapshot it had acknowledged then (0: none).
+    pub acked: u64,
+    /// Snapshots newer than that, pruned before it synced them.
+    pub pruned_unsynced: u64,
+    /// Its base went too: its next sync is a full copy.
+    pub base_lost: bool,
+    pub cap: u64,
+}
+
+/// Longest site name accepted, in bytes.
+pub const MAX_SITE_NAME: usize = 64;
+
+/// A site name is shown in listings, status and metrics and keys status
+/// records: visible characters only, bounded, and no '/'.
+pub fn valid_site_name(name: &str) -> Result<(), Error> {
+    tern_types::validate_visible("site name", name, MAX_SITE_NAME)?;
+    if name.contains('/') {
+        return Err(Error::invalid(format!(
+            "site name '{}' may not contain '/'",
+            tern_types::escaped(name)
+        )));
+    }
+    Ok(())
+}
+
 impl Mirror {
     fn store(&self) -> &Store {
         &self.site.store
@@ -352,6 +378,7 @@ impl Mirror {
         }
         p.mode = mode.to_string();
         if !site_name.is_empty() {
+            valid_site_name(site_name)?;
             p.site_name = site_name.to_string();
         } else if p.site_name.is_empty() {
             p.site_name = self.site.site_name.clone();
@@ -393,11 +420,18 @@ impl Mirror {
     /// Adds or (same fsid) updates a peer; returns it.
     pub fn peer_upsert(&self, pool: &str, mut peer: PeerRec) -> Result<PeerRec, Error> {
         valid_direction(&peer.direction)?;
+        valid_site_name(&peer.site_name)?;
         let mut p = self.pool_enabled(pool)?;
         if peer.fsid == self.site.site_id {
             return Err(Error::invalid(
                 "a site cannot be its own peer: the token was made on this site",
             ));
+        }
+        if peer.site_name == p.site_name {
+            return Err(Error::invalid(format!(
+                "the peer calls itself '{}', the name of this site: site names must differ",
+                peer.site_name
+            )));
         }
         match p
             .peers
@@ -442,7 +476,10 @@ impl Mirror {
         })?;
         match key {
             "client" => peer.client_name = value.into(),
-            "site-name" | "site_name" => peer.site_name = value.into(),
+            "site-name" | "site_name" => {
+                valid_site_name(value)?;
+                peer.site_name = value.into();
+            }
             "mon-host" | "mon_host" => peer.mon_host = value.split(',').map(String::from).collect(),
             "key" => peer.key = value.into(),
             "direction" => {
@@ -606,7 +643,6 @@ impl Mirror {
             ));
         }
         let peers = self.peers_tx(pool)?;
-        let n = self.mirror_snaps(pool, name)?.len();
         let snap_name = format!(
             ".mirror.primary.{}.{}",
             m.global_id,
@@ -624,17 +660,31 @@ impl Mirror {
             .store()
             .snap_create(pool, name, &snap_name, SnapNamespace::Mirror(ms))
             .map_err(serr)?;
-        let _ = n;
         self.prune(pool, name, &m)?;
         Ok(snap)
     }
 
-    /// Removes primary mirror snapshots that every peer has moved past,
-    /// keeping the newest ones. A snapshot that a peer still needs as the
-    /// base of its next delta is never removed: the peer's acknowledgement
-    /// names the newest snapshot it holds, and only older ones go.
+    /// rbd_mirroring_max_mirroring_snapshots: at most this many primary
+    /// mirror snapshots per image, however they were taken.
+    pub fn max_snaps(&self) -> usize {
+        let (lo, hi) = crate::options::range_of("rbd_mirroring_max_mirroring_snapshots")
+            .unwrap_or((3.0, 1000.0));
+        self.site
+            .config_f64("client", "rbd_mirroring_max_mirroring_snapshots")
+            .clamp(lo, hi) as usize
+    }
+
+    /// Holds the primary mirror snapshots of an image to the cap, as Ceph
+    /// does: the newest always stays, then each peer's base (the newest
+    /// snapshot it acknowledged holding: its next delta starts there), then
+    /// the newest of the rest; everything older goes, synced by a peer or
+    /// not. A peer that had not synced a pruned snapshot loses nothing it
+    /// needs (its next delta, from its base to the newest, covers it) but
+    /// it has fallen behind, and its status says so; only when more peers'
+    /// bases than the cap allows must the oldest bases go too, and those
+    /// peers' next sync is a full copy.
     fn prune(&self, pool: &str, name: &str, m: &ImageMirror) -> Result<(), Error> {
-        let max = DEFAULT_MAX_SNAPS;
+        let max = self.max_snaps();
         let snaps: Vec<(SnapInfo, MirrorSnap)> = self
             .mirror_snaps(pool, name)?
             .into_iter()
@@ -649,22 +699,65 @@ impl Mirror {
             return Ok(());
         }
         let peers = self.peers_tx(pool)?;
-        // The oldest base any peer may still diff from.
-        let mut floor = u64::MAX;
+        let mut acks = Vec::new();
         for p in &peers {
             let acked: u64 =
                 get(self.store(), &format!("ack/{}/{}", m.global_id, p.uuid))?.unwrap_or(0);
-            floor = floor.min(acked);
+            acks.push((p, acked));
         }
-        let removable = snaps.len() - max;
-        for (s, _) in snaps.iter().take(removable) {
-            if s.id < floor {
+        let exists = |id: u64| snaps.iter().any(|(s, _)| s.id == id);
+        let mut keep = std::collections::BTreeSet::new();
+        keep.insert(snaps.last().expect("more than max").0.id);
+        let mut bases: Vec<u64> = acks
+            .iter()
+            .map(|(_, a)| *a)
+            .filter(|a| *a > 0 && exists(*a))
+            .collect();
+        bases.sort_unstable_by(|a, b| b.cmp(a));
+        for b in bases {
+            if keep.len() < max {
+                keep.insert(b);
+            }
+        }
+        for (s, _) in snaps.iter().rev() {
+            if keep.len() >= max {
+                break;
+            }
+            keep.insert(s.id);
+        }
+        let mut removed = Vec::new();
+        for (s, _) in &snaps {
+            if !keep.contains(&s.id) {
                 self.store()
                     .snap_remove(pool, name, &s.name, true)
                     .map_err(serr)?;
+                removed.push(s.id);
             }
         }
+        for (p, acked) in acks {
+            let unsynced = removed.iter().filter(|id| **id > acked).count() as u64;
+            let base_lost = acked > 0 && removed.contains(&acked);
+            if unsynced == 0 && !base_lost {
+                continue;
+            }
+            let key = format!("behind/{}/{}", m.global_id, p.uuid);
+            let mut b: Behind = get(self.store(), &key)?.unwrap_or_default();
+            b.acked = acked;
+            b.pruned_unsynced += unsynced;
+            b.base_lost |= base_lost;
+            b.cap = max as u64;
+            put(self.store(), &key, &b)?;
+            tracing::warn!(
+                image = %format!("{pool}/{name}"), peer = %p.site_name, pruned = unsynced, base_lost,
+                "mirror snapshot cap reached before the peer synced: it fell behind"
+            );
+        }
         Ok(())
+    }
+
+    /// What pruning did to a peer that had not caught up, if anything.
+    pub fn behind(&self, global_id: &str, peer_uuid: &str) -> Result<Option<Behind>, Error> {
+        get(self.store(), &format!("behind/{global_id}/{peer_uuid}"))
     }
 
     pub fn ack(
@@ -678,6 +771,15 @@ impl Mirror {
         let old: u64 = get(self.store(), &key)?.unwrap_or(0);
         if snap_id > old {
             put(self.store(), &key, &snap_id)?;
+        }
+        // A newer snapshot synced: caught up with what pruning took.
+        let bkey = format!("behind/{global_id}/{peer_uuid}");
+        if let Some(b) = get::<Behind>(self.store(), &bkey)?
+            && snap_id > b.acked
+        {
+            self.store()
+                .kv_delete(KvTable::Mirror, &bkey)
+                .map_err(serr)?;
         }
         let _ = pool;
         Ok(())
@@ -1127,8 +1229,9 @@ impl Mirror {
                 )
             })
             .collect();
-        if olds.len() > DEFAULT_MAX_SNAPS {
-            for (x, _) in olds.iter().take(olds.len() - DEFAULT_MAX_SNAPS) {
+        let max = self.max_snaps();
+        if olds.len() > max {
+            for (x, _) in olds.iter().take(olds.len() - max) {
                 self.store()
                     .snap_remove(pool, name, &x.name, true)
                     .map_err(serr)?;
@@ -1188,6 +1291,11 @@ impl Mirror {
     }
 
     pub fn store_status(&self, global_id: &str, mut s: SiteStatus) -> Result<(), Error> {
+        // Reports come from peers' keys too: the name keys the record and
+        // is shown in status and metrics.
+        if !s.site_name.is_empty() {
+            valid_site_name(&s.site_name)?;
+        }
         s.received = now_ms();
         put(
             self.store(),
@@ -1212,6 +1320,15 @@ impl Mirror {
     }
 
     pub fn heartbeat(&self, mut d: Daemon) -> Result<(), Error> {
+        if !d.site_name.is_empty() {
+            valid_site_name(&d.site_name)?;
+        }
+        if d.service_id.contains('/') || d.service_id.chars().any(tern_types::text::is_invisible) {
+            return Err(Error::invalid(format!(
+                "daemon id '{}' may hold visible characters only, no '/'",
+                tern_types::escaped(&d.service_id)
+            )));
+        }
         d.received_ms = now_ms();
         put(
             self.store(),
@@ -1286,6 +1403,14 @@ impl Token {
         }
         if t.mon_host_list().is_empty() {
             return Err(bad("mon_host names no endpoint"));
+        }
+        if !t.site_name.is_empty() {
+            valid_site_name(&t.site_name).map_err(|e| bad(&e.message))?;
+        }
+        crate::auth::validate_entity(&format!("client.{}", t.client_id))
+            .map_err(|e| bad(&e.message))?;
+        if !t.pool.is_empty() {
+            tern_types::validate_name("pool", &t.pool).map_err(|e| bad(&e.message))?;
         }
         Ok(t)
     }

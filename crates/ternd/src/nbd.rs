@@ -87,6 +87,7 @@ impl Exports for SiteExports {
             contexts,
             lock: None,
             io: self.site.clone(),
+            watch: None,
         };
         if !dev.read_only && info.features.has(Features::EXCLUSIVE_LOCK) {
             let cookie = format!("nbd {}", uuid::Uuid::new_v4().simple());
@@ -108,6 +109,10 @@ impl Exports for SiteExports {
                 Err(e) if e.kind == ErrorKind::Busy => {
                     tracing::info!(export = %dev.spec, reason = %e.message, "nbd export opened read-only");
                     dev.read_only = true;
+                    dev.watch = Some(self.locks.watch(
+                        &image_id,
+                        format!("an NBD client (read-only) of {}", dev.spec),
+                    ));
                     return Ok(Arc::new(dev));
                 }
                 Err(e) => return Err(DeviceError::new(NBD_EPERM, e.message)),
@@ -146,6 +151,15 @@ impl Exports for SiteExports {
                 renewer,
             });
         }
+        let who = match &dev.lock {
+            Some(l) => format!(
+                "an NBD client writing to {} (exclusive lock {})",
+                dev.spec, l.cookie
+            ),
+            None if dev.read_only => format!("an NBD client (read-only) of {}", dev.spec),
+            None => format!("an NBD client writing to {}", dev.spec),
+        };
+        dev.watch = Some(self.locks.watch(&info.id.to_string(), who));
         tracing::info!(export = %dev.spec, read_only = dev.snap.is_some(), "nbd export opened");
         Ok(Arc::new(dev))
     }
@@ -195,6 +209,8 @@ struct StoreDevice {
     lock: Option<NbdLock>,
     /// The site, for its I/O metrics.
     io: Arc<Site>,
+    /// Makes `rm` refuse while this export is open.
+    watch: Option<crate::locks::Watch>,
 }
 
 impl StoreDevice {

@@ -53,6 +53,49 @@ opts! {
     "log_level" Str "info" "ternd log level";
 }
 
+/// Allowed ranges of numeric options (inclusive). A value outside is
+/// refused at `config set`, never clamped later: what `config get` shows is
+/// what runs.
+pub const RANGES: &[(&str, f64, f64)] = &[
+    ("rbd_default_order", 12.0, 30.0),
+    ("rbd_default_stripe_unit", 0.0, (1u64 << 30) as f64),
+    ("rbd_default_stripe_count", 0.0, 4096.0),
+    (
+        "rbd_journal_object_size",
+        (64u64 << 10) as f64,
+        (1u64 << 30) as f64,
+    ),
+    ("rbd_journal_splay_width", 1.0, 256.0),
+    (
+        "rbd_journal_max_size",
+        (1u64 << 20) as f64,
+        (1u64 << 50) as f64,
+    ),
+    ("rbd_journal_commit_age", 0.0, 60.0),
+    ("rbd_mirror_concurrent_image_syncs", 1.0, 1024.0),
+    ("rbd_mirror_journal_commit_age", 0.001, 3600.0),
+    ("rbd_mirror_sync_point_update_age", 0.001, 86400.0),
+    ("rbd_mirror_pool_replayers_refresh_interval", 1.0, 86400.0),
+    ("rbd_mirror_image_state_check_interval", 1.0, 86400.0),
+    ("rbd_mirror_heartbeat_interval", 0.01, 60.0),
+    (
+        "rbd_mirror_memory_target",
+        (1u64 << 20) as f64,
+        (1u64 << 40) as f64,
+    ),
+    ("rbd_mirror_bandwidth_limit", 0.0, (1u64 << 40) as f64),
+    ("rbd_mirror_peer_bandwidth_limit", 0.0, (1u64 << 40) as f64),
+    ("rbd_mirroring_max_mirroring_snapshots", 3.0, 1000.0),
+    ("rbd_lock_lease_seconds", 1.0, 3600.0),
+];
+
+pub fn range_of(name: &str) -> Option<(f64, f64)> {
+    RANGES
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map(|(_, lo, hi)| (*lo, *hi))
+}
+
 pub fn find(name: &str) -> Result<&'static Opt, Error> {
     OPTIONS.iter().find(|o| o.name == name).ok_or_else(|| {
         let close: Vec<&str> = OPTIONS
@@ -97,8 +140,14 @@ pub fn check_value(opt: &Opt, value: &str) -> Result<String, Error> {
             "rbd_journal_durability: '{value}' is not strict or flush"
         )));
     }
-    let bad = |want: &str| Error::invalid(format!("{}: '{value}' is not {want}", opt.name));
-    Ok(match opt.kind {
+    let bad = |want: &str| {
+        Error::invalid(format!(
+            "{}: '{}' is not {want}",
+            opt.name,
+            tern_types::escaped(value)
+        ))
+    };
+    let v = match opt.kind {
         Kind::Int => value
             .trim()
             .parse::<i64>()
@@ -120,7 +169,27 @@ pub fn check_value(opt: &Opt, value: &str) -> Result<String, Error> {
             .map_err(|_| bad("a size (e.g. 20M)"))?
             .to_string(),
         Kind::Str => value.to_string(),
-    })
+    };
+    if let Some((lo, hi)) = range_of(opt.name) {
+        let x: f64 = v.parse().unwrap_or(f64::NAN);
+        if !(lo..=hi).contains(&x) {
+            let show = |b: f64| {
+                if opt.kind == Kind::Size && b >= 1024.0 {
+                    tern_types::format_size(b as u64)
+                } else {
+                    b.to_string()
+                }
+            };
+            return Err(Error::invalid(format!(
+                "{}: {} is out of range: allowed {} to {}",
+                opt.name,
+                tern_types::escaped(value.trim()),
+                show(lo),
+                show(hi)
+            )));
+        }
+    }
+    Ok(v)
 }
 
 /// Sections consulted for `who`, most specific first.
@@ -149,6 +218,18 @@ mod tests {
             check_value(find("rbd_mirror_bandwidth_limit").unwrap(), "20M").unwrap(),
             "20971520"
         );
+        let e = check_value(find("rbd_default_order").unwrap(), "40").unwrap_err();
+        assert!(e.message.contains("allowed 12 to 30"), "{e:?}");
+        assert!(check_value(find("rbd_journal_object_size").unwrap(), "1K").is_err());
+        assert!(check_value(find("rbd_mirroring_max_mirroring_snapshots").unwrap(), "2").is_err());
+        assert!(check_value(find("rbd_lock_lease_seconds").unwrap(), "0").is_err());
+        for (name, _, _) in RANGES {
+            let o = find(name).unwrap();
+            assert!(
+                check_value(o, o.default).is_ok(),
+                "{name} default out of range"
+            );
+        }
         assert!(validate_who("client.rbd-mirror").is_ok());
         assert!(validate_who("nobody").is_err());
         assert_eq!(

@@ -197,7 +197,11 @@ impl Service {
         }
         let who = self
             .site
-            .authenticate(get(headers::ENTITY), get(headers::KEY))
+            .authenticate(
+                get(headers::ENTITY),
+                get(headers::KEY),
+                req.remote_addr().map(|a| a.ip()),
+            )
             .map_err(status_of)?;
         self.site.authorize(&who, need).map_err(status_of)?;
         Ok(who)
@@ -645,8 +649,20 @@ impl pb::site_server::Site for Service {
         let pool = req.get_ref().pool.clone();
         self.check(&req, Need::Write(&pool))?;
         let r = req.into_inner();
-        let site = self.site.clone();
-        blocking(move || site.store.image_remove(&r.pool, &r.image).map_err(serr)).await?;
+        let (site, locks) = (self.site.clone(), self.locks.clone());
+        blocking(move || {
+            let id = site
+                .store
+                .image_info(&r.pool, &r.image)
+                .map_err(serr)?
+                .id
+                .to_string();
+            let spec = format!("{}/{}", r.pool, r.image);
+            locks.remove_unless_open(&id, &spec, || {
+                site.store.image_remove(&r.pool, &r.image).map_err(serr)
+            })
+        })
+        .await?;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -1191,6 +1207,15 @@ impl pb::site_server::Site for Service {
         Ok(Response::new(pb::Empty {}))
     }
 
+    async fn auth_caps(&self, req: Request<pb::AuthGetOrCreateRequest>) -> SResult<pb::AuthEntity> {
+        let who = self.check(&req, Need::Admin)?;
+        let r = req.into_inner();
+        let caps: BTreeMap<String, String> = r.caps.into_iter().collect();
+        let site = self.site.clone();
+        let rec = blocking(move || site.set_user_caps(&r.entity, &caps, &who.entity)).await?;
+        Ok(Response::new(self.entity_pb(&rec, false)))
+    }
+
     async fn config_set(&self, req: Request<pb::ConfigSetRequest>) -> SResult<pb::Empty> {
         let who = self.config_who(&req, &req.get_ref().who, &req.get_ref().key)?;
         let mut r = req.into_inner();
@@ -1588,6 +1613,7 @@ impl pb::site_server::Site for Service {
         let token = blocking(move || {
             let mut p = m.pool_enabled(&r.pool)?;
             if !r.site_name.is_empty() && p.site_name != r.site_name {
+                mirror::valid_site_name(&r.site_name)?;
                 p.site_name = r.site_name.clone();
                 m.save_pool(&r.pool, &p)?;
             }
@@ -1620,18 +1646,23 @@ impl pb::site_server::Site for Service {
             r.direction.clone()
         };
         mirror::valid_direction(&direction).map_err(status_of)?;
+        if !r.site_name.is_empty() {
+            mirror::valid_site_name(&r.site_name).map_err(status_of)?;
+        }
         let token = mirror::Token::decode(&r.token).map_err(status_of)?;
         let (m, pool) = (self.mirror(), r.pool.clone());
-        let site_name = r.site_name.clone();
-        let local = blocking(move || {
-            let mut p = m.pool_enabled(&pool)?;
-            if !site_name.is_empty() && p.site_name != site_name {
-                p.site_name = site_name;
-                m.save_pool(&pool, &p)?;
-            }
-            Ok(p)
-        })
-        .await?;
+        let mut local = blocking(move || m.pool_enabled(&pool)).await?;
+        // Nothing is stored until the token is proven (below).
+        let rename_local = !r.site_name.is_empty() && local.site_name != r.site_name;
+        if rename_local {
+            local.site_name = r.site_name.clone();
+        }
+        if !token.site_name.is_empty() && token.site_name == local.site_name {
+            return Err(status_of(Error::invalid(format!(
+                "the token names site '{}', which is this site's own name: import a token made on the other site, or give the sites different names",
+                token.site_name
+            ))));
+        }
         // Prove the token: reach the site it names, pinned to its certificate, with its key.
         let remote_pool = if r.remote_pool.is_empty() {
             token.pool.clone()
@@ -1672,16 +1703,39 @@ impl pb::site_server::Site for Service {
         if rp.mode == "disabled" || rp.mode.is_empty() {
             return Err(status_of(Error::invalid(format!(
                 "mirroring is not enabled on pool '{remote_pool}' at site {}: run `tern mirror pool enable {remote_pool} image` there first",
-                hello.site_name
+                tern_types::escaped(&hello.site_name)
             ))));
+        }
+        // The site's own word on its name, against what the token says.
+        let remote_name = if rp.site_name.is_empty() {
+            hello.site_name.clone()
+        } else {
+            rp.site_name.clone()
+        };
+        if !token.site_name.is_empty() && token.site_name != remote_name {
+            return Err(status_of(Error::new(
+                ErrorKind::Unauthenticated,
+                format!(
+                    "the token says site name '{}' but the site at {} calls itself '{}': the token was altered; nothing was stored",
+                    token.site_name,
+                    endpoints[0],
+                    tern_types::escaped(&remote_name)
+                ),
+            )));
+        }
+        mirror::valid_site_name(&remote_name).map_err(status_of)?;
+        if rename_local {
+            let (m, pool, name) = (self.mirror(), r.pool.clone(), local.site_name.clone());
+            blocking(move || {
+                let mut p = m.pool_enabled(&pool)?;
+                p.site_name = name;
+                m.save_pool(&pool, &p)
+            })
+            .await?;
         }
         let peer = mirror::PeerRec {
             uuid: String::new(),
-            site_name: if token.site_name.is_empty() {
-                rp.site_name.clone()
-            } else {
-                token.site_name.clone()
-            },
+            site_name: remote_name,
             client_name: entity.clone(),
             direction: direction.clone(),
             mirror_uuid: rp.mirror_uuid.clone(),
@@ -1840,12 +1894,28 @@ impl pb::site_server::Site for Service {
     async fn mirror_image_snapshot(&self, req: Request<pb::ImageRef>) -> SResult<pb::SnapInfo> {
         let r = req.get_ref().clone();
         // A peer's journal replayer takes sync-point snapshots here (as
-        // rbd-mirror does); it cannot write image data.
-        if self.check(&req, Need::MirrorPeer(&r.pool)).is_err() {
-            self.check(&req, Need::Write(&r.pool))?;
-        }
+        // rbd-mirror does); it cannot write image data. That is all a peer
+        // key needs: on snapshot-mode images only writers (the schedule,
+        // an operator) take them. Either way the cap bounds how many exist.
+        let who = match self.check(&req, Need::Write(&r.pool)) {
+            Ok(w) => w,
+            Err(_) => self.check(&req, Need::MirrorPeer(&r.pool))?,
+        };
+        let peer_only = !who.allows(Need::Write(&r.pool));
         let m = self.mirror();
         let s = blocking(move || {
+            if peer_only {
+                let (_, im) = m.image_of(&r.pool, &r.image)?;
+                if im.is_some_and(|im| im.mode != "journal") {
+                    return Err(Error::new(
+                        ErrorKind::PermissionDenied,
+                        format!(
+                            "a mirror peer may take sync-point snapshots of journal-mode images only; '{}/{}' is in snapshot mode: its snapshots come from its schedule or an operator",
+                            r.pool, r.image
+                        ),
+                    ));
+                }
+            }
             m.store_flush(&r.pool, &r.image)?;
             m.primary_snapshot(&r.pool, &r.image, tern_store::MirrorSnapState::Primary)
         })
@@ -3070,6 +3140,32 @@ fn build_status(
                 ..Default::default()
             },
         };
+        let mut st = st;
+        if im.primary
+            && let Some(b) = m.behind(&im.global_id, &p.uuid)?
+        {
+            st.reason = "behind".into();
+            st.description = format!(
+                "fell behind: {} mirror snapshot(s) {} had not synced were pruned (rbd_mirroring_max_mirroring_snapshots={}); {} (it said: {})",
+                b.pruned_unsynced,
+                p.site_name,
+                b.cap,
+                if b.base_lost {
+                    format!(
+                        "its last synced snapshot {} was pruned too, so its next sync is a full copy",
+                        b.acked
+                    )
+                } else if b.acked > 0 {
+                    format!(
+                        "it catches up by a delta from snapshot {} to the newest",
+                        b.acked
+                    )
+                } else {
+                    "its first sync copies the newest".to_string()
+                },
+                st.description
+            );
+        }
         peers.push(st);
     }
     let _ = pool;

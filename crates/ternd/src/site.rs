@@ -60,6 +60,8 @@ pub struct Site {
     pub started: Instant,
     master: Vec<u8>,
     users: RwLock<HashMap<String, UserRecord>>,
+    /// Failed logins per source address.
+    logins: auth::LoginLimiter,
     /// Journal replay per non-primary image id: (primary mirror uuid, last
     /// tid applied). Its lock serialises appliers, so an apply still
     /// running for a killed mirror daemon and its successor's never
@@ -97,6 +99,7 @@ impl Site {
         let site_id = match store.kv_get(KvTable::Site, "site_id").map_err(store_err)? {
             Some(id) => id,
             None => {
+                crate::mirror::valid_site_name(site_name)?;
                 let id = uuid::Uuid::new_v4().to_string();
                 store
                     .kv_put(KvTable::Site, "site_name", site_name)
@@ -126,6 +129,7 @@ impl Site {
             started: Instant::now(),
             master,
             users: RwLock::new(HashMap::new()),
+            logins: auth::LoginLimiter::default(),
             replay: parking_lot::Mutex::new(HashMap::new()),
             io: crate::metrics::IoMetrics::default(),
         };
@@ -152,14 +156,23 @@ impl Site {
     }
 
     pub fn key_of(&self, rec: &UserRecord) -> String {
-        auth::derive_key(&self.master, &rec.entity, rec.generation, rec.created)
+        auth::derive_key(
+            &self.master,
+            &rec.entity,
+            rec.generation,
+            &rec.nonce,
+            rec.created,
+        )
     }
 
-    /// Checks a presented key; returns the entity's record.
+    /// Checks a presented key from source address `from`; returns the
+    /// entity's record. Failures are rate-limited per address (see
+    /// [`auth::LoginLimiter`]).
     pub fn authenticate(
         &self,
         entity: Option<&str>,
         key: Option<&str>,
+        from: Option<std::net::IpAddr>,
     ) -> Result<UserRecord, Error> {
         let (Some(entity), Some(key)) = (entity, key) else {
             return Err(Error::new(
@@ -167,17 +180,40 @@ impl Site {
                 "no credentials: the request carried no entity and key (check the keyring)",
             ));
         };
+        // A caller with no address (not TCP) shares one record.
+        let from = from.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        let now = Instant::now();
+        if let Err(wait) = self.logins.admit(from, now) {
+            return Err(Error::new(
+                ErrorKind::Unauthenticated,
+                format!(
+                    "too many failed logins from {from}: logins from it are refused for {:.1} s more; check the keyring, then retry",
+                    wait.as_secs_f64()
+                ),
+            ));
+        }
         let users = self.users.read();
         let rec = users
             .get(entity)
             .filter(|r| auth::same_hash(&r.key_sha256, &auth::key_hash(key)));
         match rec {
             Some(r) => Ok(r.clone()),
-            // One message for both cases, so a caller cannot probe which entities exist.
-            None => Err(Error::new(
-                ErrorKind::Unauthenticated,
-                format!("authentication failed for {entity}: unknown entity or wrong key"),
-            )),
+            None => {
+                let lockout = self.logins.failed(from, now);
+                tracing::warn!(entity = ?entity, %from, "failed login");
+                // One message for both cases, so a caller cannot probe which entities exist.
+                let mut msg = format!(
+                    "authentication failed for {}: unknown entity or wrong key",
+                    tern_types::escaped(entity)
+                );
+                if let Some(l) = lockout {
+                    msg.push_str(&format!(
+                        " (too many failed logins from {from}: further logins from it are refused for {:.1} s)",
+                        l.as_secs_f64()
+                    ));
+                }
+                Err(Error::new(ErrorKind::Unauthenticated, msg))
+            }
         }
     }
 
@@ -224,6 +260,7 @@ impl Site {
             caps: caps.clone(),
             profile,
             pools,
+            nonce: auth::new_nonce(),
         };
         rec.key_sha256 = auth::key_hash(&self.key_of(&rec));
         let json = serde_json::to_string(&rec).expect("serialisable");
@@ -233,6 +270,44 @@ impl Site {
         self.users.write().insert(entity.to_string(), rec.clone());
         tracing::info!(entity, profile = profile.as_str(), "created user");
         Ok((rec, true))
+    }
+
+    /// Ceph's `auth caps`: replaces an entity's caps, keeping its key.
+    pub fn set_user_caps(
+        &self,
+        entity: &str,
+        caps: &BTreeMap<String, String>,
+        caller: &str,
+    ) -> Result<UserRecord, Error> {
+        auth::validate_entity(entity)?;
+        if caps.is_empty() {
+            return Err(Error::invalid(format!(
+                "no caps given for {entity}: name them as SERVICE 'CAP' pairs"
+            )));
+        }
+        let (profile, pools) = auth::parse_caps(caps)?;
+        let mut users = self.users.write();
+        let mut rec = users.get(entity).cloned().ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("entity {entity} does not exist: create it with `tern auth get-or-create`"),
+            )
+        })?;
+        if entity == caller && profile != Profile::Admin {
+            return Err(Error::invalid(format!(
+                "refusing to take admin caps from {entity}: it is the entity making this call"
+            )));
+        }
+        rec.caps = caps.clone();
+        rec.profile = profile;
+        rec.pools = pools;
+        let json = serde_json::to_string(&rec).expect("serialisable");
+        self.store
+            .kv_put(KvTable::Users, entity, &json)
+            .map_err(store_err)?;
+        users.insert(entity.to_string(), rec.clone());
+        tracing::info!(entity, profile = profile.as_str(), "changed caps");
+        Ok(rec)
     }
 
     pub fn get_user(&self, entity: &str) -> Result<UserRecord, Error> {

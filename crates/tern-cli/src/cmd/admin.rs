@@ -249,19 +249,24 @@ fn emit_entity(ctx: &Ctx, e: &pb::AuthEntity, out: Option<&std::path::Path>) -> 
     Ok(())
 }
 
+/// Ceph's cap arguments: SERVICE 'CAP' pairs.
+fn cap_pairs(caps: Vec<String>) -> Result<HashMap<String, String>> {
+    if !caps.len().is_multiple_of(2) {
+        return Err(invalid(
+            "caps come in pairs: SERVICE 'CAP' (e.g. mon 'profile rbd' osd 'profile rbd')",
+        ));
+    }
+    Ok(caps
+        .chunks(2)
+        .map(|p| (p[0].clone(), p[1].clone()))
+        .collect())
+}
+
 pub async fn auth(ctx: &Ctx, cmd: AuthCmd) -> Result<()> {
     let c = ctx.connect().await?;
     match cmd {
         AuthCmd::GetOrCreate { entity, caps, out } => {
-            if caps.len() % 2 != 0 {
-                return Err(invalid(
-                    "caps come in pairs: SERVICE 'CAP' (e.g. mon 'profile rbd' osd 'profile rbd')",
-                ));
-            }
-            let caps = caps
-                .chunks(2)
-                .map(|p| (p[0].clone(), p[1].clone()))
-                .collect();
+            let caps = cap_pairs(caps)?;
             let e = c
                 .auth_get_or_create(pb::AuthGetOrCreateRequest { entity, caps })
                 .await?;
@@ -293,6 +298,17 @@ pub async fn auth(ctx: &Ctx, cmd: AuthCmd) -> Result<()> {
                         println!("\tcaps: [{svc}] {cap}");
                     }
                 }
+            }
+        }
+        AuthCmd::Caps { entity, caps } => {
+            let caps = cap_pairs(caps)?;
+            let e = c
+                .auth_caps(pb::AuthGetOrCreateRequest { entity, caps })
+                .await?;
+            if ctx.json() {
+                ctx.print_json(&json!({"entity": e.entity, "caps": e.caps, "profile": e.profile}));
+            } else {
+                eprintln!("updated caps for {}", e.entity);
             }
         }
         AuthCmd::Rm { entity } => {

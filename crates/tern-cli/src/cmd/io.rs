@@ -7,12 +7,10 @@ use tern_client::{ClientError, pb};
 use tern_types::ErrorKind;
 
 fn io_error(what: &str, path: &str, e: std::io::Error) -> ClientError {
-    let kind = if e.kind() == std::io::ErrorKind::NotFound {
-        ErrorKind::NotFound
-    } else {
-        ErrorKind::InvalidArgument
-    };
-    ClientError::new(kind, format!("{what} '{path}': {e}"))
+    ClientError::new(
+        tern_client::io_error_kind(&e),
+        format!("{what} '{}': {e}", tern_types::escaped(path)),
+    )
 }
 
 pub async fn import(ctx: &Ctx, a: ImportArgs) -> Result<()> {
@@ -35,31 +33,74 @@ pub async fn import(ctx: &Ctx, a: ImportArgs) -> Result<()> {
     };
     super::image::apply_layout(&mut req, &a.layout)?;
     let c = ctx.connect().await?;
-    let (reply, total) = if a.path == "-" {
+    let stream = a.path == "-"
+        || {
+            let ft = std::fs::metadata(&a.path)
+                .map_err(|e| io_error("cannot stat", &a.path, e))?
+                .file_type();
+            use std::os::unix::fs::FileTypeExt;
+            if ft.is_char_device() {
+                return Err(invalid(format!(
+                    "'{}' is a character device, not a regular file or block device: it has no size to import \
+                 (to import a stream, pipe a bounded one: `head -c SIZE {} | tern import - SPEC`)",
+                    tern_types::escaped(&a.path),
+                    tern_types::escaped(&a.path)
+                )));
+            }
+            // A pipe (`<(cmd)`) or socket is read to its end, as stdin.
+            ft.is_fifo() || ft.is_socket()
+        };
+    let (reply, total) = if stream {
         let bar = ctx.progress(0, "Importing image");
         let p = |n: u64| {
             if let Some(b) = &bar {
                 b.set_position(n)
             }
         };
-        let r = transfer::import(&c, tokio::io::stdin(), ImportTarget::Create(req), &p).await;
+        let r = if a.path == "-" {
+            transfer::import(&c, tokio::io::stdin(), ImportTarget::Create(req), &p).await
+        } else {
+            let f = tokio::fs::File::open(&a.path)
+                .await
+                .map_err(|e| io_error("cannot open", &a.path, e))?;
+            transfer::import(
+                &c,
+                tokio::io::BufReader::with_capacity(1 << 20, f),
+                ImportTarget::Create(req),
+                &p,
+            )
+            .await
+        };
         if let Some(b) = bar {
             b.finish_and_clear()
         }
         (r?, 0)
     } else {
-        let f = tokio::fs::File::open(&a.path)
+        let mut f = tokio::fs::File::open(&a.path)
             .await
             .map_err(|e| io_error("cannot open", &a.path, e))?;
-        let len = f
+        let meta = f
             .metadata()
             .await
-            .map_err(|e| io_error("cannot stat", &a.path, e))?
-            .len();
+            .map_err(|e| io_error("cannot stat", &a.path, e))?;
+        let len = if meta.file_type().is_file() {
+            meta.len()
+        } else {
+            // A block device: its metadata says 0; its end says its size.
+            use tokio::io::AsyncSeekExt;
+            let n = f
+                .seek(std::io::SeekFrom::End(0))
+                .await
+                .map_err(|e| io_error("cannot size", &a.path, e))?;
+            f.seek(std::io::SeekFrom::Start(0))
+                .await
+                .map_err(|e| io_error("cannot seek", &a.path, e))?;
+            n
+        };
         if len == 0 {
             return Err(invalid(format!(
                 "'{}' is empty: an image needs a size > 0",
-                a.path
+                tern_types::escaped(&a.path)
             )));
         }
         req.size = len;
