@@ -290,6 +290,13 @@ fn promote_during_step(mode: &str, point: &str) {
     nbd_write(a, "vol", 0, &random_bytes(10, (4 * MIB) as usize));
     snap_if(a, "vol", mode);
     wait_same(a, b, "vol", Duration::from_secs(60));
+    // Past the copy's own bookkeeping: replaying (journal) or idle (snapshot).
+    assert!(
+        wait_until(Duration::from_secs(30), || status(b, "vol")["state"]
+            == "up+replaying"),
+        "B is not replaying: {}",
+        status(b, "vol")
+    );
 
     b.arm(point);
     // Writes on A until B's daemon reaches the fault point (journal
@@ -347,9 +354,10 @@ fn promote_during_step(mode: &str, point: &str) {
         after.0 - before.0,
         after.1 - before.1
     );
+    let resync = a.tern_json(&["info", &spec("vol")])["last_resync"].clone();
     assert!(
         after.1 - before.1 < 4 * MIB,
-        "the resync copied {} bytes: a delta was expected",
+        "the resync copied {} bytes: a delta was expected ({resync})",
         after.1 - before.1
     );
     assert_eq!(a.export_sha256(&spec("vol")), b.export_sha256(&spec("vol")));
