@@ -1,13 +1,14 @@
 //! Issue 23: one caller must not be able to break the site for the others.
-//! Descriptors (item 2) and huge sparse exports (item 5), each against a
-//! real ternd.
+//! Descriptors (item 2), idle connections (item 3), NBD memory (item 4)
+//! and huge sparse exports (item 5), each against a real ternd.
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 use tern_client::{image_ref, pb};
-use tern_testkit::nbd::NbdClient;
-use tern_testkit::{Site, rt};
+use tern_testkit::nbd::{NbdClient, handshake};
+use tern_testkit::{Site, http_get, rt, wait_until};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -22,6 +23,15 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
         x.copy_from_slice(&v.to_le_bytes()[..n]);
     }
     b
+}
+
+/// One field (kB) of /proc/PID/status.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 /// CPU time (user + system) of a process so far.
@@ -111,6 +121,91 @@ fn scattered_unflushed_writes_do_not_wedge_the_site() {
         !s.log().contains("Too many open files"),
         "descriptors ran out:\n{}",
         s.log()
+    );
+}
+
+/// Reads one simple reply for a read of `len` bytes.
+fn read_reply(sock: &mut TcpStream, len: usize) -> (u64, Vec<u8>) {
+    let mut head = [0u8; 16];
+    sock.read_exact(&mut head).unwrap();
+    assert_eq!(&head[..4], &0x6744_6698u32.to_be_bytes(), "reply magic");
+    assert_eq!(&head[4..8], &[0; 4], "read failed");
+    let handle = u64::from_be_bytes(head[8..].try_into().unwrap());
+    let mut data = vec![0u8; len];
+    sock.read_exact(&mut data).unwrap();
+    (handle, data)
+}
+
+/// Item 4: six connections each pipeline 256 MiB of reads and read no
+/// replies. Per connection memory was bounded (256 MiB) but the total was
+/// not; with `--nbd-memory-budget 64M` ternd's peak stays near that.
+#[test]
+fn nbd_memory_is_bounded_across_connections() {
+    let s = Site::start_with("mem", &["--nbd-memory-budget", "64M"]);
+    s.tern_ok(&["pool", "create", "rbd"]);
+    s.tern_ok(&["create", "rbd/m", "--size", "64M"]);
+    const CHUNK: u64 = 16 * MIB;
+    let mut c = NbdClient::connect(&s.nbd_addr, "rbd/m").unwrap();
+    let data: Vec<(u64, Vec<u8>)> = (0..4)
+        .map(|i| (i * CHUNK, pattern(i, CHUNK as usize)))
+        .collect();
+    assert_eq!(batch(&mut c, &data), vec![0; 4]);
+    flush(&mut c);
+    c.disconnect();
+    let pid = s.pid().unwrap();
+    let base = status_kib(pid, "VmRSS");
+    const CONNS: usize = 6;
+    const READS: u64 = 16;
+    let mut socks: Vec<TcpStream> = (0..CONNS)
+        .map(|_| handshake(&s.nbd_addr, "rbd/m").unwrap().0)
+        .collect();
+    for sock in &mut socks {
+        let mut reqs = Vec::new();
+        for h in 0..READS {
+            reqs.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+            reqs.extend_from_slice(&0u16.to_be_bytes()); // flags
+            reqs.extend_from_slice(&0u16.to_be_bytes()); // READ
+            reqs.extend_from_slice(&h.to_be_bytes());
+            reqs.extend_from_slice(&((h % 4) * CHUNK).to_be_bytes());
+            reqs.extend_from_slice(&(CHUNK as u32).to_be_bytes());
+        }
+        sock.write_all(&reqs).unwrap();
+    }
+    // Nobody reads: ternd holds what it has read until the budget stops it.
+    std::thread::sleep(Duration::from_secs(3));
+    let peak = status_kib(pid, "VmHWM");
+    // All at once: the budget is shared, so a connection's last replies
+    // may wait for another connection's to be taken.
+    let data = std::sync::Arc::new(data);
+    let readers: Vec<_> = socks
+        .into_iter()
+        .map(|mut sock| {
+            let data = data.clone();
+            std::thread::spawn(move || {
+                for _ in 0..READS {
+                    let (h, got) = read_reply(&mut sock, CHUNK as usize);
+                    assert!(
+                        got == data[(h % 4) as usize].1,
+                        "read {h} returned wrong data"
+                    );
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().unwrap();
+    }
+    let grew = peak.saturating_sub(base) * KIB;
+    eprintln!(
+        "ternd RSS {} MiB before, peak {} MiB ({} MiB over)",
+        base / 1024,
+        peak / 1024,
+        grew / MIB
+    );
+    assert!(
+        grew < (64 + 128) * MIB,
+        "ternd grew by {} MiB with a 64 MiB budget",
+        grew / MIB
     );
 }
 
@@ -223,4 +318,142 @@ fn huge_sparse_exports_start_at_once_and_stop_with_their_client() {
     );
     // And it still serves.
     assert!(s.tern_ok(&["ls", "rbd"]).contains("eib"));
+}
+
+/// True once the peer has closed `sock` (EOF or reset).
+fn closed(sock: &TcpStream) -> bool {
+    sock.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 4096];
+    let r = loop {
+        match (&mut &*sock).read(&mut b) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
+            Err(_) => break true,
+        }
+    };
+    sock.set_nonblocking(false).unwrap();
+    r
+}
+
+/// Item 3: idle connections to every listener are capped (the excess
+/// closed at once) and timed out (the rest closed after the handshake
+/// deadline), a real client is then served, a kept-alive HTTP connection
+/// is closed when idle, and the log says so in a few lines, not a flood.
+#[test]
+fn idle_connections_are_capped_and_timed_out() {
+    const CAP: usize = 32;
+    let cap = CAP.to_string();
+    let s = Site::start_with(
+        "idle",
+        &[
+            "--max-connections",
+            &cap,
+            "--http-max-connections",
+            &cap,
+            "--nbd-max-connections",
+            &cap,
+            "--handshake-timeout",
+            "2",
+            "--idle-timeout",
+            "3",
+        ],
+    );
+    s.tern_ok(&["pool", "create", "rbd"]);
+    s.tern_ok(&["create", "rbd/i", "--size", "8M"]);
+    let addrs = [&s.addr, &s.http_addr, &s.nbd_addr];
+    let t = Instant::now();
+    let socks: Vec<Vec<TcpStream>> = addrs
+        .iter()
+        .map(|a| {
+            (0..CAP + 50)
+                .map(|_| TcpStream::connect(a.as_str()).unwrap())
+                .collect()
+        })
+        .collect();
+    // The excess goes at once, well before any deadline.
+    std::thread::sleep(Duration::from_millis(700));
+    for (a, v) in addrs.iter().zip(&socks) {
+        let n = v.iter().filter(|s| closed(s)).count();
+        assert!(
+            n >= 50,
+            "{a}: only {n} of {} idle connections closed at once",
+            CAP + 50
+        );
+    }
+    // The rest go once the handshake deadline passes.
+    let all = wait_until(Duration::from_secs(8), || {
+        socks.iter().flatten().all(closed)
+    });
+    assert!(all, "idle connections still open after {:?}", t.elapsed());
+    // Served again.
+    assert!(s.tern_ok(&["ls", "rbd"]).contains('i'));
+    let (code, body) = http_get(&s.http_addr, "/metrics").expect("metrics");
+    assert_eq!(code, 200);
+    assert!(body.contains("tern_"));
+    let mut c = NbdClient::connect(&s.nbd_addr, "rbd/i").unwrap();
+    assert_eq!(c.read(0, 4096).unwrap(), vec![0; 4096]);
+    c.disconnect();
+    // A kept-alive HTTP connection that goes quiet is closed too.
+    let mut h = TcpStream::connect(&s.http_addr).unwrap();
+    h.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut b = [0u8; 64];
+    assert!(h.read(&mut b).unwrap() > 0);
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(8), || closed(&h)),
+        "an idle keep-alive connection stayed open"
+    );
+    assert!(t.elapsed() >= Duration::from_secs(2), "closed too early");
+    let log = s.log();
+    let limit_lines = log.matches("connection limit reached").count();
+    assert!(
+        (1..=6).contains(&limit_lines),
+        "{limit_lines} connection-limit lines for 150 refused connections"
+    );
+}
+
+/// Item 3, descriptors: with ternd limited to 128 descriptors and caps
+/// above that, accept fails with EMFILE; the listener backs off and logs a
+/// few lines (not one per attempt), and serves again once idle
+/// connections time out.
+#[test]
+fn accept_errors_back_off_without_flooding_the_log() {
+    let s = Site::start_with_nofile(
+        "emfile",
+        &[
+            "--max-connections",
+            "1000",
+            "--handshake-timeout",
+            "2",
+            "--idle-timeout",
+            "3",
+        ],
+        128,
+    );
+    let socks: Vec<TcpStream> = (0..300)
+        .filter_map(|_| TcpStream::connect(&s.addr).ok())
+        .collect();
+    std::thread::sleep(Duration::from_secs(4));
+    drop(socks);
+    // Served again once the descriptors are back.
+    let mut last = String::new();
+    let ok = wait_until(Duration::from_secs(15), || {
+        let o = s.tern(&["pool", "ls"]);
+        last = String::from_utf8_lossy(&o.stderr).into_owned();
+        o.status.success()
+    });
+    assert!(ok, "the API did not recover: {last}\n{}", s.log());
+    let log = s.log();
+    let lines = log.matches("accept failed").count();
+    assert!(
+        lines <= 4,
+        "{lines} 'accept failed' lines:\n{}",
+        log.lines()
+            .filter(|l| l.contains("accept failed"))
+            .take(10)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
