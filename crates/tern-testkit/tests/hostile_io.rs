@@ -252,7 +252,11 @@ fn huge_sparse_exports_start_at_once_and_stop_with_their_client() {
     let _ = child.kill();
     let _ = child.wait();
     eprintln!("64 TiB sparse export: first byte after {ttfb:?}");
-    assert_eq!(first.expect("no byte within 60 s").unwrap(), 0, "first byte");
+    assert_eq!(
+        first.expect("no byte within 60 s").unwrap(),
+        0,
+        "first byte"
+    );
     assert!(ttfb < Duration::from_secs(5), "first byte after {ttfb:?}");
 
     // The whole stream: contiguous, the written data where it was written,
