@@ -269,6 +269,98 @@ impl<R: AsyncRead + Unpin> DiffReader<R> {
     }
 }
 
+/// The image-level header of an export-format 2 ("rbd image v2") stream:
+/// the banner, metadata records up to `E`, and the number of "rbd diff v2"
+/// streams that follow (one per snapshot, then the head).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageHeaderV2 {
+    /// Object size as a power of two (`O`); 22 when absent.
+    pub order: u64,
+    /// rbd feature bits (`T`), if recorded.
+    pub features: Option<u64>,
+    pub stripe_unit: u64,
+    pub stripe_count: u64,
+    pub diffs: u64,
+}
+
+/// Largest metadata record of an image header, and most diffs in one
+/// export: bounds on what a hostile header can make the reader allocate.
+const MAX_META_RECORD: u64 = 1 << 20;
+const MAX_DIFFS: u64 = 1 << 20;
+
+impl ImageHeaderV2 {
+    /// Reads and checks the header, banner included. Unknown metadata
+    /// records are skipped by their length, as Ceph's reader does.
+    pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<ImageHeaderV2, DiffError> {
+        let t = |e| eof_to_truncated(e, "image header");
+        let mut banner = [0u8; 13];
+        r.read_exact(&mut banner).await.map_err(t)?;
+        if banner != IMAGE_BANNER_V2 {
+            return Err(DiffError::Malformed(
+                "not an rbd export-format 2 stream (no 'rbd image v2' banner)".into(),
+            ));
+        }
+        let mut h = ImageHeaderV2 {
+            order: 22,
+            features: None,
+            stripe_unit: 0,
+            stripe_count: 0,
+            diffs: 0,
+        };
+        loop {
+            let tag = r.read_u8().await.map_err(t)?;
+            if tag == b'E' {
+                break;
+            }
+            let len = r.read_u64_le().await.map_err(t)?;
+            if len > MAX_META_RECORD {
+                return Err(DiffError::Malformed(format!(
+                    "metadata record '{}' of {len} bytes is too large",
+                    tag.escape_ascii()
+                )));
+            }
+            let mut v = vec![0u8; len as usize];
+            r.read_exact(&mut v).await.map_err(t)?;
+            let num = || {
+                v.get(..8)
+                    .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            };
+            match tag {
+                b'O' => h.order = num().unwrap_or(22),
+                b'T' => h.features = num(),
+                b'U' => h.stripe_unit = num().unwrap_or(0),
+                b'C' => h.stripe_count = num().unwrap_or(0),
+                _ => {}
+            }
+        }
+        h.diffs = r.read_u64_le().await.map_err(t)?;
+        if h.diffs == 0 || h.diffs > MAX_DIFFS {
+            return Err(DiffError::Malformed(format!(
+                "export declares {} diffs",
+                h.diffs
+            )));
+        }
+        Ok(h)
+    }
+
+    /// Writes the header as Ceph does (format record `F` = 2 included).
+    pub async fn write<W: AsyncWrite + Unpin>(&self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(IMAGE_BANNER_V2).await?;
+        let mut recs = vec![(b'O', self.order), (b'F', 2)];
+        if let Some(f) = self.features {
+            recs.push((b'T', f));
+        }
+        recs.extend([(b'U', self.stripe_unit), (b'C', self.stripe_count)]);
+        for (tag, v) in recs {
+            w.write_u8(tag).await?;
+            w.write_u64_le(8).await?;
+            w.write_u64_le(v).await?;
+        }
+        w.write_u8(b'E').await?;
+        w.write_u64_le(self.diffs).await
+    }
+}
+
 pub struct DiffWriter<W> {
     w: W,
     version: u8,

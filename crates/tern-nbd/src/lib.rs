@@ -15,4 +15,7 @@ mod transmission;
 pub mod wire;
 
 pub use device::{BlockDevice, DeviceError, Exports, MetaContext, ReadChunk};
-pub use server::{NbdError, ServerConfig, serve, serve_connection, serve_connection_until};
+pub use server::{
+    AcceptErrors, DEFAULT_MAX_CONNECTIONS, DEFAULT_MEMORY_BUDGET, MemoryBudget, NbdError,
+    ServerConfig, memory_budget, serve, serve_connection, serve_connection_until,
+};

@@ -26,6 +26,49 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// A client must reach transmission (or leave) within this time.
     pub handshake_timeout: Duration,
+    /// READ/WRITE payload bytes in flight across every connection of the
+    /// server. A connection that would exceed it stops reading requests
+    /// until replies drain, so the total, not only each connection's
+    /// share, stays bounded.
+    pub memory: Arc<MemoryBudget>,
+    /// Connections served at once; further clients are closed at accept.
+    pub max_connections: usize,
+    /// A client that takes no reply bytes for this long is disconnected,
+    /// so one that pipelines reads and never reads the answers cannot hold
+    /// the shared budget for ever.
+    pub reply_timeout: Duration,
+}
+
+/// The server-wide byte budget, one permit per byte.
+pub struct MemoryBudget {
+    pub(crate) sem: Arc<tokio::sync::Semaphore>,
+    /// Most one connection may hold: half the budget (at least one
+    /// maximal payload), so one connection never takes all of it.
+    pub(crate) per_connection: u32,
+}
+
+impl MemoryBudget {
+    /// Bytes not held by any request now.
+    pub fn available(&self) -> usize {
+        self.sem.available_permits()
+    }
+}
+
+/// Default for [`ServerConfig::memory`]: room for a few connections'
+/// worth of large pipelined reads.
+pub const DEFAULT_MEMORY_BUDGET: usize = 512 << 20;
+/// Default for [`ServerConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+
+/// A byte budget for [`ServerConfig::memory`], never below one maximal
+/// payload (32 MiB).
+pub fn memory_budget(bytes: usize) -> Arc<MemoryBudget> {
+    let max = crate::wire::MAX_PAYLOAD as usize;
+    let total = bytes.max(max);
+    Arc::new(MemoryBudget {
+        sem: Arc::new(tokio::sync::Semaphore::new(total)),
+        per_connection: (total / 2).clamp(max, u32::MAX as usize) as u32,
+    })
 }
 
 impl Default for ServerConfig {
@@ -35,6 +78,9 @@ impl Default for ServerConfig {
             require_tls: false,
             max_in_flight: 128,
             handshake_timeout: Duration::from_secs(30),
+            memory: memory_budget(DEFAULT_MEMORY_BUDGET),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            reply_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -54,6 +100,8 @@ pub enum NbdError {
     Tls(#[source] std::io::Error),
     #[error("handshake did not finish in time")]
     HandshakeTimeout,
+    #[error("the client stopped taking replies (or went away)")]
+    ReplyTimeout,
     #[error("i/o error during handshake")]
     HandshakeIo(#[source] std::io::Error),
     #[error("write payload of {0} bytes exceeds the 32 MiB limit")]
@@ -156,6 +204,8 @@ pub async fn serve(
     let mut conns = JoinSet::new();
     tokio::pin!(shutdown);
     info!(addr = ?listener.local_addr().ok(), "nbd: listening");
+    let mut errors = AcceptErrors::default();
+    let mut refused = AcceptErrors::default();
     loop {
         while conns.try_join_next().is_some() {}
         let (sock, peer) = tokio::select! {
@@ -164,13 +214,30 @@ pub async fn serve(
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    // Usually EMFILE/ECONNABORTED: transient, so back off rather than exit.
-                    warn!(error = %e, "nbd: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Usually EMFILE/ECONNABORTED: transient, so back off
+                    // rather than exit, and rather than spin or flood the log.
+                    let pause = errors.failed(|n| warn!(error = %e, failures = n, "nbd: accept failed"));
+                    tokio::select! {
+                        biased;
+                        _ = &mut shutdown => break,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
                     continue;
                 }
             },
         };
+        errors.ok();
+        // Connections that ended while accept waited no longer count.
+        while conns.try_join_next().is_some() {}
+        if conns.len() >= cfg.max_connections {
+            // Closed unanswered: the client sees EOF before the greeting.
+            refused.failed(|n| {
+                warn!(%peer, limit = cfg.max_connections, refused = n,
+                    "nbd: connection limit reached, closing new connections")
+            });
+            drop(sock);
+            continue;
+        }
         // Small request/reply messages: Nagle would add ~40 ms at QD1.
         let _ = sock.set_nodelay(true);
         let (exports, cfg, rx) = (exports.clone(), cfg.clone(), rx.clone());
@@ -190,4 +257,40 @@ pub async fn serve(
     while conns.join_next().await.is_some() {}
     info!("nbd: stopped");
     Ok(())
+}
+
+/// Backoff and log rate for a failing accept loop: at most one line per
+/// [`AcceptErrors::LOG_EVERY`] (with the count since the last), and a
+/// pause that doubles from 10 ms to 1 s while failures continue.
+#[derive(Default)]
+pub struct AcceptErrors {
+    streak: u32,
+    since_log: u64,
+    last_log: Option<std::time::Instant>,
+}
+
+impl AcceptErrors {
+    pub const LOG_EVERY: Duration = Duration::from_secs(10);
+
+    /// Records a failure; calls `log` with the failures since the last
+    /// line if a line is due; returns how long to pause.
+    pub fn failed(&mut self, log: impl FnOnce(u64)) -> Duration {
+        self.since_log += 1;
+        let now = std::time::Instant::now();
+        if self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= Self::LOG_EVERY)
+        {
+            log(self.since_log);
+            self.since_log = 0;
+            self.last_log = Some(now);
+        }
+        let pause = Duration::from_millis(10u64 << self.streak.min(7)).min(Duration::from_secs(1));
+        self.streak += 1;
+        pause
+    }
+
+    pub fn ok(&mut self) {
+        self.streak = 0;
+    }
 }

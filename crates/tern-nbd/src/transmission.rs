@@ -2,8 +2,9 @@
 //! request; one writer task serialises their replies. Replies leave in
 //! completion order, matched to requests by cookie.
 //!
-//! Memory is bounded twice: by the number of requests in flight and by the
-//! payload bytes in flight. Both permits travel with the reply to the writer,
+//! Memory is bounded three times: by the number of requests in flight, by
+//! the payload bytes in flight on the connection and by those in flight on
+//! the whole server. The permits travel with the reply to the writer,
 //! so a client that stops reading replies stops being read from, instead of
 //! making the server buffer without limit.
 
@@ -29,10 +30,18 @@ const MAX_EXTENTS: usize = 64 * 1024;
 /// is not reading them.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 
+/// Permits a request holds until its reply is written: a request slot,
+/// the connection's byte share and the server-wide byte budget.
+type Permits = (
+    OwnedSemaphorePermit,
+    OwnedSemaphorePermit,
+    OwnedSemaphorePermit,
+);
+
 /// One complete reply (all chunks of it), written back-to-back.
 struct Frame {
     parts: Vec<Vec<u8>>,
-    _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    _permits: Option<Permits>,
 }
 
 struct Ctx {
@@ -63,9 +72,14 @@ pub(crate) async fn run(
     let (r, w) = tokio::io::split(io);
     let mut r = BufReader::with_capacity(128 * 1024, r);
     let (tx, rx) = mpsc::unbounded_channel::<Frame>();
-    let mut writer = tokio::spawn(write_replies(BufWriter::with_capacity(256 * 1024, w), rx));
+    let mut writer = tokio::spawn(write_replies(
+        BufWriter::with_capacity(256 * 1024, w),
+        rx,
+        cfg.reply_timeout,
+    ));
     let requests = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
-    let bytes = Arc::new(Semaphore::new(MAX_BYTES_IN_FLIGHT as usize));
+    let share = MAX_BYTES_IN_FLIGHT.min(cfg.memory.per_connection);
+    let bytes = Arc::new(Semaphore::new(share as usize));
     let mut tasks = JoinSet::new();
     let mut served: u64 = 0;
 
@@ -75,6 +89,8 @@ pub(crate) async fn run(
         tokio::select! {
             biased;
             _ = shutdown.wait() => break Ok(()),
+            // The reply writer gave up on a client that stopped reading.
+            _ = tx.closed() => break Err(NbdError::ReplyTimeout),
             res = r.read_exact(&mut hdr) => match res {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
@@ -110,13 +126,18 @@ pub(crate) async fn run(
         let permits = tokio::select! {
             biased;
             _ = shutdown.wait() => break Ok(()),
+            _ = tx.closed() => break Err(NbdError::ReplyTimeout),
             p = async {
                 let r = requests.clone().acquire_owned().await;
                 let b = bytes.clone().acquire_many_owned(budget).await;
-                (r, b)
+                // Global last: a connection holds its own share before it
+                // competes for the server's, so waiting for the global
+                // budget never blocks a permit another connection needs.
+                let g = cfg.memory.sem.clone().acquire_many_owned(budget).await;
+                (r, b, g)
             } => p,
         };
-        let (Ok(p_req), Ok(p_bytes)) = permits else {
+        let (Ok(p_req), Ok(p_bytes), Ok(p_mem)) = permits else {
             unreachable!("semaphores are never closed");
         };
         let mut payload = Vec::new();
@@ -140,7 +161,7 @@ pub(crate) async fn run(
             // A send error means the writer is gone (client vanished): nothing to do.
             let _ = tx.send(Frame {
                 parts,
-                _permits: Some((p_req, p_bytes)),
+                _permits: Some((p_req, p_bytes, p_mem)),
             });
         });
     };
@@ -177,15 +198,30 @@ pub(crate) async fn run(
 async fn write_replies(
     mut w: BufWriter<WriteHalf<BoxIo>>,
     mut rx: mpsc::UnboundedReceiver<Frame>,
+    stall: Duration,
 ) -> std::io::Result<()> {
+    let stalled = |_| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client took no reply bytes in time",
+        )
+    };
     while let Some(frame) = rx.recv().await {
         for p in &frame.parts {
-            w.write_all(p).await?;
+            // In pieces, so the deadline is on progress, not on a whole
+            // 32 MiB reply over a slow link.
+            for piece in p.chunks(256 << 10) {
+                tokio::time::timeout(stall, w.write_all(piece))
+                    .await
+                    .map_err(stalled)??;
+            }
         }
         drop(frame);
         // Coalesce replies that are already queued into one syscall.
         if rx.is_empty() {
-            w.flush().await?;
+            tokio::time::timeout(stall, w.flush())
+                .await
+                .map_err(stalled)??;
         }
     }
     w.flush().await?;

@@ -71,24 +71,50 @@ impl Shared {
         self.dirty.lock().entry(id.clone()).or_default().clone()
     }
 
-    /// Closes idle cached fds across all open images until the total is
-    /// comfortably under the cap. Dirty fds stay open through the dirty
-    /// set until a flush syncs them.
-    fn shed(&self) {
+    fn under(&self, target: usize) -> bool {
+        self.open_fds.load(Ordering::Relaxed) <= target
+    }
+
+    /// Brings the open object files across all open images comfortably
+    /// under the cap: idle cached fds first, then, if a client keeps that
+    /// many objects dirty without flushing, dirty ones, each synced before
+    /// it closes. Without the second step one writer that never flushes
+    /// holds a descriptor per object it touched until the process runs out
+    /// and every other image, socket and export fails with it.
+    fn shed(&self, caller: Option<&Image>) {
+        let target = self.fd_cap * 3 / 4;
         let images: Vec<Arc<Image>> = self
             .images
             .lock()
             .values()
             .filter_map(Weak::upgrade)
             .collect();
-        for img in images {
+        for img in &images {
             img.shed_idle();
-            if self.open_fds.load(Ordering::Relaxed) <= self.fd_cap * 3 / 4 {
-                break;
+            if self.under(target) {
+                return;
+            }
+        }
+        // The caller's own image first: it is the one opening objects.
+        let caller = caller.into_iter();
+        for img in caller.chain(images.iter().map(|i| &**i)) {
+            img.shed_dirty(target);
+            if self.under(target) {
+                return;
             }
         }
     }
 }
+
+/// The process (or system) is out of file descriptors: closing some of
+/// ours and retrying can succeed.
+fn fds_exhausted(e: &OpenError) -> bool {
+    matches!(e, OpenError::Io(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)))
+}
+
+/// Attempts at an object open that fails for want of descriptors, each
+/// after shedding what the cache can give back.
+const FD_RETRIES: usize = 4;
 
 /// Object files written (or created, punched) since the last flush. Keyed
 /// by the `ObjectFile`'s address, not the object number: a file deleted and
@@ -330,20 +356,40 @@ impl Image {
         if let Some(hit) = self.lookup(no, create) {
             return Ok(hit);
         }
-        let guard = self.open_lock.lock();
-        if let Some(hit) = self.lookup(no, create) {
-            return Ok(hit);
-        }
         let path = object::object_path(&self.dir, no);
-        let opened = object::open_object(
-            &self.dir,
-            &self.id,
-            no,
-            create,
-            self.chunks.count,
-            st.snap_seq,
-        )
-        .map_err(|e| match e {
+        let mut tries = 0;
+        let (guard, opened) = loop {
+            // Shed before opening, not only after: at the cap, the next
+            // open may be the one that fails.
+            if tries > 0 || !self.shared.under(self.shared.fd_cap.saturating_sub(1)) {
+                self.shared.shed(Some(self));
+            }
+            let guard = self.open_lock.lock();
+            if let Some(hit) = self.lookup(no, create) {
+                return Ok(hit);
+            }
+            let r = object::open_object(
+                &self.dir,
+                &self.id,
+                no,
+                create,
+                self.chunks.count,
+                st.snap_seq,
+            );
+            match r {
+                Err(e) if fds_exhausted(&e) && tries < FD_RETRIES => {
+                    drop(guard);
+                    tries += 1;
+                    if tries > 1 {
+                        // Descriptors held elsewhere (sockets, other
+                        // processes) may free up in a moment.
+                        std::thread::sleep(std::time::Duration::from_millis(10 << tries));
+                    }
+                }
+                r => break (guard, r),
+            }
+        };
+        let opened = opened.map_err(|e| match e {
             OpenError::Header(source) => StoreError::CorruptObject {
                 spec: spec.to_string(),
                 path: path.clone(),
@@ -380,8 +426,8 @@ impl Image {
         }
         self.slots.lock().insert(no, Slot::Open(f.clone()));
         drop(guard);
-        if self.shared.open_fds.load(Ordering::Relaxed) > self.shared.fd_cap {
-            self.shared.shed();
+        if !self.shared.under(self.shared.fd_cap) {
+            self.shared.shed(Some(self));
         }
         Ok(Some(f))
     }
@@ -405,6 +451,58 @@ impl Image {
         self.clone_files
             .lock()
             .retain(|_, f| Arc::strong_count(f) > 1);
+    }
+
+    /// Syncs and closes dirty object files that nothing but the cache and
+    /// the dirty set holds, until the store is under `target`. A file
+    /// leaves the dirty set only once its data and map are on disk, and
+    /// `flush_lock` is held throughout, so a flush that starts meanwhile
+    /// waits and still covers every write acknowledged before it. Locks are
+    /// only tried: the caller may hold this image's, and waiting on another
+    /// image's could deadlock; a busy image is simply skipped.
+    fn shed_dirty(&self, target: usize) {
+        let Some(_flush) = self.flush_lock.try_lock() else {
+            return;
+        };
+        // Held so nobody reopens an object (reading its header from disk)
+        // before the map we took out of the cache is written back.
+        let Some(_open) = self.open_lock.try_lock() else {
+            return;
+        };
+        let excess = self
+            .shared
+            .open_fds
+            .load(Ordering::Relaxed)
+            .saturating_sub(target);
+        if excess == 0 {
+            return;
+        }
+        let mut victims = Vec::new();
+        {
+            let mut slots = self.slots.lock();
+            let mut dirty = self.dirty.files.lock();
+            slots.retain(|_, s| {
+                let Slot::Open(f) = s else { return true };
+                let key = Arc::as_ptr(f) as usize;
+                // 2: the slot and the dirty set. Any I/O in flight holds a
+                // third reference, and new ones need `slots`, held here.
+                if victims.len() < excess && Arc::strong_count(f) == 2 && dirty.contains_key(&key) {
+                    dirty.remove(&key);
+                    victims.push(f.clone());
+                    return false;
+                }
+                true
+            });
+        }
+        for f in victims {
+            if let Err(e) = self.persist_map(&f).and_then(|()| f.file.sync_data()) {
+                // As in flush: the pages may be gone, so every later flush
+                // of this image must fail rather than claim durability.
+                self.dirty.failed.store(true, Ordering::SeqCst);
+                tracing::error!(image = %self.id, object = f.no, error = %e,
+                    "syncing an object file to close it failed");
+            }
+        }
     }
 
     /// Unlinks object `no`; the cache forgets it first so no later I/O
@@ -826,6 +924,17 @@ impl Image {
             });
         }
         let _one = self.flush_lock.lock();
+        // A descriptor shed while this flush waited for the lock may have
+        // failed its sync.
+        if self.dirty.failed.load(Ordering::SeqCst) {
+            return Err(StoreError::Flush {
+                spec,
+                path: self.dir.clone(),
+                source: io::Error::other(
+                    "an earlier sync failed and data may have been lost; the image needs checking",
+                ),
+            });
+        }
         // Swap the set out so writes that land during the syncs are tracked
         // for the next flush instead of being lost from the set.
         let files = std::mem::take(&mut *self.dirty.files.lock());

@@ -96,6 +96,24 @@ pub const MAX_IMAGE_SIZE: u64 = 1 << 60;
 /// Default cap on object-file descriptors held open by one store.
 pub const DEFAULT_FD_CAP: usize = 4096;
 
+/// The object-file cap [`Store::open`] uses: half the process's descriptor
+/// limit (at most [`DEFAULT_FD_CAP`]), so sockets, the metadata database,
+/// journals and exports keep the other half however many objects clients
+/// touch.
+pub fn fd_cap_for_limit() -> usize {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass and nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        return DEFAULT_FD_CAP;
+    }
+    usize::try_from(rl.rlim_cur / 2)
+        .unwrap_or(DEFAULT_FD_CAP)
+        .clamp(16, DEFAULT_FD_CAP)
+}
+
 /// Small tables whose meaning belongs to the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum KvTable {
@@ -226,7 +244,7 @@ impl Store {
     /// Opens (creating if absent) the store in `dir`, and deletes data
     /// directories left by an image removal that a crash interrupted.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        Self::open_with_fd_cap(dir, DEFAULT_FD_CAP)
+        Self::open_with_fd_cap(dir, fd_cap_for_limit())
     }
 
     /// [`open`](Self::open) with a different cap on open object files.

@@ -519,6 +519,42 @@ fn resize_during_io_does_not_corrupt() {
     }
 }
 
+/// A writer that never flushes cannot hold a descriptor per object: dirty
+/// files are synced and closed at the cap, and a flush afterwards still
+/// covers them (issue 23, item 2).
+#[test]
+fn fd_cap_holds_without_flush() {
+    let t = tempfile::tempdir().unwrap();
+    let s = Store::open_with_fd_cap(t.path(), 16).unwrap();
+    s.pool_create("p").unwrap();
+    let o = CreateOpts {
+        size: 300 * 4096,
+        layout: Layout::simple(4096),
+        features: Features::DEFAULT,
+    };
+    s.image_create("p", "f", &o).unwrap();
+    s.image_create("p", "g", &o).unwrap();
+    let img = s.open_image("p", "f").unwrap();
+    let other = s.open_image("p", "g").unwrap();
+    for k in 0..300u64 {
+        img.write(k * 4096 + 7, &pattern(k as u8, 512), false)
+            .unwrap();
+        assert!(s.open_fds() <= 16, "{} fds open after {k}", s.open_fds());
+    }
+    other.write(4096, &pattern(9, 512), false).unwrap();
+    img.flush().unwrap();
+    other.flush().unwrap();
+    drop((img, other));
+    drop(s);
+    let s = Store::open_with_fd_cap(t.path(), 16).unwrap();
+    let img = s.open_image("p", "f").unwrap();
+    for k in 0..300u64 {
+        let mut b = vec![0u8; 512];
+        img.read(k * 4096 + 7, &mut b).unwrap();
+        assert_eq!(b, pattern(k as u8, 512), "object {k}");
+    }
+}
+
 #[test]
 fn fd_cap_is_respected() {
     let t = tempfile::tempdir().unwrap();

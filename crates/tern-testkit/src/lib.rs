@@ -52,9 +52,17 @@ pub struct Site {
     http_listen: String,
     child: Option<Child>,
     extra: Vec<String>,
+    /// RLIMIT_NOFILE (soft and hard) for ternd, kept across restarts.
+    nofile: Option<u64>,
 }
 
 impl Site {
+    /// [`Self::start_with`] with ternd limited to `nofile` descriptors
+    /// (soft and hard, so ternd cannot raise it), as under `ulimit -n`.
+    pub fn start_with_nofile(name: &str, extra: &[&str], nofile: u64) -> Site {
+        Self::start_inner(&std::env::temp_dir(), name, extra, Some(nofile))
+    }
+
     /// Starts a new site named `name` on a free loopback port.
     pub fn start(name: &str) -> Site {
         Self::start_with(name, &[])
@@ -67,6 +75,10 @@ impl Site {
     /// [`Self::start_with`], keeping the site's files (data, config, log)
     /// in a new directory under `parent` (a small filesystem, say).
     pub fn start_under(parent: &Path, name: &str, extra: &[&str]) -> Site {
+        Self::start_inner(parent, name, extra, None)
+    }
+
+    fn start_inner(parent: &Path, name: &str, extra: &[&str], nofile: Option<u64>) -> Site {
         let root = tempfile::Builder::new()
             .prefix(&format!("tern-{name}-"))
             .tempdir_in(parent)
@@ -86,6 +98,7 @@ impl Site {
             nbd_listen: "127.0.0.1:0".into(),
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            nofile,
         };
         s.spawn();
         // Restarts reuse the ports so configs, tokens and NBD URIs stay valid.
@@ -125,6 +138,22 @@ impl Site {
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        if let Some(n) = self.nofile {
+            let rl = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe and touches only the
+            // child between fork and exec.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd.spawn().expect("spawn ternd");
         self.child = Some(child);
         let ok = wait_until(Duration::from_secs(20), || {

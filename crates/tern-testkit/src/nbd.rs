@@ -59,53 +59,61 @@ fn read_u64(r: &mut impl Read) -> io::Result<u64> {
     Ok(u64::from_be_bytes(b))
 }
 
+/// A connection to `addr` that has opened `export` with NBD_OPT_GO (no
+/// structured replies): the socket in transmission phase, the export size
+/// and its transmission flags. For tests that drive the wire themselves.
+pub fn handshake(addr: &str, export: &str) -> io::Result<(TcpStream, u64, u16)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let mut magic = [0u8; 8];
+    s.read_exact(&mut magic)?;
+    if &magic != NBDMAGIC || read_u64(&mut s)? != IHAVEOPT {
+        return Err(io::Error::other("not an NBD newstyle server"));
+    }
+    let _hs_flags = read_u16(&mut s)?;
+    // Fixed newstyle, no zeroes.
+    s.write_all(&3u32.to_be_bytes())?;
+    let mut data = Vec::new();
+    data.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    data.extend_from_slice(export.as_bytes());
+    data.extend_from_slice(&0u16.to_be_bytes());
+    let mut opt = Vec::new();
+    opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    opt.extend_from_slice(&OPT_GO.to_be_bytes());
+    opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    opt.extend_from_slice(&data);
+    s.write_all(&opt)?;
+    let (mut size, mut flags) = (0, 0);
+    loop {
+        if read_u64(&mut s)? != REPLY_MAGIC {
+            return Err(io::Error::other("bad option reply magic"));
+        }
+        let _opt = read_u32(&mut s)?;
+        let typ = read_u32(&mut s)?;
+        let len = read_u32(&mut s)? as usize;
+        let mut body = vec![0; len];
+        s.read_exact(&mut body)?;
+        if typ & 0x8000_0000 != 0 {
+            return Err(io::Error::other(format!(
+                "NBD_OPT_GO refused ({typ:#x}): {}",
+                String::from_utf8_lossy(&body)
+            )));
+        }
+        if typ == REP_INFO && len >= 12 && body[..2] == [0, 0] {
+            size = u64::from_be_bytes(body[2..10].try_into().expect("8 bytes"));
+            flags = u16::from_be_bytes(body[10..12].try_into().expect("2 bytes"));
+        }
+        if typ == REP_ACK {
+            break;
+        }
+    }
+    Ok((s, size, flags))
+}
+
 impl NbdClient {
     /// Connects to `addr` (host:port) and opens `export`.
     pub fn connect(addr: &str, export: &str) -> io::Result<NbdClient> {
-        let mut s = TcpStream::connect(addr)?;
-        s.set_nodelay(true)?;
-        let mut magic = [0u8; 8];
-        s.read_exact(&mut magic)?;
-        if &magic != NBDMAGIC || read_u64(&mut s)? != IHAVEOPT {
-            return Err(io::Error::other("not an NBD newstyle server"));
-        }
-        let _hs_flags = read_u16(&mut s)?;
-        // Fixed newstyle, no zeroes.
-        s.write_all(&3u32.to_be_bytes())?;
-        let mut data = Vec::new();
-        data.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        data.extend_from_slice(export.as_bytes());
-        data.extend_from_slice(&0u16.to_be_bytes());
-        let mut opt = Vec::new();
-        opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        opt.extend_from_slice(&OPT_GO.to_be_bytes());
-        opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        opt.extend_from_slice(&data);
-        s.write_all(&opt)?;
-        let (mut size, mut flags) = (0, 0);
-        loop {
-            if read_u64(&mut s)? != REPLY_MAGIC {
-                return Err(io::Error::other("bad option reply magic"));
-            }
-            let _opt = read_u32(&mut s)?;
-            let typ = read_u32(&mut s)?;
-            let len = read_u32(&mut s)? as usize;
-            let mut body = vec![0; len];
-            s.read_exact(&mut body)?;
-            if typ & 0x8000_0000 != 0 {
-                return Err(io::Error::other(format!(
-                    "NBD_OPT_GO refused ({typ:#x}): {}",
-                    String::from_utf8_lossy(&body)
-                )));
-            }
-            if typ == REP_INFO && len >= 12 && body[..2] == [0, 0] {
-                size = u64::from_be_bytes(body[2..10].try_into().expect("8 bytes"));
-                flags = u16::from_be_bytes(body[10..12].try_into().expect("2 bytes"));
-            }
-            if typ == REP_ACK {
-                break;
-            }
-        }
+        let (s, size, flags) = handshake(addr, export)?;
         let reads = Arc::new(Mutex::new(HashMap::new()));
         let (tx, rx) = mpsc::channel();
         let mut r = s.try_clone()?;

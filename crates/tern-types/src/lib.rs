@@ -7,6 +7,7 @@ pub mod error;
 pub mod features;
 pub mod ids;
 pub mod layout;
+pub mod mutate;
 pub mod size;
 pub mod spec;
 pub mod text;

@@ -2,6 +2,7 @@
 //! [`run`], so tests and the lab can reach the same code.
 
 pub mod auth;
+pub mod listen;
 pub mod locks;
 pub mod metrics;
 pub mod mirror;
@@ -33,6 +34,22 @@ pub struct Options {
     pub http_listen: Option<SocketAddr>,
     /// Allow a non-loopback http listener (it has no authentication).
     pub http_allow_remote: bool,
+    /// Connection cap and deadlines of the API listener.
+    pub api_limits: listen::Limits,
+    /// Connection cap and deadlines of the metrics/status listener.
+    pub http_limits: listen::Limits,
+    /// NBD connections served at once.
+    pub nbd_max_connections: usize,
+    /// NBD READ/WRITE payload bytes in flight across all connections.
+    pub nbd_memory_budget: usize,
+}
+
+impl Options {
+    /// Defaults for the listener limits, as `ternd` documents them.
+    pub const API_MAX_CONNECTIONS: usize = 256;
+    pub const HTTP_MAX_CONNECTIONS: usize = 32;
+    pub const HANDSHAKE_TIMEOUT_SECS: u64 = 10;
+    pub const IDLE_TIMEOUT_SECS: u64 = 300;
 }
 
 /// Starts the site and serves until SIGTERM or SIGINT.
@@ -129,18 +146,19 @@ pub async fn run(opts: Options) -> Result<(), Error> {
         // Compressed only for clients that ask (rbd_mirror_compression on a daemon).
         .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
         .send_compressed(tonic::codec::CompressionEncoding::Zstd);
-    let mut builder = tonic::transport::Server::builder()
+    let builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
-    if !opts.insecure {
-        let identity = tonic::transport::Identity::from_pem(&site.tls.cert_pem, &site.tls.key_pem);
-        builder = builder
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-            .map_err(|e| Error::new(ErrorKind::Internal, format!("TLS setup: {e}")))?;
-    }
+    // TLS is terminated by our own accept loop rather than tonic's, so a
+    // handshake that never comes costs a slot for a bounded time only.
+    let tls = if opts.insecure {
+        None
+    } else {
+        Some(api_tls_acceptor(&site).map_err(|e| Error::new(ErrorKind::Internal, e))?)
+    };
     // Written after the listener is up: tests and scripts wait for this file.
     let addr_file = opts.data.join("ternd.addr");
     std::fs::write(&addr_file, format!("{endpoint}\n")).map_err(|e| {
@@ -153,10 +171,11 @@ pub async fn run(opts: Options) -> Result<(), Error> {
         site = %site.site_name, site_id = %site.site_id, %endpoint,
         tls = !opts.insecure, fingerprint = %site.tls.fingerprint, "ternd serving"
     );
-    // serve_with_incoming ignores the builder's tcp_nodelay: set it here, or
-    // small replies wait out delayed ACKs (40 ms per 4 KiB read).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // The accept loop sets TCP_NODELAY itself (serve_with_incoming ignores
+    // the builder's): small replies must not wait out delayed ACKs.
+    let incoming = listen::api_incoming(listener, tls, opts.api_limits);
     builder
+        .layer(listen::ActivityLayer)
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()))
         .await
@@ -197,6 +216,9 @@ async fn start_nbd(
     let cfg = Arc::new(tern_nbd::ServerConfig {
         tls: Some(acceptor),
         require_tls: !local.ip().is_loopback(),
+        memory: tern_nbd::memory_budget(opts.nbd_memory_budget),
+        max_connections: opts.nbd_max_connections.max(1),
+        handshake_timeout: opts.api_limits.handshake_timeout,
         ..Default::default()
     });
     let store_for_lease = site.clone();
@@ -281,6 +303,7 @@ async fn start_http(
         )
     })?;
     tracing::info!(endpoint = %local, "metrics and status page serving");
+    let listener = listen::HttpListener::new(listener, opts.http_limits);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(stop)
@@ -289,6 +312,28 @@ async fn start_http(
             tracing::error!(error = %e, "http listener failed");
         }
     }))
+}
+
+/// The API's TLS configuration: the site certificate, offering HTTP/2
+/// only (gRPC clients require it by ALPN).
+fn api_tls_acceptor(site: &Site) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(site.tls.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("site certificate: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(site.tls.key_pem.as_bytes())
+        .map_err(|e| format!("site key: {e}"))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| format!("TLS setup: {e}"))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
 async fn shutdown_signal() {

@@ -40,6 +40,27 @@ struct Args {
     /// are read-only and unauthenticated).
     #[arg(long)]
     http_allow_remote: bool,
+    /// API connections open at once; more are closed on accept.
+    #[arg(long, default_value_t = ternd::Options::API_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Metrics/status page connections open at once.
+    #[arg(long, default_value_t = ternd::Options::HTTP_MAX_CONNECTIONS)]
+    http_max_connections: usize,
+    /// NBD connections open at once.
+    #[arg(long, default_value_t = tern_nbd::DEFAULT_MAX_CONNECTIONS)]
+    nbd_max_connections: usize,
+    /// Seconds a new API or HTTP connection has to finish its TLS
+    /// handshake (or send its first byte).
+    #[arg(long, default_value_t = ternd::Options::HANDSHAKE_TIMEOUT_SECS)]
+    handshake_timeout: u64,
+    /// Seconds an API or HTTP connection may sit with no request in
+    /// progress before it is closed.
+    #[arg(long, default_value_t = ternd::Options::IDLE_TIMEOUT_SECS)]
+    idle_timeout: u64,
+    /// NBD read/write payload bytes in flight across all connections
+    /// (e.g. 512M; plain numbers are MiB; at least 32M).
+    #[arg(long, default_value = "512M")]
+    nbd_memory_budget: String,
 }
 
 fn raise_fd_limit() {
@@ -82,7 +103,43 @@ fn main() -> std::process::ExitCode {
             }
         },
     };
+    let nbd_memory_budget = match tern_types::size::parse_size(&args.nbd_memory_budget) {
+        Ok(n) if n >= 32 << 20 => n as usize,
+        Ok(_) => {
+            eprintln!("ternd: --nbd-memory-budget must be at least 32M (one maximal NBD request)");
+            return std::process::ExitCode::from(22);
+        }
+        Err(e) => {
+            eprintln!("ternd: --nbd-memory-budget: {e}");
+            return std::process::ExitCode::from(22);
+        }
+    };
+    for (flag, v) in [
+        ("--max-connections", args.max_connections as u64),
+        ("--http-max-connections", args.http_max_connections as u64),
+        ("--nbd-max-connections", args.nbd_max_connections as u64),
+        ("--handshake-timeout", args.handshake_timeout),
+        ("--idle-timeout", args.idle_timeout),
+    ] {
+        if v == 0 {
+            eprintln!("ternd: {flag} must be at least 1");
+            return std::process::ExitCode::from(22);
+        }
+    }
+    let secs = std::time::Duration::from_secs;
     let opts = ternd::Options {
+        api_limits: ternd::listen::Limits {
+            max_connections: args.max_connections,
+            handshake_timeout: secs(args.handshake_timeout),
+            idle_timeout: secs(args.idle_timeout),
+        },
+        http_limits: ternd::listen::Limits {
+            max_connections: args.http_max_connections,
+            handshake_timeout: secs(args.handshake_timeout),
+            idle_timeout: secs(args.idle_timeout),
+        },
+        nbd_max_connections: args.nbd_max_connections,
+        nbd_memory_budget,
         http_listen,
         http_allow_remote: args.http_allow_remote,
         data: args.data,

@@ -6,10 +6,10 @@ use crate::cli::ImportArgs;
 use crate::ctx::{Ctx, Result, invalid};
 use crate::out::table;
 use serde_json::json;
-use tern_client::rbd_diff::{DiffError, DiffReader, DiffWriter, IMAGE_BANNER_V2, Record};
+use tern_client::rbd_diff::{DiffError, DiffReader, DiffWriter, ImageHeaderV2, Record};
 use tern_client::{ClientError, SiteClient, image_ref, pb, snap_ref};
 use tern_types::{ErrorKind, ImageSpec};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 fn diff_err(e: DiffError) -> ClientError {
     let kind = match e {
@@ -331,22 +331,16 @@ pub async fn export_v2(ctx: &Ctx, spec: &str, path: &str) -> Result<()> {
     let mut out = open_out(path).await?;
     let werr = |e| io_err("writing the export", e);
     let res: Result<()> = async {
-        out.write_all(IMAGE_BANNER_V2).await.map_err(werr)?;
-        for (tag, v) in [
-            (b'O', info.object_size.trailing_zeros() as u64),
-            (b'F', 2),
-            (b'T', info.features),
-            (b'U', info.stripe_unit),
-            (b'C', info.stripe_count),
-        ] {
-            out.write_u8(tag).await.map_err(werr)?;
-            out.write_u64_le(8).await.map_err(werr)?;
-            out.write_u64_le(v).await.map_err(werr)?;
+        ImageHeaderV2 {
+            order: info.object_size.trailing_zeros() as u64,
+            features: Some(info.features),
+            stripe_unit: info.stripe_unit,
+            stripe_count: info.stripe_count,
+            diffs: snaps.len() as u64 + 1,
         }
-        out.write_u8(b'E').await.map_err(werr)?;
-        out.write_u64_le(snaps.len() as u64 + 1)
-            .await
-            .map_err(werr)?;
+        .write(&mut out)
+        .await
+        .map_err(werr)?;
         let mut prev: Option<String> = None;
         let points: Vec<Option<&pb::SnapInfo>> = snaps
             .iter()
@@ -435,51 +429,13 @@ async fn import_v2_into<R: AsyncRead + Unpin>(
     s: &ImageSpec,
     a: &ImportArgs,
 ) -> Result<()> {
-    let trunc = |e: std::io::Error| {
-        diff_err(if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            DiffError::Truncated("image header")
-        } else {
-            DiffError::Io(e)
-        })
-    };
-    let mut banner = [0u8; 13];
-    input.read_exact(&mut banner).await.map_err(trunc)?;
-    if banner != IMAGE_BANNER_V2 {
-        return Err(invalid(
-            "not an rbd export-format 2 stream (no 'rbd image v2' banner)",
-        ));
-    }
-    let (mut order, mut features, mut su, mut sc) = (22u64, None, 0u64, 0u64);
-    loop {
-        let tag = input.read_u8().await.map_err(trunc)?;
-        if tag == b'E' {
-            break;
-        }
-        let len = input.read_u64_le().await.map_err(trunc)?;
-        if len > 1 << 20 {
-            return Err(invalid(format!(
-                "metadata record '{}' of {len} bytes is too large",
-                tag as char
-            )));
-        }
-        let mut v = vec![0u8; len as usize];
-        input.read_exact(&mut v).await.map_err(trunc)?;
-        let num = || {
-            v.get(..8)
-                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-        };
-        match tag {
-            b'O' => order = num().unwrap_or(22),
-            b'T' => features = num(),
-            b'U' => su = num().unwrap_or(0),
-            b'C' => sc = num().unwrap_or(0),
-            _ => {}
-        }
-    }
-    let n = input.read_u64_le().await.map_err(trunc)?;
-    if n == 0 || n > 1 << 20 {
-        return Err(invalid(format!("export declares {n} diffs")));
-    }
+    let h = ImageHeaderV2::read(input).await.map_err(|e| match e {
+        // Said as it was before the header had its own reader.
+        DiffError::Malformed(m) => invalid(m),
+        e => diff_err(e),
+    })?;
+    let (order, features, su, sc, n) =
+        (h.order, h.features, h.stripe_unit, h.stripe_count, h.diffs);
     let target = image_ref(&s.pool, &s.image);
     for i in 0..n {
         let mut r = DiffReader::new(&mut *input).await.map_err(diff_err)?;
