@@ -14,6 +14,16 @@ fn have(bin: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// A missing tool skips the test on a developer's machine; under CI it
+/// fails it, so a green CI never means "not run".
+fn skip(why: &str) {
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true and {why}"
+    );
+    eprintln!("skipping: {why}");
+}
+
 fn ok(cmd: &mut Command) -> String {
     let o = cmd.output().expect("spawn");
     assert!(
@@ -83,7 +93,9 @@ fn tern_diff(s: &Site, spec: &str, from: Option<&str>) -> Vec<(u64, u64)> {
 fn qemu_img_nbdcopy_and_nbdinfo() {
     for b in ["qemu-img", "nbdcopy", "nbdinfo"] {
         if !have(b) {
-            eprintln!("skipping: {b} is not installed (scripts/deps.sh installs it)");
+            skip(&format!(
+                "{b} is not installed (scripts/deps.sh installs it)"
+            ));
             return;
         }
     }
@@ -163,7 +175,7 @@ fn qemu_img_nbdcopy_and_nbdinfo() {
 #[test]
 fn qemu_io_against_a_model_and_read_only_exports() {
     if !have("qemu-io") {
-        eprintln!("skipping: qemu-io is not installed");
+        skip("qemu-io is not installed");
         return;
     }
     let s = site();
@@ -258,7 +270,7 @@ fn qemu_io_against_a_model_and_read_only_exports() {
 #[test]
 fn a_writable_export_holds_the_lock() {
     if !have("nbdfuse") || !have("qemu-io") {
-        eprintln!("skipping: nbdfuse or qemu-io missing");
+        skip("nbdfuse or qemu-io missing");
         return;
     }
     let s = site();
@@ -322,7 +334,7 @@ fn a_writable_export_holds_the_lock() {
 #[test]
 fn fio_random_io_verifies() {
     if !have("fio") {
-        eprintln!("skipping: fio is not installed");
+        skip("fio is not installed");
         return;
     }
     let s = site();
@@ -352,7 +364,7 @@ fn device_map_carries_ext4() {
         || !have("mkfs.ext4")
         || !std::path::Path::new("/dev/fuse").exists()
     {
-        eprintln!("skipping: needs root, /dev/fuse, nbdfuse, losetup and mkfs.ext4");
+        skip("needs root, /dev/fuse, nbdfuse, losetup and mkfs.ext4");
         return;
     }
     let s = site();
@@ -415,7 +427,7 @@ fn device_map_carries_ext4() {
 #[test]
 fn nbd_over_tls_with_the_site_certificate() {
     if !have("nbdinfo") {
-        eprintln!("skipping: nbdinfo is not installed");
+        skip("nbdinfo is not installed");
         return;
     }
     let s = site();
