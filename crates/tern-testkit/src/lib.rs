@@ -856,3 +856,56 @@ pub fn linked_sites() -> (Site, Site, Proxy) {
     b.import_token(&b64.encode(j.to_string()), "site-b");
     (a, b, link)
 }
+
+/// Sites A and B peered both ways, each mirror daemon reaching the other
+/// site through a counting [`Proxy`] the test can cut or slow.
+pub struct Pair {
+    pub a: Site,
+    pub b: Site,
+    /// B's daemon reaches A through this, A's daemon reaches B through `to_b`.
+    pub to_a: Proxy,
+    pub to_b: Proxy,
+}
+
+impl Pair {
+    pub fn new() -> Pair {
+        let (a, b, to_a) = linked_sites();
+        let to_b = Proxy::start(&b.addr);
+        let info = a.tern_json(&["mirror", "pool", "info", "rbd"]);
+        let uuid = info["peers"][0]["uuid"]
+            .as_str()
+            .expect("peer uuid")
+            .to_string();
+        a.tern_ok(&[
+            "mirror", "pool", "peer", "set", "rbd", &uuid, "mon-host", &to_b.addr,
+        ]);
+        Pair { a, b, to_a, to_b }
+    }
+
+    /// Bytes that crossed each link, both directions: (B from A, A from B).
+    pub fn crossed(&self) -> (u64, u64) {
+        (
+            self.to_a.down_bytes() + self.to_a.up_bytes(),
+            self.to_b.down_bytes() + self.to_b.up_bytes(),
+        )
+    }
+}
+
+impl Default for Pair {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Creates `rbd/NAME` (with journaling in journal mode) and enables
+/// mirroring on it in `mode`.
+pub fn create_mirrored(s: &Site, name: &str, size: &str, mode: &str) {
+    let features = if mode == "journal" {
+        "layering,exclusive-lock,journaling"
+    } else {
+        "layering,exclusive-lock"
+    };
+    let spec = format!("rbd/{name}");
+    s.tern_ok(&["create", &spec, "--size", size, "--image-feature", features]);
+    s.tern_ok(&["mirror", "image", "enable", &spec, mode]);
+}

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tern_client::{image_ref, pb};
 use tern_testkit::nbd::NbdClient;
-use tern_testkit::{Proxy, Site, random_bytes, rt, wait_until};
+use tern_testkit::{Pair, Site, random_bytes, rt, wait_until};
 
 const GIB: u64 = 1 << 30;
 const DIVERGE: u64 = 8 << 20;
@@ -154,40 +154,12 @@ fn load(s: &Site, name: &str, rate: u64, app: Arc<App>) -> std::thread::JoinHand
     })
 }
 
-struct Pair {
-    a: Site,
-    b: Site,
-    /// B's daemon reaches A through this, A's daemon reaches B through `to_b`.
-    to_a: Proxy,
-    to_b: Proxy,
-}
-
 fn pair() -> Pair {
-    let (a, b, to_a) = tern_testkit::linked_sites();
-    let to_b = Proxy::start(&b.addr);
-    let info = a.tern_json(&["mirror", "pool", "info", "rbd"]);
-    let uuid = info["peers"][0]["uuid"].as_str().unwrap().to_string();
-    a.tern_ok(&[
-        "mirror", "pool", "peer", "set", "rbd", &uuid, "mon-host", &to_b.addr,
-    ]);
-    Pair { a, b, to_a, to_b }
+    Pair::new()
 }
 
 fn create(s: &Site, name: &str, size: &str, mode: &str) {
-    let features = if mode == "journal" {
-        "layering,exclusive-lock,journaling"
-    } else {
-        "layering,exclusive-lock"
-    };
-    s.tern_ok(&[
-        "create",
-        &spec(name),
-        "--size",
-        size,
-        "--image-feature",
-        features,
-    ]);
-    s.tern_ok(&["mirror", "image", "enable", &spec(name), mode]);
+    tern_testkit::create_mirrored(s, name, size, mode)
 }
 
 /// Snapshot mode needs a mirror snapshot to have something to copy.

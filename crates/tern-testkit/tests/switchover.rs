@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 use tern_client::{image_ref, pb};
 use tern_testkit::nbd::NbdClient;
-use tern_testkit::{Proxy, Site, random_bytes, rt, wait_until};
+use tern_testkit::{Pair, Site, random_bytes, rt, wait_until};
 
 const MIB: u64 = 1 << 20;
 
@@ -16,52 +16,8 @@ fn spec(name: &str) -> String {
     format!("rbd/{name}")
 }
 
-/// Sites A and B peered both ways, each daemon reaching the other site
-/// through a proxy that counts what crosses.
-struct Pair {
-    a: Site,
-    b: Site,
-    /// What B's daemon downloads from A, and A's from B.
-    to_a: Proxy,
-    to_b: Proxy,
-}
-
-impl Pair {
-    fn new() -> Pair {
-        let (a, b, to_a) = tern_testkit::linked_sites();
-        let to_b = Proxy::start(&b.addr);
-        let info = a.tern_json(&["mirror", "pool", "info", "rbd"]);
-        let uuid = info["peers"][0]["uuid"].as_str().unwrap().to_string();
-        a.tern_ok(&[
-            "mirror", "pool", "peer", "set", "rbd", &uuid, "mon-host", &to_b.addr,
-        ]);
-        Pair { a, b, to_a, to_b }
-    }
-
-    /// Bytes that crossed: (B from A, A from B), both directions of each link.
-    fn crossed(&self) -> (u64, u64) {
-        (
-            self.to_a.down_bytes() + self.to_a.up_bytes(),
-            self.to_b.down_bytes() + self.to_b.up_bytes(),
-        )
-    }
-}
-
 fn create(s: &Site, name: &str, size: &str, mode: &str) {
-    let features = if mode == "journal" {
-        "layering,exclusive-lock,journaling"
-    } else {
-        "layering,exclusive-lock"
-    };
-    s.tern_ok(&[
-        "create",
-        &spec(name),
-        "--size",
-        size,
-        "--image-feature",
-        features,
-    ]);
-    s.tern_ok(&["mirror", "image", "enable", &spec(name), mode]);
+    tern_testkit::create_mirrored(s, name, size, mode)
 }
 
 /// Writes through NBD, flushes (acknowledged and durable), disconnects.
