@@ -4,6 +4,9 @@ fn main() {
     // SAFETY-free: build scripts are single-threaded when they set env vars.
     unsafe { std::env::set_var("PROTOC", protoc) };
     tonic_prost_build::configure()
+        // Bulk data as `Bytes`: a read buffer is split into messages
+        // without copying it.
+        .bytes(".tern.v1.DataChunk.data")
         .compile_protos(&["proto/tern.proto"], &["proto"])
         .expect("compile tern.proto");
     println!("cargo:rerun-if-changed=proto/tern.proto");

@@ -93,9 +93,9 @@ pub async fn import<R: AsyncRead + Unpin>(
                     length: len as u64,
                     zero,
                     data: if zero {
-                        Vec::new()
+                        bytes::Bytes::new()
                     } else {
-                        buf[off..off + len].to_vec()
+                        bytes::Bytes::copy_from_slice(&buf[off..off + len])
                     },
                 };
                 if tx.send(msg(Msg::Chunk(chunk))).await.is_err() {

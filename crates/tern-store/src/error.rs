@@ -13,6 +13,10 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "store {path} is in use by another opening (another ternd on the same data directory?)"
+    )]
+    InUse { path: PathBuf },
     #[error("cannot open metadata database {path}: {source}")]
     OpenMeta {
         path: PathBuf,
@@ -278,6 +282,7 @@ impl StoreError {
             E::BadFormat { .. } | E::BadRecord { .. } | E::CorruptObject { .. } => {
                 ErrorKind::Corrupt
             }
+            E::InUse { .. } => ErrorKind::Busy,
             E::OpenMeta { source, .. } => match source {
                 redb::DatabaseError::DatabaseAlreadyOpen => ErrorKind::Busy,
                 redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) => {

@@ -64,6 +64,9 @@ pub(crate) struct Shared {
     /// Set by every mutation; `flush_all` clears it first and checks it
     /// last, so "clean" means no mutation since a complete flush.
     pub mutated: AtomicBool,
+    /// The store directory's exclusive lock, held while anything of this
+    /// opening can still write.
+    pub _lock: std::fs::File,
 }
 
 impl Shared {

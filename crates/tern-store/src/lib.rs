@@ -254,6 +254,34 @@ impl Store {
             path: objects.clone(),
             source,
         })?;
+        // One opening at a time: two would replay the same journals and
+        // trim each other's segments. The lock lives as long as `Shared`,
+        // that is until the last image handle and background task of this
+        // opening are gone; the kernel drops it when the process dies.
+        let lock_path = dir.join("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| StoreError::CreateDir {
+                path: lock_path.clone(),
+                source,
+            })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::InUse {
+                    path: dir.to_path_buf(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(StoreError::CreateDir {
+                    path: lock_path,
+                    source,
+                });
+            }
+        }
         let meta = Meta::open(&dir.join("meta.redb"))?;
         // The marker says the last opening flushed every map; remove it
         // (durably) before anything can write, so a crash from now on is
@@ -311,6 +339,7 @@ impl Store {
                 unclean,
                 boot: meta.boot,
                 mutated: AtomicBool::new(false),
+                _lock: lock,
             }),
             meta,
             admin: Mutex::new(()),

@@ -584,3 +584,30 @@ fn fd_cap_is_respected() {
         assert!(s.open_fds() <= 16 + 1);
     }
 }
+
+#[test]
+fn one_opening_at_a_time() {
+    // Two openings of one directory would replay the same journals and
+    // trim each other's segments; the second is refused until the first
+    // and every handle it gave out are gone.
+    let t = tempfile::tempdir().unwrap();
+    let s = Store::open(t.path()).unwrap();
+    s.pool_create("p").unwrap();
+    s.image_create("p", "i", &opts(MIB)).unwrap();
+    let img = s.open_image("p", "i").unwrap();
+    let Err(e) = Store::open(t.path()) else {
+        panic!("second opening allowed");
+    };
+    assert!(matches!(e, tern_store::StoreError::InUse { .. }), "{e:?}");
+    assert_eq!(e.kind(), ErrorKind::Busy);
+    assert!(e.to_string().contains("in use"), "{e}");
+    drop(s);
+    // A live image handle still belongs to the first opening.
+    assert!(matches!(
+        Store::open(t.path()),
+        Err(tern_store::StoreError::InUse { .. })
+    ));
+    drop(img);
+    let s = Store::open(t.path()).unwrap();
+    assert_eq!(s.image_info("p", "i").unwrap().size, MIB);
+}

@@ -211,7 +211,7 @@ fn truncated_imports_leave_nothing() {
                     offset: 0,
                     length: 1 << 20,
                     zero: false,
-                    data: random_bytes(1, 1 << 20),
+                    data: random_bytes(1, 1 << 20).into(),
                 })),
             },
         ];
@@ -270,7 +270,7 @@ fn truncated_imports_leave_nothing() {
                     offset: 0,
                     length: 4096,
                     zero: false,
-                    data: vec![7; 4096],
+                    data: vec![7; 4096].into(),
                 })),
             },
             pb::WriteStreamMessage {
@@ -310,4 +310,34 @@ fn truncated_imports_leave_nothing() {
         0,
         "data of an import interrupted by a crash remains"
     );
+}
+
+#[test]
+fn second_ternd_on_one_data_dir_is_refused() {
+    // Two daemons on one directory would corrupt it: the second says so
+    // and exits, and the first goes on serving.
+    let s = site();
+    let out = std::process::Command::new(tern_testkit::bin("ternd"))
+        .arg("--data")
+        .arg(&s.data)
+        .args([
+            "--cluster",
+            "site-a",
+            "--listen",
+            "127.0.0.1:0",
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--conf-dir",
+        ])
+        .arg(s.root.path().join("conf2"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "second ternd started: {err}");
+    assert!(err.contains("in use"), "{err}");
+    assert_eq!(out.status.code(), Some(16), "{err}");
+    assert_unchanged(&s);
+    s.tern_ok(&["create", "rbd/after", "--size", "1M"]);
 }

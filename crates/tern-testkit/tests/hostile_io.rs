@@ -290,7 +290,7 @@ fn huge_sparse_exports_start_at_once_and_stop_with_their_client() {
     for (o, d) in found {
         match got.last_mut() {
             Some((po, pd)) if *po + pd.len() as u64 == o => pd.extend_from_slice(&d),
-            _ => got.push((o, d)),
+            _ => got.push((o, d.to_vec())),
         }
     }
     assert_eq!(got.len(), writes.len(), "data ranges {:?}", {
@@ -457,4 +457,188 @@ fn accept_errors_back_off_without_flooding_the_log() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+/// A metric's value on /metrics (0 if absent).
+fn metric(s: &Site, name: &str) -> f64 {
+    let (_, body) = http_get(&s.http_addr, "/metrics").expect("metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+const STREAM_IMAGE: u64 = 96 * MIB;
+const STALLED: usize = 24;
+
+/// A site with an image of `STREAM_IMAGE` distinct bytes, under `budget`.
+fn stream_site(budget: &str) -> (Site, Vec<u8>) {
+    let s = Site::start_with(
+        "streams",
+        &["--api-memory-budget", budget, "--stall-timeout", "5"],
+    );
+    s.tern_ok(&["pool", "create", "rbd"]);
+    s.tern_ok(&["create", "rbd/m", "--size", "96M"]);
+    let data = pattern(7, STREAM_IMAGE as usize);
+    let rt = rt();
+    let c = s.client(&rt);
+    for (i, piece) in data.chunks(8 << 20).enumerate() {
+        rt.block_on(c.write(pb::WriteRequest {
+            image: Some(image_ref("rbd", "m")),
+            offset: i as u64 * (8 << 20),
+            data: piece.to_vec(),
+            fua: false,
+            ..Default::default()
+        }))
+        .unwrap();
+    }
+    rt.block_on(c.flush(image_ref("rbd", "m"))).unwrap();
+    (s, data)
+}
+
+/// Opens `n` whole-image read streams in 8 MiB chunks, four per connection,
+/// and reads none of them.
+fn open_unread_streams(
+    s: &Site,
+    rt: &tokio::runtime::Runtime,
+    n: usize,
+) -> Vec<tonic::Streaming<pb::DataChunk>> {
+    let mut c = s.client(rt);
+    (0..n)
+        .map(|i| {
+            if i > 0 && i % 4 == 0 {
+                c = s.client(rt);
+            }
+            rt.block_on(c.raw().read_stream(pb::ReadStreamRequest {
+                image: Some(image_ref("rbd", "m")),
+                chunk_size: 8 << 20,
+                ..Default::default()
+            }))
+            .unwrap()
+            .into_inner()
+        })
+        .collect()
+}
+
+/// Reads a whole stream into an image-sized buffer.
+async fn read_all(mut st: tonic::Streaming<pb::DataChunk>) -> Result<Vec<u8>, tonic::Status> {
+    let mut out = vec![0u8; STREAM_IMAGE as usize];
+    let mut pos = 0u64;
+    while let Some(ch) = st.message().await? {
+        assert_eq!(ch.offset, pos, "stream skipped");
+        if !ch.zero {
+            out[pos as usize..pos as usize + ch.data.len()].copy_from_slice(&ch.data);
+        }
+        pos += ch.length;
+    }
+    assert_eq!(pos, STREAM_IMAGE);
+    Ok(out)
+}
+
+/// How much ternd's RSS peaks above its start while `STALLED` streams sit
+/// unread under `budget`; also checks what the site says meanwhile.
+fn stalled_growth(budget: &str, limit: f64) -> u64 {
+    let (s, _) = stream_site(budget);
+    let pid = s.pid().unwrap();
+    let rt = rt();
+    // The peak so far (writing the image) is not what is measured.
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+    let base = status_kib(pid, "VmRSS");
+    let streams = open_unread_streams(&s, &rt, STALLED);
+    std::thread::sleep(Duration::from_millis(2500));
+    let peak = status_kib(pid, "VmHWM");
+    let held = metric(&s, "tern_api_stream_memory_bytes");
+    assert!(held > 0.0, "no stream data is charged");
+    assert!(
+        held <= limit,
+        "{held} bytes charged with a budget of {limit}"
+    );
+    assert_eq!(
+        metric(&s, "tern_api_stream_memory_budget_bytes"),
+        limit,
+        "the budget /metrics reports"
+    );
+    drop(streams);
+    peak.saturating_sub(base) * KIB
+}
+
+/// Item 4 for the API: read streams whose client reads nothing hold at
+/// most the site's budget (not each stream's share times their number);
+/// a new export waits for room instead of failing, and gets it when the
+/// stalled streams' connections are closed at the stall timeout; streams
+/// read all at once under a tight budget all arrive whole.
+#[test]
+fn api_read_streams_share_one_memory_budget() {
+    let loose = stalled_growth("2G", (2u64 << 30) as f64);
+    let tight = stalled_growth("64M", (64 * MIB) as f64);
+    eprintln!(
+        "{STALLED} unread 8 MiB-chunk streams: ternd grew by {} MiB under a 64 MiB budget, {} MiB under 2 GiB",
+        tight / MIB,
+        loose / MIB
+    );
+    // A charged chunk exists twice for a moment while HTTP/2 encodes it,
+    // so the peak may pass the budget, but not grow with the streams.
+    assert!(
+        tight < (2 * 64 + 64) * MIB,
+        "ternd grew by {} MiB with a 64 MiB budget",
+        tight / MIB
+    );
+    assert!(
+        loose > 2 * tight,
+        "the budget made no difference ({} vs {} MiB): the test measures nothing",
+        loose / MIB,
+        tight / MIB
+    );
+
+    let (s, data) = stream_site("64M");
+    let rt = rt();
+    let stalled = open_unread_streams(&s, &rt, STALLED);
+    std::thread::sleep(Duration::from_millis(500));
+    // Another client's export waits for room; the stalled connections are
+    // closed 5 s after their clients stopped taking data, and it finishes.
+    let t = Instant::now();
+    let o = s.tern(&["export", "rbd/m", "-"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = o.stdout;
+    eprintln!(
+        "an export behind {STALLED} stalled streams took {:?}",
+        t.elapsed()
+    );
+    assert!(out == data, "the export differs");
+    assert!(t.elapsed() < Duration::from_secs(30));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            metric(&s, "tern_api_stream_memory_bytes") == 0.0
+        }),
+        "stalled streams still hold budget"
+    );
+    assert!(
+        s.log().contains("took no data"),
+        "no log line for the stalled streams:\n{}",
+        s.log()
+    );
+    // A stalled stream ends in an error, never in a short image.
+    let mut ended = 0;
+    for st in stalled {
+        if rt.block_on(read_all(st)).is_err() {
+            ended += 1;
+        }
+    }
+    assert_eq!(ended, STALLED, "stalled streams were not ended");
+
+    // Eight streams read at once share 64 MiB, waiting rather than failing.
+    let streams = open_unread_streams(&s, &rt, 8);
+    let got = rt.block_on(async {
+        let tasks: Vec<_> = streams
+            .into_iter()
+            .map(|st| tokio::spawn(read_all(st)))
+            .collect();
+        let mut got = Vec::new();
+        for t in tasks {
+            got.push(t.await.unwrap().unwrap());
+        }
+        got
+    });
+    for g in got {
+        assert!(g == data, "a concurrent stream differs");
+    }
 }

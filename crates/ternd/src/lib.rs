@@ -2,6 +2,7 @@
 //! [`run`], so tests and the lab can reach the same code.
 
 pub mod auth;
+pub mod budget;
 pub mod listen;
 pub mod locks;
 pub mod metrics;
@@ -42,6 +43,12 @@ pub struct Options {
     pub nbd_max_connections: usize,
     /// NBD READ/WRITE payload bytes in flight across all connections.
     pub nbd_memory_budget: usize,
+    /// Bytes read for API read streams (exports, diffs, syncs, journal
+    /// reads) and not yet taken by their clients, all streams together.
+    pub api_memory_budget: usize,
+    /// A client that takes no data for this long (NBD replies, an API
+    /// read stream) loses its connection.
+    pub stall_timeout: std::time::Duration,
 }
 
 impl Options {
@@ -50,6 +57,7 @@ impl Options {
     pub const HTTP_MAX_CONNECTIONS: usize = 32;
     pub const HANDSHAKE_TIMEOUT_SECS: u64 = 10;
     pub const IDLE_TIMEOUT_SECS: u64 = 300;
+    pub const STALL_TIMEOUT_SECS: u64 = 60;
 }
 
 /// Starts the site and serves until SIGTERM or SIGINT.
@@ -133,7 +141,8 @@ pub async fn run(opts: Options) -> Result<(), Error> {
         Some(addr) => Some(start_nbd(&site, &locks, addr, &opts, stopped(stop_rx.clone())).await?),
         None => None,
     };
-    let service = Arc::new(service::Service::new(site.clone(), locks.clone()));
+    let budget = budget::StreamBudget::new(opts.api_memory_budget, opts.stall_timeout);
+    let service = Arc::new(service::Service::new(site.clone(), locks.clone(), budget));
     let http_task = match opts.http_listen {
         Some(addr) => {
             Some(start_http(service.clone(), addr, &opts, stopped(stop_rx.clone())).await?)
@@ -219,6 +228,7 @@ async fn start_nbd(
         memory: tern_nbd::memory_budget(opts.nbd_memory_budget),
         max_connections: opts.nbd_max_connections.max(1),
         handshake_timeout: opts.api_limits.handshake_timeout,
+        reply_timeout: opts.stall_timeout,
         ..Default::default()
     });
     let store_for_lease = site.clone();

@@ -3,10 +3,11 @@
 //! plaintext listener), an idle deadline, and accept errors (EMFILE) met
 //! with backoff and one log line per interval instead of a flood.
 
+use futures::task::AtomicWaker;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -43,6 +44,9 @@ pub enum Idle {
 pub struct ConnState {
     active: AtomicUsize,
     last: Mutex<Instant>,
+    /// Set by [`ConnState::kill`]: the connection ends at its next poll.
+    killed: AtomicBool,
+    reader: AtomicWaker,
 }
 
 impl ConnState {
@@ -50,7 +54,20 @@ impl ConnState {
         Arc::new(ConnState {
             active: AtomicUsize::new(0),
             last: Mutex::new(Instant::now()),
+            killed: AtomicBool::new(false),
+            reader: AtomicWaker::new(),
         })
+    }
+
+    /// Closes the connection (and with it every stream on it), as the
+    /// server does when one of its streams' clients stopped reading.
+    pub fn kill(&self) {
+        self.killed.store(true, Ordering::SeqCst);
+        self.reader.wake();
+    }
+
+    fn killed(&self) -> bool {
+        self.killed.load(Ordering::SeqCst)
     }
 
     fn touch(&self) {
@@ -128,6 +145,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Conn<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.state.reader.register(cx.waker());
+        if this.state.killed() {
+            return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(r) => {
@@ -155,6 +176,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Conn<S> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.state.killed() {
+            return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
+        }
         let r = Pin::new(&mut this.io).poll_write(cx, data);
         if this.idle == Idle::Bytes && matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.state.touch();

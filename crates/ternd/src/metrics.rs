@@ -153,6 +153,20 @@ pub async fn render(svc: &Arc<Service>) -> String {
         uptime.clone(),
     );
     uptime.set(site.started.elapsed().as_secs_f64());
+    let budget = svc.stream_budget();
+    let (in_use, total) = (Gauge::<i64>::default(), Gauge::<i64>::default());
+    reg.register(
+        "api_stream_memory_bytes",
+        "Bytes read for API read streams and not yet taken by their clients",
+        in_use.clone(),
+    );
+    reg.register(
+        "api_stream_memory_budget_bytes",
+        "The budget those bytes are held within (--api-memory-budget)",
+        total.clone(),
+    );
+    in_use.set(budget.in_use() as i64);
+    total.set(budget.total() as i64);
 
     // API I/O counters (gRPC reads and writes), per pool.
     let api_ops = Family::<Labels, Counter>::default();

@@ -17,7 +17,6 @@ use tern_proto::v1 as pb;
 use tern_store::{CreateOpts, Image, KvTable, SnapInfo, SnapNamespace};
 use tern_types::error::Error;
 use tern_types::{API_VERSION, ErrorKind, Features, Layout, validate_name};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 /// Largest image an import of unknown length may grow to before commit.
@@ -71,6 +70,7 @@ pub struct Service {
     site: Arc<Site>,
     counters: Mutex<HashMap<String, Arc<PoolCounters>>>,
     locks: Arc<Locks>,
+    budget: Arc<crate::budget::StreamBudget>,
 }
 
 type SResult<T> = Result<Response<T>, Status>;
@@ -142,12 +142,21 @@ fn image_ref(r: Option<pb::ImageRef>) -> Result<pb::ImageRef, Status> {
 }
 
 impl Service {
-    pub fn new(site: Arc<Site>, locks: Arc<Locks>) -> Service {
+    pub fn new(
+        site: Arc<Site>,
+        locks: Arc<Locks>,
+        budget: Arc<crate::budget::StreamBudget>,
+    ) -> Service {
         Service {
             site,
             counters: Mutex::new(HashMap::new()),
             locks,
+            budget,
         }
+    }
+
+    pub(crate) fn stream_budget(&self) -> &Arc<crate::budget::StreamBudget> {
+        &self.budget
     }
 
     pub(crate) fn site_ref(&self) -> &Arc<Site> {
@@ -758,7 +767,7 @@ impl pb::site_server::Site for Service {
         }))
     }
 
-    type JournalReadStream = ReceiverStream<Result<pb::JournalChunk, Status>>;
+    type JournalReadStream = crate::budget::Rx<pb::JournalChunk>;
 
     async fn journal_read(
         &self,
@@ -766,6 +775,10 @@ impl pb::site_server::Site for Service {
     ) -> SResult<Self::JournalReadStream> {
         let r = image_ref(req.get_ref().image.clone())?;
         self.check(&req, Need::Read(&r.pool))?;
+        let conn = req
+            .extensions()
+            .get::<crate::listen::ConnInfo>()
+            .map(|c| c.0.clone());
         let q = req.into_inner();
         let site = self.site.clone();
         let (pool, image) = (r.pool.clone(), r.image.clone());
@@ -775,7 +788,7 @@ impl pb::site_server::Site for Service {
         } else {
             q.max_bytes.clamp(4096, 8 << 20)
         };
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (tx, rx) = self.budget.stream(max as usize, conn);
         tokio::spawn(async move {
             let mut next = if q.from_tid == 0 {
                 j.info().first_tid
@@ -783,6 +796,10 @@ impl pb::site_server::Site for Service {
                 q.from_tid
             };
             loop {
+                // Room first: entries read are charged until sent.
+                let Ok(mut room) = tx.reserve(max as usize).await else {
+                    return;
+                };
                 let jj = j.clone();
                 let read = tokio::task::spawn_blocking(move || {
                     let entries = jj.read_from(next, max)?;
@@ -796,11 +813,11 @@ impl pb::site_server::Site for Service {
                 let (entries, durable) = match read {
                     Ok(Ok(v)) => v,
                     Ok(Err(e)) => {
-                        let _ = tx.send(Err(status_of(serr(e)))).await;
+                        tx.fail(status_of(serr(e)));
                         return;
                     }
                     Err(e) => {
-                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        tx.fail(Status::internal(e.to_string()));
                         return;
                     }
                 };
@@ -823,12 +840,10 @@ impl pb::site_server::Site for Service {
                     last_tid,
                     durable_tid: durable,
                 };
-                if tx.send(Ok(chunk)).await.is_err() {
-                    return;
-                }
+                tx.push(&mut room, chunk);
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(rx))
     }
 
     async fn journal_extents(
@@ -1000,7 +1015,7 @@ impl pb::site_server::Site for Service {
         Ok(Response::new(pb::Empty {}))
     }
 
-    type ReadStreamStream = ReceiverStream<Result<pb::DataChunk, Status>>;
+    type ReadStreamStream = crate::budget::Rx<pb::DataChunk>;
 
     async fn read_stream(
         &self,
@@ -1008,6 +1023,7 @@ impl pb::site_server::Site for Service {
     ) -> SResult<Self::ReadStreamStream> {
         let r = image_ref(req.get_ref().image.clone())?;
         self.check(&req, Need::Read(&r.pool))?;
+        let req_conn = req.extensions().get::<crate::listen::ConnInfo>().cloned();
         let q = req.into_inner();
         let (img, snap) = self.open_at(&r).map_err(status_of)?;
         let size = snap.as_ref().map(|s| s.size).unwrap_or_else(|| img.size());
@@ -1044,7 +1060,7 @@ impl pb::site_server::Site for Service {
         } else {
             (q.chunk_size as u64).clamp(4096, 8 << 20)
         };
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (tx, rx) = self.budget.stream(chunk as usize, req_conn.map(|c| c.0));
         let c = self.counters(&r.pool);
         let (diff, whole) = (q.diff, q.whole_object);
         tokio::spawn(async move {
@@ -1063,10 +1079,10 @@ impl pb::site_server::Site for Service {
                 stream_out(img, to, q.offset, end, chunk, &tx, &c).await
             };
             if let Err(e) = res {
-                let _ = tx.send(Err(e)).await;
+                tx.fail(e);
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(rx))
     }
 
     async fn write_stream(
@@ -2358,7 +2374,7 @@ async fn stream_out(
     start: u64,
     end: u64,
     chunk: u64,
-    tx: &tokio::sync::mpsc::Sender<Result<pb::DataChunk, Status>>,
+    tx: &crate::budget::Tx<pb::DataChunk>,
     c: &PoolCounters,
 ) -> Result<(), Status> {
     // Ask for the allocation map in windows that double while they come
@@ -2370,10 +2386,11 @@ async fn stream_out(
     let mut window = WINDOW;
     let mut pos = start;
     let mut zero_run = 0u64; // pending zeros starting at pos - zero_run
-    let send = |ch: pb::DataChunk| async move {
-        tx.send(Ok(ch))
-            .await
-            .map_err(|_| Status::cancelled("receiver gone"))
+    let zeros = |offset: u64, length: u64| pb::DataChunk {
+        offset,
+        length,
+        zero: true,
+        data: bytes::Bytes::new(),
     };
     let gone = || Status::cancelled("the client went away");
     while pos < end {
@@ -2400,12 +2417,15 @@ async fn stream_out(
             let eend = eoff + elen;
             while cur < eend {
                 let n = chunk.min(eend - cur);
+                // Room first: what is read is charged until the client
+                // has taken it.
+                let mut room = tx.reserve(n as usize).await?;
                 let i = img.clone();
                 let at = cur;
                 let buf = blocking(move || {
                     let mut b = vec![0u8; n as usize];
                     i.read_at(snap, at, &mut b).map_err(serr)?;
-                    Ok(b)
+                    Ok(bytes::Bytes::from(b))
                 })
                 .await?;
                 c.read_ops.fetch_add(1, Ordering::Relaxed);
@@ -2419,22 +2439,18 @@ async fn stream_out(
                         continue;
                     }
                     if zero_run > 0 {
-                        send(pb::DataChunk {
-                            offset: at + off as u64 - zero_run,
-                            length: zero_run,
-                            zero: true,
-                            data: vec![],
-                        })
-                        .await?;
+                        tx.push(&mut room, zeros(at + off as u64 - zero_run, zero_run));
                         zero_run = 0;
                     }
-                    send(pb::DataChunk {
-                        offset: at + off as u64,
-                        length: len as u64,
-                        zero: false,
-                        data: buf[off..off + len].to_vec(),
-                    })
-                    .await?;
+                    tx.push(
+                        &mut room,
+                        pb::DataChunk {
+                            offset: at + off as u64,
+                            length: len as u64,
+                            zero: false,
+                            data: buf.slice(off..off + len),
+                        },
+                    );
                 }
                 cur += n;
             }
@@ -2443,24 +2459,12 @@ async fn stream_out(
         // The hole so far goes out now rather than with the next data, so
         // the client sees progress (and its first byte) at once.
         if zero_run > 0 && pos < end {
-            send(pb::DataChunk {
-                offset: pos - zero_run,
-                length: zero_run,
-                zero: true,
-                data: vec![],
-            })
-            .await?;
+            tx.send(zeros(pos - zero_run, zero_run)).await?;
             zero_run = 0;
         }
     }
     if zero_run > 0 {
-        send(pb::DataChunk {
-            offset: end - zero_run,
-            length: zero_run,
-            zero: true,
-            data: vec![],
-        })
-        .await?;
+        tx.send(zeros(end - zero_run, zero_run)).await?;
     }
     Ok(())
 }
@@ -2493,14 +2497,9 @@ async fn stream_diff(
     chunk: u64,
     whole_object: bool,
     extra: Vec<(u64, u64)>,
-    tx: &tokio::sync::mpsc::Sender<Result<pb::DataChunk, Status>>,
+    tx: &crate::budget::Tx<pb::DataChunk>,
     c: &PoolCounters,
 ) -> Result<(), Status> {
-    let send = |ch: pb::DataChunk| async move {
-        tx.send(Ok(ch))
-            .await
-            .map_err(|_| Status::cancelled("receiver gone"))
-    };
     let i = img.clone();
     let mut extents = blocking(move || {
         i.diff(from, to, start, end - start, whole_object)
@@ -2538,11 +2537,11 @@ async fn stream_diff(
     }
     for e in extents {
         if !e.data {
-            send(pb::DataChunk {
+            tx.send(pb::DataChunk {
                 offset: e.offset,
                 length: e.length,
                 zero: true,
-                data: vec![],
+                data: bytes::Bytes::new(),
             })
             .await?;
             continue;
@@ -2551,11 +2550,12 @@ async fn stream_diff(
         let eend = e.offset + e.length;
         while cur < eend {
             let n = chunk.min(eend - cur);
+            let mut room = tx.reserve(n as usize).await?;
             let (i, at) = (img.clone(), cur);
             let buf = blocking(move || {
                 let mut b = vec![0u8; n as usize];
                 i.read_at(to, at, &mut b).map_err(serr)?;
-                Ok(b)
+                Ok(bytes::Bytes::from(b))
             })
             .await?;
             c.read_ops.fetch_add(1, Ordering::Relaxed);
@@ -2567,17 +2567,17 @@ async fn stream_diff(
                         offset,
                         length: len as u64,
                         zero: true,
-                        data: vec![],
+                        data: bytes::Bytes::new(),
                     }
                 } else {
                     pb::DataChunk {
                         offset,
                         length: len as u64,
                         zero: false,
-                        data: buf[off..off + len].to_vec(),
+                        data: buf.slice(off..off + len),
                     }
                 };
-                send(ch).await?;
+                tx.push(&mut room, ch);
             }
             cur += n;
         }

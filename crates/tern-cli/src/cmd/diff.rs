@@ -244,7 +244,7 @@ async fn send_diff<R: AsyncRead + Unpin>(
                         offset,
                         length,
                         zero: true,
-                        data: vec![],
+                        data: Default::default(),
                     };
                     if tx.send(msg(Msg::Chunk(ch))).await.is_err() {
                         return Ok(());
@@ -261,7 +261,7 @@ async fn send_diff<R: AsyncRead + Unpin>(
                             offset: at,
                             length: n as u64,
                             zero: false,
-                            data: buf[..n].to_vec(),
+                            data: buf[..n].to_vec().into(),
                         };
                         if tx.send(msg(Msg::Chunk(ch))).await.is_err() {
                             return Ok(());
