@@ -306,6 +306,12 @@ impl<T: Charged> Tx<T> {
             self.shared.release(cost);
             return;
         }
+        if q.items.is_empty() && !q.held {
+            // The stall clock starts when data starts waiting for the
+            // client: a stream that waited long for the site's budget has
+            // not kept its client waiting meanwhile.
+            q.last_take = tokio::time::Instant::now();
+        }
         q.items.push_back(item);
         if let Some(w) = q.waker.take() {
             w.wake();
@@ -461,6 +467,36 @@ mod tests {
         // Its held chunk goes with its receiver (the closed connection).
         drop(streams.remove(0));
         assert_eq!(b.in_use(), 24 << 20);
+    }
+
+    #[tokio::test]
+    async fn a_long_wait_for_the_budget_is_not_a_stall() {
+        // A stream that waited longer than the stall timeout for the
+        // site's budget, then queued a chunk its client has not had a
+        // chance to take yet, is not stalled.
+        let b = StreamBudget::new(32 << 20, Duration::from_millis(200));
+        let (hog1, _rx1) = b.stream::<pb::DataChunk>(16 << 20, None);
+        let (hog2, _rx2) = b.stream::<pb::DataChunk>(16 << 20, None);
+        hog1.send(chunk(16 << 20)).await.unwrap();
+        hog2.send(chunk(16 << 20)).await.unwrap();
+        let (tx, mut rx) = b.stream::<pb::DataChunk>(16 << 20, None);
+        let late = tokio::spawn(async move {
+            tx.send(chunk(16 << 20)).await?;
+            tx.send(chunk(16 << 20)).await?;
+            Ok::<_, Status>(tx)
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // A hog whose client never read is ended; its budget goes to the
+        // late stream, whose client then reads at once.
+        assert!(hog1.send(chunk(16 << 20)).await.is_err());
+        // The producer runs first: it queues and asks for more before its
+        // client has polled once.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(rx.next().await.is_some());
+        assert!(rx.next().await.is_some());
+        let _tx = late.await.unwrap().expect("the late stream was ended");
     }
 
     #[tokio::test]

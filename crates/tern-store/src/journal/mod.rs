@@ -211,6 +211,9 @@ struct Writer {
     last_checkpoint: Instant,
     /// A write-out failed; nothing more may be appended.
     failed: bool,
+    /// Bytes of `cur` known to be allocated on disk: appends below this
+    /// cannot meet a full disk.
+    allocated: u64,
     /// Mutations appended and waiting for the committer, in tid order
     /// (they are queued under this lock, so the order is the journal's).
     pending: Vec<Pending>,
@@ -568,6 +571,7 @@ impl Journal {
                 cur: Arc::new(cur),
                 buf: Vec::new(),
                 buf_off: cur_len,
+                allocated: 0,
                 next_tid,
                 inflight: BTreeSet::new(),
                 since_checkpoint: 0,
@@ -701,6 +705,7 @@ impl Journal {
         if has_entries && seg_len + len as u64 > self.options().segment_size {
             self.roll(&mut w)?;
         }
+        self.allocate_locked(&mut w, len as u64)?;
         let tid = w.next_tid;
         let start = w.buf.len();
         encode(tid, &mut w.buf, queue.as_ref().map(|(op, _)| op));
@@ -1063,6 +1068,32 @@ impl Journal {
         w.cur = Arc::new(f);
         w.cur_no = no;
         w.buf_off = SEG_HEADER_LEN as u64;
+        w.allocated = 0;
+        Ok(())
+    }
+
+    /// Room on disk for the next `len` bytes of the current segment,
+    /// before an entry is taken: on a full disk the append is refused
+    /// cleanly and the journal goes on once there is room. Without it the
+    /// write-out would fail with part of the entry in the file, which
+    /// fails the journal until a restart. A whole segment at a time where
+    /// the disk has it.
+    fn allocate_locked(&self, w: &mut Writer, len: u64) -> Result<(), StoreError> {
+        let at = w.segs[&w.cur_no].len;
+        let end = at + len;
+        if end <= w.allocated {
+            return Ok(());
+        }
+        let whole = end.max(self.options().segment_size);
+        let path = segment::seg_path(&self.dir, w.cur_no);
+        let from = w.allocated.max(at);
+        match segment::allocate(&w.cur, from, whole - from) {
+            Ok(()) => w.allocated = whole,
+            Err(_) => {
+                segment::allocate(&w.cur, at, len).map_err(|e| self.io_err(&path, e))?;
+                w.allocated = end;
+            }
+        }
         Ok(())
     }
 
@@ -1095,8 +1126,14 @@ impl Journal {
         self.commit
             .sync_to(tid, || {
                 let mut w = self.w.lock();
-                self.write_out_locked(&mut w)
-                    .map_err(|e| io::Error::other(e.to_string()))?;
+                // The cause as it was: a full disk must still read as
+                // ENOSPC to the writer, not as an unnamed I/O error.
+                self.write_out_locked(&mut w).map_err(|e| match e {
+                    StoreError::NoSpace { source, .. } | StoreError::JournalIo { source, .. } => {
+                        source
+                    }
+                    other => io::Error::other(other.to_string()),
+                })?;
                 Ok((w.cur.clone(), w.last_tid()))
             })
             .map_err(|e| self.io_err(&self.dir, e))

@@ -128,6 +128,30 @@ pub fn reuse(dir: &Path, k: u64, header: &SegmentHeader) -> io::Result<File> {
     r
 }
 
+/// Allocates `[off, off+len)` of a segment without changing its length,
+/// so that writing there cannot meet a full disk. Filesystems without
+/// `fallocate` are left as they are.
+pub fn allocate(f: &File, off: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on an fd we own; no memory is passed.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_KEEP_SIZE,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => Ok(()),
+        _ => Err(e),
+    }
+}
+
 pub fn open_rw(dir: &Path, segno: u64) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
