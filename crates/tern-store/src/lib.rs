@@ -54,7 +54,6 @@
 //! checkpoint does not cover. [`Store::image_set_features`] turns the
 //! feature on and off on a live image.
 
-mod committer;
 mod cow;
 mod diff;
 mod dirty;
@@ -66,15 +65,15 @@ mod image;
 pub mod journal;
 mod meta;
 mod object;
+mod replay;
 mod snap;
 
-pub use committer::Ticket;
 pub use diff::DiffExtent;
 pub use error::StoreError;
 pub use image::Image;
 pub use journal::{
     ClientInfo, InspectReport, Journal, JournalDurability, JournalEntry, JournalInfo, JournalOp,
-    JournalOptions, SegmentInfo,
+    JournalOptions, SegmentInfo, Ticket,
 };
 pub use meta::FORMAT_VERSION;
 pub use snap::{MirrorSnap, MirrorSnapState, SnapInfo, SnapNamespace};

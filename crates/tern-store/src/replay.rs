@@ -9,10 +9,10 @@
 //! operations are checkpoint barriers (nothing after one is ever replayed
 //! together with an older one).
 
-use super::JournalOp;
 use crate::Store;
 use crate::error::StoreError;
 use crate::image::Image;
+use crate::journal::JournalOp;
 use crate::now_secs;
 
 impl Store {
