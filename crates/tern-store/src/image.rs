@@ -19,16 +19,15 @@
 //! other way round; the removal flag is an atomic so the map's holder needs
 //! no image lock.
 
-use crate::dirty::Chunks;
 use crate::error::{StoreError, data_io};
 use crate::extent::{
-    ObjectSpan, ObjectSpans, merge_ranges, object_prefix_below, object_range_to_image, object_span,
+    Chunks, ObjectSpan, ObjectSpans, merge_ranges, object_prefix_below, object_range_to_image,
+    object_span,
 };
 use crate::header::HEADER_SIZE;
 use crate::journal::{Apply, Journal, JournalOp, MAX_WRITE_ENTRY, Target, Ticket};
 use crate::object::{self, ObjMeta, ObjectFile, OpenError};
-use crate::snap::SnapInfo;
-use crate::{ImageInfo, MAX_IMAGE_SIZE};
+use crate::types::{ImageInfo, MAX_IMAGE_SIZE, SnapInfo};
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;

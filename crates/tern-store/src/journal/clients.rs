@@ -10,7 +10,7 @@
 use super::state::{self, ClientRecord, PersistState};
 use super::writer::Log;
 use crate::error::StoreError;
-use crate::now_secs;
+use crate::types::now_secs;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::io;
