@@ -70,7 +70,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tern_types::ImageId;
-use writer::Log;
+use writer::{Log, PendingOp};
 
 /// Writes larger than this are journaled as several entries, so one entry
 /// stays a reasonable unit for readers and for `max_bytes`.
@@ -196,8 +196,7 @@ impl Journal {
         data: Vec<u8>,
         fua: bool,
     ) -> Result<u64, StoreError> {
-        self.refuse_if_stalled()?;
-        self.log.queue_write(offset, data, fua)
+        self.queue(PendingOp::Write { offset, data }, fua)
     }
 
     /// Appends a discard or write-zeroes and queues it for the committer.
@@ -208,17 +207,21 @@ impl Journal {
         len: u64,
         fua: bool,
     ) -> Result<u64, StoreError> {
-        self.refuse_if_stalled()?;
-        self.log.queue_zero(discard, offset, len, fua)
+        let op = PendingOp::Zero {
+            discard,
+            offset,
+            len,
+        };
+        self.queue(op, fua)
     }
 
-    /// Nothing more is taken on while the acknowledged writes cannot be
-    /// applied: they would only fail the same way.
-    fn refuse_if_stalled(&self) -> Result<(), StoreError> {
-        match self.pipe.stalled_error() {
-            Some(e) => Err(e),
-            None => Ok(()),
+    fn queue(&self, op: PendingOp, fua: bool) -> Result<u64, StoreError> {
+        if let Some(e) = self.pipe.stalled_error() {
+            // Nothing more is taken on while the acknowledged writes
+            // cannot be applied: they would only fail the same way.
+            return Err(e);
         }
+        self.log.queue(op, fua)
     }
 
     /// A ticket for queued entry `tid`.

@@ -398,51 +398,40 @@ impl Log {
         )
     }
 
-    /// Appends a discard or write-zeroes and queues it for the committer.
-    pub(super) fn queue_zero(
-        &self,
-        discard: bool,
-        offset: u64,
-        len: u64,
-        fua: bool,
-    ) -> Result<u64, StoreError> {
-        let op = if discard {
-            JournalOp::Discard { offset, len }
-        } else {
-            JournalOp::WriteZeroes { offset, len }
-        };
-        let elen = ENTRY_HEADER_LEN + format::payload_len(&op);
-        self.push(
-            elen,
-            |tid, out, _| JournalEntry::encode_op_into(tid, now_us(), &op, out),
-            Some((
-                PendingOp::Zero {
-                    discard,
-                    offset,
-                    len,
-                },
-                fua,
-            )),
-        )
-    }
-
-    /// Appends a write and queues it for the committer.
-    pub(super) fn queue_write(
-        &self,
-        offset: u64,
-        data: Vec<u8>,
-        fua: bool,
-    ) -> Result<u64, StoreError> {
-        let crc = format::WritePayload::crc(offset, &data);
-        self.push(
-            ENTRY_HEADER_LEN + 8 + data.len(),
-            |tid, out, queued| {
-                if let Some(PendingOp::Write { data, .. }) = queued {
-                    format::WritePayload::encode(offset, data, crc, tid, now_us(), out)
-                }
-            },
-            Some((PendingOp::Write { offset, data }, fua)),
-        )
+    /// Appends a write, discard or write-zeroes and queues it for the
+    /// committer.
+    pub(super) fn queue(&self, op: PendingOp, fua: bool) -> Result<u64, StoreError> {
+        match op {
+            PendingOp::Write { offset, data } => {
+                let crc = format::WritePayload::crc(offset, &data);
+                self.push(
+                    ENTRY_HEADER_LEN + 8 + data.len(),
+                    |tid, out, queued| {
+                        if let Some(PendingOp::Write { data, .. }) = queued {
+                            format::WritePayload::encode(offset, data, crc, tid, now_us(), out)
+                        }
+                    },
+                    Some((PendingOp::Write { offset, data }, fua)),
+                )
+            }
+            PendingOp::Zero {
+                discard,
+                offset,
+                len,
+            } => {
+                let entry = if discard {
+                    JournalOp::Discard { offset, len }
+                } else {
+                    JournalOp::WriteZeroes { offset, len }
+                };
+                let elen = ENTRY_HEADER_LEN + format::payload_len(&entry);
+                self.push(
+                    elen,
+                    |tid, out, _| JournalEntry::encode_op_into(tid, now_us(), &entry, out),
+                    Some((op, fua)),
+                )
+            }
+        }
     }
 
     fn push(
