@@ -11,7 +11,7 @@ use crate::extent::{ObjectSpan, ObjectSpans, merge_ranges, object_range_to_image
 use crate::header::HEADER_SIZE;
 use crate::image::{Image, PROBE_LIMIT, State, spec_of};
 use crate::object::{self, ObjectFile};
-use crate::snap::SnapInfo;
+use crate::types::SnapInfo;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 

@@ -12,37 +12,11 @@
 //! over-report that object, never miss a write.
 
 use crate::error::{StoreError, data_io};
-use crate::header::{HEADER_SIZE, MAP_ENTRIES, SnapExt};
+use crate::header::SnapExt;
 use crate::image::{Image, State};
 use crate::object::{self, ObjectFile};
 use std::io;
 use std::sync::atomic::Ordering;
-
-/// The chunk geometry of an image: `max(4096, object_size / 512)` bytes,
-/// so the map always fits the header page (8 KiB for 4 MiB objects).
-#[derive(Debug, Clone, Copy)]
-pub struct Chunks {
-    pub size: u64,
-    pub count: usize,
-}
-
-impl Chunks {
-    pub fn new(object_size: u64) -> Chunks {
-        let size = (object_size / MAP_ENTRIES as u64).max(HEADER_SIZE);
-        Chunks {
-            size,
-            count: object_size.div_ceil(size) as usize,
-        }
-    }
-
-    /// Chunk indexes covering object bytes `[lo, hi)`.
-    pub fn covering(&self, lo: u64, hi: u64) -> std::ops::Range<usize> {
-        if lo >= hi {
-            return 0..0;
-        }
-        (lo / self.size) as usize..hi.div_ceil(self.size) as usize
-    }
-}
 
 /// The map value of a mutation made while the image's snap_seq is `epoch`.
 pub fn mark(epoch: u64) -> u32 {
@@ -157,6 +131,7 @@ impl Image {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::extent::Chunks;
 
     #[test]
     fn geometry() {

@@ -5,7 +5,10 @@
 //! object, image offset grows strictly with object offset. So the bytes of an
 //! object that fall inside an image range form one contiguous object range,
 //! found by binary search.
+//!
+//! Also the chunk geometry of the per-object epoch maps ([`Chunks`]).
 
+use crate::header::{HEADER_SIZE, MAP_ENTRIES};
 use tern_types::Layout;
 
 /// Number of leading bytes of `object_no` whose image offset is below `limit`.
@@ -121,6 +124,32 @@ pub fn merge_ranges(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
         }
     }
     out
+}
+
+/// The chunk geometry of an image: `max(4096, object_size / 512)` bytes,
+/// so the map always fits the header page (8 KiB for 4 MiB objects).
+#[derive(Debug, Clone, Copy)]
+pub struct Chunks {
+    pub size: u64,
+    pub count: usize,
+}
+
+impl Chunks {
+    pub fn new(object_size: u64) -> Chunks {
+        let size = (object_size / MAP_ENTRIES as u64).max(HEADER_SIZE);
+        Chunks {
+            size,
+            count: object_size.div_ceil(size) as usize,
+        }
+    }
+
+    /// Chunk indexes covering object bytes `[lo, hi)`.
+    pub fn covering(&self, lo: u64, hi: u64) -> std::ops::Range<usize> {
+        if lo >= hi {
+            return 0..0;
+        }
+        (lo / self.size) as usize..hi.div_ceil(self.size) as usize
+    }
 }
 
 #[cfg(test)]

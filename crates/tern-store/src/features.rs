@@ -15,7 +15,8 @@
 
 use crate::error::StoreError;
 use crate::journal::Journal;
-use crate::{ImageInfo, Store, now_secs};
+use crate::store::Store;
+use crate::types::{ImageInfo, now_secs};
 use std::sync::Arc;
 use tern_types::Features;
 

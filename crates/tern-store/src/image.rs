@@ -19,16 +19,15 @@
 //! other way round; the removal flag is an atomic so the map's holder needs
 //! no image lock.
 
-use crate::dirty::Chunks;
 use crate::error::{StoreError, data_io};
 use crate::extent::{
-    ObjectSpan, ObjectSpans, merge_ranges, object_prefix_below, object_range_to_image, object_span,
+    Chunks, ObjectSpan, ObjectSpans, merge_ranges, object_prefix_below, object_range_to_image,
+    object_span,
 };
 use crate::header::HEADER_SIZE;
-use crate::journal::{Journal, JournalOp, MAX_WRITE_ENTRY};
+use crate::journal::{Apply, Journal, JournalOp, MAX_WRITE_ENTRY, Target, Ticket};
 use crate::object::{self, ObjMeta, ObjectFile, OpenError};
-use crate::snap::SnapInfo;
-use crate::{ImageInfo, MAX_IMAGE_SIZE};
+use crate::types::{ImageInfo, MAX_IMAGE_SIZE, SnapInfo};
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
@@ -625,7 +624,7 @@ impl Image {
         off: u64,
         data: Vec<u8>,
         fua: bool,
-    ) -> Result<Result<crate::Ticket, StoreError>, Vec<u8>> {
+    ) -> Result<Result<Ticket, StoreError>, Vec<u8>> {
         let Some(st) = self.state.try_read() else {
             return Err(data);
         };
@@ -638,8 +637,7 @@ impl Image {
         if let Err(e) = self.check(&st, "write", off, data.len() as u64) {
             return Ok(Err(e));
         }
-        Ok(j.queue_write(off, data, fua)
-            .map(|tid| crate::Ticket { j: j.clone(), tid }))
+        Ok(j.queue_write(off, data, fua).map(|tid| j.ticket(tid)))
     }
 
     /// Makes the object files hold every applied journal entry durably and
@@ -720,11 +718,20 @@ impl Image {
     /// its committer.
     pub(crate) fn set_journal(self: &Arc<Self>, st: &mut State, j: Option<Arc<Journal>>) {
         if let Some(j) = &j {
-            self.start_committer(j);
+            j.start(Box::new(Committing {
+                img: Arc::downgrade(self),
+                j: j.clone(),
+            }));
         }
         if let Some(old) = std::mem::replace(&mut st.journal, j) {
             old.close();
         }
+    }
+
+    /// A whole committer round for a barrier holding `st`: everything
+    /// queued before it is applied first (see `journal::pipeline`).
+    fn commit_round(&self, st: &State, j: &Journal) -> Result<(), StoreError> {
+        j.commit_round(&Applier { img: self, st })
     }
 
     pub(crate) fn state_write(&self) -> parking_lot::RwLockWriteGuard<'_, State> {
@@ -1077,6 +1084,57 @@ impl Image {
             }
         }
         self.flush_locked(st)
+    }
+}
+
+/// The image as the journal's apply stage writes to it, for a caller
+/// holding `state`: the plain (unjournaled) data path.
+struct Applier<'a> {
+    img: &'a Image,
+    st: &'a State,
+}
+
+impl Apply for Applier<'_> {
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        self.img.write_locked(self.st, offset, data, false)
+    }
+
+    fn zero(&self, discard: bool, offset: u64, len: u64) -> Result<(), StoreError> {
+        let doing = if discard { "discarding" } else { "zeroing" };
+        self.img.zero_range_locked(self.st, doing, offset, len)
+    }
+}
+
+/// What the apply thread of journal `j` holds of the image: a weak
+/// handle, so a dropped image ends the thread instead of living on.
+struct Committing {
+    img: Weak<Image>,
+    j: Arc<Journal>,
+}
+
+impl Target for Committing {
+    fn hold(&self, apply: &mut dyn FnMut(&dyn Apply)) -> Option<bool> {
+        let img = self.img.upgrade()?;
+        let st = img.state.read();
+        let current = st.journal.as_ref().is_some_and(|c| Arc::ptr_eq(c, &self.j));
+        if !current || img.is_removed() {
+            return Some(false);
+        }
+        apply(&Applier { img: &img, st: &st });
+        Some(true)
+    }
+
+    fn checkpoint_soon(&self) {
+        let Some(img) = self.img.upgrade() else {
+            return;
+        };
+        std::thread::spawn(move || {
+            let st = img.state.read();
+            // Best effort: a failed lazy checkpoint only delays
+            // trimming, and a failed object sync is reported by every
+            // later flush.
+            let _ = img.checkpoint_locked(&st, false);
+        });
     }
 }
 

@@ -16,8 +16,7 @@
 //! | `kv_site`, `kv_users`, `kv_config` | caller's key | caller's value |
 
 use crate::error::StoreError;
-use crate::snap::{SnapInfo, SnapNamespace};
-use crate::{KvTable, PoolInfo};
+use crate::types::{ImageInfo, KvTable, PoolInfo, SnapInfo, SnapNamespace};
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
 };
@@ -693,6 +692,21 @@ fn get_image(
         None => Err(StoreError::ImageNotFound {
             spec: format!("{pool}/{name}"),
         }),
+    }
+}
+
+/// What callers see of an image record.
+pub(crate) fn info_of(pool: &str, r: ImageRecord, snap_count: u64) -> ImageInfo {
+    ImageInfo {
+        snap_count,
+        id: r.id,
+        pool: pool.to_string(),
+        name: r.name,
+        size: r.size,
+        layout: r.layout,
+        features: r.features,
+        created: r.created,
+        modified: r.modified,
     }
 }
 

@@ -11,63 +11,8 @@ use crate::error::StoreError;
 use crate::image::Image;
 use crate::journal::JournalOp;
 use crate::meta::SnapSel;
-use crate::{Store, now_secs};
-use serde::{Deserialize, Serialize};
-
-/// A snapshot of an image. Ids are per image and strictly increasing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SnapInfo {
-    pub id: u64,
-    pub name: String,
-    #[serde(default)]
-    pub namespace: SnapNamespace,
-    /// Image size when the snapshot was taken; bounds reads of it.
-    pub size: u64,
-    /// Unix seconds.
-    #[serde(default)]
-    pub created: u64,
-    #[serde(default)]
-    pub protected: bool,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SnapNamespace {
-    #[default]
-    User,
-    Mirror(MirrorSnap),
-}
-
-/// State of a mirror snapshot, as rbd keeps it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct MirrorSnap {
-    pub state: MirrorSnapState,
-    pub complete: bool,
-    pub mirror_peer_uuids: Vec<String>,
-    pub primary_mirror_uuid: String,
-    pub primary_snap_id: u64,
-    pub last_copied_object_number: u64,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum MirrorSnapState {
-    #[default]
-    Primary,
-    PrimaryDemoted,
-    NonPrimary,
-    NonPrimaryDemoted,
-}
-
-impl std::fmt::Display for MirrorSnapState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            MirrorSnapState::Primary => "primary",
-            MirrorSnapState::PrimaryDemoted => "demoted",
-            MirrorSnapState::NonPrimary => "non-primary",
-            MirrorSnapState::NonPrimaryDemoted => "non-primary demoted",
-        })
-    }
-}
+use crate::store::Store;
+use crate::types::{MirrorSnap, SnapInfo, SnapNamespace, now_secs};
 
 /// Snapshot names are unique per image, across namespaces; `@` and `/`
 /// would make specs ambiguous.
@@ -387,6 +332,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::MirrorSnapState;
 
     #[test]
     fn names_and_states() {

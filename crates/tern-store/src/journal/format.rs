@@ -46,7 +46,7 @@
 //! not match is where the readable journal ends: after a crash that is the
 //! torn tail of the last segment.
 
-use crate::snap::SnapNamespace;
+use crate::types::SnapNamespace;
 use tern_types::ImageId;
 
 pub const SEG_MAGIC: [u8; 8] = *b"TERNJSEG";
@@ -709,7 +709,7 @@ mod tests {
             JournalOp::SnapCreate {
                 id: 4,
                 name: "snap".into(),
-                namespace: SnapNamespace::Mirror(crate::snap::MirrorSnap {
+                namespace: SnapNamespace::Mirror(crate::types::MirrorSnap {
                     complete: true,
                     ..Default::default()
                 }),

@@ -9,11 +9,12 @@
 //! operations are checkpoint barriers (nothing after one is ever replayed
 //! together with an older one).
 
-use super::JournalOp;
-use crate::Store;
 use crate::error::StoreError;
 use crate::image::Image;
-use crate::now_secs;
+use crate::journal::JournalOp;
+use crate::meta::info_of;
+use crate::store::Store;
+use crate::types::now_secs;
 
 impl Store {
     /// Replays the journal of a handle that nobody else can see yet.
@@ -58,7 +59,7 @@ impl Store {
                             r.size = *size;
                             r.modified = now;
                         })?;
-                        Ok(crate::info_of(&p.name, r, 0))
+                        Ok(info_of(&p.name, r, 0))
                     })?;
                 }
             }
