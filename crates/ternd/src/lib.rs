@@ -149,12 +149,7 @@ pub async fn run(opts: Options) -> Result<(), Error> {
         }
         None => None,
     };
-    let svc = tern_proto::v1::site_server::SiteServer::from_arc(service)
-        .max_decoding_message_size(tern_proto::MAX_MESSAGE)
-        .max_encoding_message_size(tern_proto::MAX_MESSAGE)
-        // Compressed only for clients that ask (rbd_mirror_compression on a daemon).
-        .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
-        .send_compressed(tonic::codec::CompressionEncoding::Zstd);
+    let api = service::Api::new(service);
     let builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
@@ -185,7 +180,17 @@ pub async fn run(opts: Options) -> Result<(), Error> {
     let incoming = listen::api_incoming(listener, tls, opts.api_limits);
     builder
         .layer(listen::ActivityLayer)
-        .add_service(svc)
+        .add_service(api.site)
+        .add_service(api.pool)
+        .add_service(api.image)
+        .add_service(api.io)
+        .add_service(api.journal)
+        .add_service(api.snap)
+        .add_service(api.lock)
+        .add_service(api.auth)
+        .add_service(api.config)
+        .add_service(api.mirror)
+        .add_service(api.mirror_daemon)
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()))
         .await
         .map_err(|e| Error::new(ErrorKind::Internal, format!("server failed: {e}")))?;

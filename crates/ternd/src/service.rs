@@ -75,6 +75,44 @@ pub struct Service {
 
 type SResult<T> = Result<Response<T>, Status>;
 
+/// Sets a generated server's message limits and compression.
+macro_rules! api {
+    ($($field:ident: $module:ident::$server:ident,)*) => {
+        /// Every service of the API, each served by the one [`Service`].
+        pub struct Api {
+            $(pub $field: pb::$module::$server<Service>,)*
+        }
+
+        impl Api {
+            pub fn new(svc: Arc<Service>) -> Api {
+                use tonic::codec::CompressionEncoding::Zstd;
+                Api {
+                    $($field: pb::$module::$server::from_arc(svc.clone())
+                        .max_decoding_message_size(tern_proto::MAX_MESSAGE)
+                        .max_encoding_message_size(tern_proto::MAX_MESSAGE)
+                        // Compressed only for clients that ask (rbd_mirror_compression on a daemon).
+                        .accept_compressed(Zstd)
+                        .send_compressed(Zstd),)*
+                }
+            }
+        }
+    };
+}
+
+api! {
+    site: site_server::SiteServer,
+    pool: pool_server::PoolServer,
+    image: image_server::ImageServer,
+    io: io_server::IoServer,
+    journal: journal_server::JournalServer,
+    snap: snap_server::SnapServer,
+    lock: lock_server::LockServer,
+    auth: auth_server::AuthServer,
+    config: config_server::ConfigServer,
+    mirror: mirror_server::MirrorServer,
+    mirror_daemon: mirror_daemon_server::MirrorDaemonServer,
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Error> + Send + 'static,
 ) -> Result<T, Status> {
@@ -491,7 +529,10 @@ impl pb::site_server::Site for Service {
         .await?;
         Ok(Response::new(reply))
     }
+}
 
+#[tonic::async_trait]
+impl pb::pool_server::Pool for Service {
     async fn pool_create(&self, req: Request<pb::PoolRequest>) -> SResult<pb::PoolInfo> {
         self.check(&req, Need::Admin)?;
         let pool = req.into_inner().pool;
@@ -554,7 +595,10 @@ impl pb::site_server::Site for Service {
         blocking(move || site.store.pool_remove(&r.pool, r.force).map_err(serr)).await?;
         Ok(Response::new(pb::Empty {}))
     }
+}
 
+#[tonic::async_trait]
+impl pb::image_server::Image for Service {
     async fn image_create(&self, req: Request<pb::ImageCreateRequest>) -> SResult<pb::ImageInfo> {
         let pool = req.get_ref().pool.clone();
         self.check(&req, Need::Write(&pool))?;
@@ -702,6 +746,291 @@ impl pb::site_server::Site for Service {
         Ok(Response::new(image_info_pb(&info, None)))
     }
 
+    async fn image_checksum(
+        &self,
+        req: Request<pb::ChecksumRequest>,
+    ) -> SResult<pb::ChecksumReply> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::Read(&r.pool))?;
+        let chunk = req.get_ref().chunk_size;
+        let chunk = if chunk == 0 {
+            4 << 20
+        } else {
+            chunk.clamp(64 << 10, 64 << 20)
+        };
+        let (img, snap) = self.open_at(&r).map_err(status_of)?;
+        let size = snap.as_ref().map(|s| s.size).unwrap_or_else(|| img.size());
+        let at = snap.map(|s| s.id);
+        let hashes = blocking(move || {
+            let zero = blake3::hash(&vec![0u8; chunk as usize]);
+            let mut out = Vec::new();
+            let mut buf = vec![0u8; chunk as usize];
+            let mut off = 0;
+            while off < size {
+                let n = chunk.min(size - off);
+                // Holes need no reading: a chunk with no data hashes as zeros.
+                let allocated = img.allocated_extents_at(at, off, n).map_err(serr)?;
+                let h = if allocated.is_empty() && n == chunk {
+                    zero
+                } else {
+                    img.read_at(at, off, &mut buf[..n as usize]).map_err(serr)?;
+                    blake3::hash(&buf[..n as usize])
+                };
+                out.push(h.as_bytes().to_vec());
+                off += n;
+            }
+            Ok(out)
+        })
+        .await?;
+        Ok(Response::new(pb::ChecksumReply {
+            size,
+            chunk_size: chunk,
+            hashes,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::io_server::Io for Service {
+    async fn read(&self, req: Request<pb::ReadRequest>) -> SResult<pb::ReadReply> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::Read(&r.pool))?;
+        let q = req.into_inner();
+        if q.length > tern_proto::MAX_MESSAGE as u64 - 4096 {
+            return Err(status_of(Error::invalid(
+                "read larger than 16 MiB: use ReadStream",
+            )));
+        }
+        let (img, snap) = self.open_at(&r).map_err(status_of)?;
+        let snap_id = snap.map(|s| s.id);
+        let c = self.counters(&r.pool);
+        let data = blocking(move || {
+            let mut buf = vec![0u8; q.length as usize];
+            img.read_at(snap_id, q.offset, &mut buf).map_err(serr)?;
+            Ok(buf)
+        })
+        .await?;
+        c.read_ops.fetch_add(1, Ordering::Relaxed);
+        c.read_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(Response::new(pb::ReadReply { data }))
+    }
+
+    async fn write(&self, req: Request<pb::WriteRequest>) -> SResult<pb::Empty> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        let who = self.check(&req, Need::Write(&r.pool))?;
+        let q = req.into_inner();
+        let img = self
+            .open_for_write(&r, &q.lock_cookie, &who)
+            .map_err(status_of)?;
+        let c = self.counters(&r.pool);
+        let n = q.data.len() as u64;
+        blocking(move || img.write(q.offset, &q.data, q.fua).map_err(serr)).await?;
+        c.write_ops.fetch_add(1, Ordering::Relaxed);
+        c.write_bytes.fetch_add(n, Ordering::Relaxed);
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn discard(&self, req: Request<pb::RangeRequest>) -> SResult<pb::Empty> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        let who = self.check(&req, Need::Write(&r.pool))?;
+        let q = req.into_inner();
+        let img = self
+            .open_for_write(&r, &q.lock_cookie, &who)
+            .map_err(status_of)?;
+        blocking(move || img.discard(q.offset, q.length).map_err(serr)).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn write_zeroes(&self, req: Request<pb::RangeRequest>) -> SResult<pb::Empty> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        let who = self.check(&req, Need::Write(&r.pool))?;
+        let q = req.into_inner();
+        let img = self
+            .open_for_write(&r, &q.lock_cookie, &who)
+            .map_err(status_of)?;
+        blocking(move || img.write_zeroes(q.offset, q.length).map_err(serr)).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn flush(&self, req: Request<pb::ImageRef>) -> SResult<pb::Empty> {
+        let pool = req.get_ref().pool.clone();
+        self.check(&req, Need::Write(&pool))?;
+        let img = self.open(req.get_ref()).map_err(status_of)?;
+        blocking(move || img.flush().map_err(serr)).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    type ReadStreamStream = crate::budget::Rx<pb::DataChunk>;
+
+    async fn read_stream(
+        &self,
+        req: Request<pb::ReadStreamRequest>,
+    ) -> SResult<Self::ReadStreamStream> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::Read(&r.pool))?;
+        let req_conn = req.extensions().get::<crate::listen::ConnInfo>().cloned();
+        let q = req.into_inner();
+        let (img, snap) = self.open_at(&r).map_err(status_of)?;
+        let size = snap.as_ref().map(|s| s.size).unwrap_or_else(|| img.size());
+        let to = snap.as_ref().map(|s| s.id);
+        let end = if q.length == 0 {
+            size
+        } else {
+            q.offset.saturating_add(q.length).min(size)
+        };
+        if q.offset > size {
+            return Err(status_of(Error::invalid(format!(
+                "offset {} is past the end ({size})",
+                q.offset
+            ))));
+        }
+        let from = if q.diff && !q.diff_from.is_empty() {
+            let f = self
+                .site
+                .store
+                .snap_get(&r.pool, &r.image, &q.diff_from)
+                .map_err(|e| status_of(serr(e)))?;
+            if to.is_some_and(|t| t < f.id) {
+                return Err(status_of(Error::invalid(format!(
+                    "snapshot '{}' is newer than '{}': a diff runs from an older point to a newer one",
+                    q.diff_from, r.snap
+                ))));
+            }
+            Some(f.id)
+        } else {
+            None
+        };
+        let chunk = if q.chunk_size == 0 {
+            DATA_CHUNK
+        } else {
+            (q.chunk_size as u64).clamp(4096, 8 << 20)
+        };
+        let (tx, rx) = self.budget.stream(chunk as usize, req_conn.map(|c| c.0));
+        let c = self.counters(&r.pool);
+        let (diff, whole) = (q.diff, q.whole_object);
+        tokio::spawn(async move {
+            let res = if diff {
+                let extra: Vec<(u64, u64)> = q
+                    .extra
+                    .iter()
+                    .filter(|e| e.offset < end && e.offset + e.length > q.offset)
+                    .map(|e| {
+                        let o = e.offset.max(q.offset);
+                        (o, (e.offset + e.length).min(end) - o)
+                    })
+                    .collect();
+                stream_diff(img, from, to, q.offset, end, chunk, whole, extra, &tx, &c).await
+            } else {
+                stream_out(img, to, q.offset, end, chunk, &tx, &c).await
+            };
+            if let Err(e) = res {
+                tx.fail(e);
+            }
+        });
+        Ok(Response::new(rx))
+    }
+
+    async fn write_stream(
+        &self,
+        req: Request<Streaming<pb::WriteStreamMessage>>,
+    ) -> SResult<pb::WriteStreamReply> {
+        // Authenticated here; the pool is known only from the first message.
+        let who = self.check(&req, Need::SiteRead)?;
+        let mut stream = req.into_inner();
+        use pb::write_stream_message::Msg;
+        let first = stream.message().await?.and_then(|m| m.msg);
+        let Some(Msg::Open(open)) = first else {
+            return Err(status_of(Error::invalid(
+                "a write stream must start with an open message",
+            )));
+        };
+        let mut sync_fence = None;
+        let mut import = match (open.create, open.image) {
+            (Some(create), _) => {
+                self.site
+                    .authorize(&who, Need::Write(&create.pool))
+                    .map_err(status_of)?;
+                Import::create(&self.site, self, create).await?
+            }
+            (None, Some(r)) => {
+                self.site
+                    .authorize(&who, Need::Write(&r.pool))
+                    .map_err(status_of)?;
+                let img = if open.mirror_sync {
+                    self.site
+                        .authorize(&who, Need::MirrorDaemon(&r.pool))
+                        .map_err(status_of)?;
+                    let img = self.open_for_sync(&r).map_err(status_of)?;
+                    sync_fence = Some(SyncFence {
+                        image_id: img.info().id.to_string(),
+                        spec: format!("{}/{}", r.pool, r.image),
+                        expect_epoch: open.expect_epoch,
+                    });
+                    img
+                } else {
+                    self.open_for_write(&r, &open.lock_cookie, &who)
+                        .map_err(status_of)?
+                };
+                let mut import = Import {
+                    img,
+                    target: r,
+                    hidden: None,
+                    site: self.site.clone(),
+                    data: 0,
+                    zeros: 0,
+                    safety: None,
+                    diff_to: None,
+                    limit: u64::MAX,
+                    fence: sync_fence,
+                };
+                if let Some(d) = open.diff {
+                    import.begin_diff(d).await?;
+                }
+                import
+            }
+            (None, None) => return Err(status_of(Error::invalid("open names no image"))),
+        };
+        let c = self.counters(&import.target.pool);
+        loop {
+            let msg = match stream.message().await {
+                Ok(Some(m)) => m.msg,
+                Ok(None) => {
+                    import.abort().await;
+                    return Err(status_of(Error::invalid(
+                        "the write stream ended before its commit: the import was discarded",
+                    )));
+                }
+                Err(e) => {
+                    import.abort().await;
+                    return Err(e);
+                }
+            };
+            let res = match msg {
+                Some(Msg::Chunk(ch)) => {
+                    let n = ch.length;
+                    let r = import.chunk(ch).await;
+                    c.write_ops.fetch_add(1, Ordering::Relaxed);
+                    c.write_bytes.fetch_add(n, Ordering::Relaxed);
+                    r
+                }
+                Some(Msg::Commit(cm)) => {
+                    let reply = import.commit(cm).await;
+                    return reply.map(Response::new);
+                }
+                _ => Err(status_of(Error::invalid(
+                    "unexpected message in a write stream",
+                ))),
+            };
+            if let Err(e) = res {
+                import.abort().await;
+                return Err(e);
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::journal_server::Journal for Service {
     async fn journal_info(&self, req: Request<pb::ImageRef>) -> SResult<pb::JournalInfoReply> {
         let pool = req.get_ref().pool.clone();
         self.check(&req, Need::Read(&pool))?;
@@ -946,384 +1275,10 @@ impl pb::site_server::Site for Service {
         .await?;
         Ok(Response::new(journal_client_pb(&info)))
     }
+}
 
-    async fn read(&self, req: Request<pb::ReadRequest>) -> SResult<pb::ReadReply> {
-        let r = image_ref(req.get_ref().image.clone())?;
-        self.check(&req, Need::Read(&r.pool))?;
-        let q = req.into_inner();
-        if q.length > tern_proto::MAX_MESSAGE as u64 - 4096 {
-            return Err(status_of(Error::invalid(
-                "read larger than 16 MiB: use ReadStream",
-            )));
-        }
-        let (img, snap) = self.open_at(&r).map_err(status_of)?;
-        let snap_id = snap.map(|s| s.id);
-        let c = self.counters(&r.pool);
-        let data = blocking(move || {
-            let mut buf = vec![0u8; q.length as usize];
-            img.read_at(snap_id, q.offset, &mut buf).map_err(serr)?;
-            Ok(buf)
-        })
-        .await?;
-        c.read_ops.fetch_add(1, Ordering::Relaxed);
-        c.read_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-        Ok(Response::new(pb::ReadReply { data }))
-    }
-
-    async fn write(&self, req: Request<pb::WriteRequest>) -> SResult<pb::Empty> {
-        let r = image_ref(req.get_ref().image.clone())?;
-        let who = self.check(&req, Need::Write(&r.pool))?;
-        let q = req.into_inner();
-        let img = self
-            .open_for_write(&r, &q.lock_cookie, &who)
-            .map_err(status_of)?;
-        let c = self.counters(&r.pool);
-        let n = q.data.len() as u64;
-        blocking(move || img.write(q.offset, &q.data, q.fua).map_err(serr)).await?;
-        c.write_ops.fetch_add(1, Ordering::Relaxed);
-        c.write_bytes.fetch_add(n, Ordering::Relaxed);
-        Ok(Response::new(pb::Empty {}))
-    }
-
-    async fn discard(&self, req: Request<pb::RangeRequest>) -> SResult<pb::Empty> {
-        let r = image_ref(req.get_ref().image.clone())?;
-        let who = self.check(&req, Need::Write(&r.pool))?;
-        let q = req.into_inner();
-        let img = self
-            .open_for_write(&r, &q.lock_cookie, &who)
-            .map_err(status_of)?;
-        blocking(move || img.discard(q.offset, q.length).map_err(serr)).await?;
-        Ok(Response::new(pb::Empty {}))
-    }
-
-    async fn write_zeroes(&self, req: Request<pb::RangeRequest>) -> SResult<pb::Empty> {
-        let r = image_ref(req.get_ref().image.clone())?;
-        let who = self.check(&req, Need::Write(&r.pool))?;
-        let q = req.into_inner();
-        let img = self
-            .open_for_write(&r, &q.lock_cookie, &who)
-            .map_err(status_of)?;
-        blocking(move || img.write_zeroes(q.offset, q.length).map_err(serr)).await?;
-        Ok(Response::new(pb::Empty {}))
-    }
-
-    async fn flush(&self, req: Request<pb::ImageRef>) -> SResult<pb::Empty> {
-        let pool = req.get_ref().pool.clone();
-        self.check(&req, Need::Write(&pool))?;
-        let img = self.open(req.get_ref()).map_err(status_of)?;
-        blocking(move || img.flush().map_err(serr)).await?;
-        Ok(Response::new(pb::Empty {}))
-    }
-
-    type ReadStreamStream = crate::budget::Rx<pb::DataChunk>;
-
-    async fn read_stream(
-        &self,
-        req: Request<pb::ReadStreamRequest>,
-    ) -> SResult<Self::ReadStreamStream> {
-        let r = image_ref(req.get_ref().image.clone())?;
-        self.check(&req, Need::Read(&r.pool))?;
-        let req_conn = req.extensions().get::<crate::listen::ConnInfo>().cloned();
-        let q = req.into_inner();
-        let (img, snap) = self.open_at(&r).map_err(status_of)?;
-        let size = snap.as_ref().map(|s| s.size).unwrap_or_else(|| img.size());
-        let to = snap.as_ref().map(|s| s.id);
-        let end = if q.length == 0 {
-            size
-        } else {
-            q.offset.saturating_add(q.length).min(size)
-        };
-        if q.offset > size {
-            return Err(status_of(Error::invalid(format!(
-                "offset {} is past the end ({size})",
-                q.offset
-            ))));
-        }
-        let from = if q.diff && !q.diff_from.is_empty() {
-            let f = self
-                .site
-                .store
-                .snap_get(&r.pool, &r.image, &q.diff_from)
-                .map_err(|e| status_of(serr(e)))?;
-            if to.is_some_and(|t| t < f.id) {
-                return Err(status_of(Error::invalid(format!(
-                    "snapshot '{}' is newer than '{}': a diff runs from an older point to a newer one",
-                    q.diff_from, r.snap
-                ))));
-            }
-            Some(f.id)
-        } else {
-            None
-        };
-        let chunk = if q.chunk_size == 0 {
-            DATA_CHUNK
-        } else {
-            (q.chunk_size as u64).clamp(4096, 8 << 20)
-        };
-        let (tx, rx) = self.budget.stream(chunk as usize, req_conn.map(|c| c.0));
-        let c = self.counters(&r.pool);
-        let (diff, whole) = (q.diff, q.whole_object);
-        tokio::spawn(async move {
-            let res = if diff {
-                let extra: Vec<(u64, u64)> = q
-                    .extra
-                    .iter()
-                    .filter(|e| e.offset < end && e.offset + e.length > q.offset)
-                    .map(|e| {
-                        let o = e.offset.max(q.offset);
-                        (o, (e.offset + e.length).min(end) - o)
-                    })
-                    .collect();
-                stream_diff(img, from, to, q.offset, end, chunk, whole, extra, &tx, &c).await
-            } else {
-                stream_out(img, to, q.offset, end, chunk, &tx, &c).await
-            };
-            if let Err(e) = res {
-                tx.fail(e);
-            }
-        });
-        Ok(Response::new(rx))
-    }
-
-    async fn write_stream(
-        &self,
-        req: Request<Streaming<pb::WriteStreamMessage>>,
-    ) -> SResult<pb::WriteStreamReply> {
-        // Authenticated here; the pool is known only from the first message.
-        let who = self.check(&req, Need::SiteRead)?;
-        let mut stream = req.into_inner();
-        use pb::write_stream_message::Msg;
-        let first = stream.message().await?.and_then(|m| m.msg);
-        let Some(Msg::Open(open)) = first else {
-            return Err(status_of(Error::invalid(
-                "a write stream must start with an open message",
-            )));
-        };
-        let mut sync_fence = None;
-        let mut import = match (open.create, open.image) {
-            (Some(create), _) => {
-                self.site
-                    .authorize(&who, Need::Write(&create.pool))
-                    .map_err(status_of)?;
-                Import::create(&self.site, self, create).await?
-            }
-            (None, Some(r)) => {
-                self.site
-                    .authorize(&who, Need::Write(&r.pool))
-                    .map_err(status_of)?;
-                let img = if open.mirror_sync {
-                    self.site
-                        .authorize(&who, Need::MirrorDaemon(&r.pool))
-                        .map_err(status_of)?;
-                    let img = self.open_for_sync(&r).map_err(status_of)?;
-                    sync_fence = Some(SyncFence {
-                        image_id: img.info().id.to_string(),
-                        spec: format!("{}/{}", r.pool, r.image),
-                        expect_epoch: open.expect_epoch,
-                    });
-                    img
-                } else {
-                    self.open_for_write(&r, &open.lock_cookie, &who)
-                        .map_err(status_of)?
-                };
-                let mut import = Import {
-                    img,
-                    target: r,
-                    hidden: None,
-                    site: self.site.clone(),
-                    data: 0,
-                    zeros: 0,
-                    safety: None,
-                    diff_to: None,
-                    limit: u64::MAX,
-                    fence: sync_fence,
-                };
-                if let Some(d) = open.diff {
-                    import.begin_diff(d).await?;
-                }
-                import
-            }
-            (None, None) => return Err(status_of(Error::invalid("open names no image"))),
-        };
-        let c = self.counters(&import.target.pool);
-        loop {
-            let msg = match stream.message().await {
-                Ok(Some(m)) => m.msg,
-                Ok(None) => {
-                    import.abort().await;
-                    return Err(status_of(Error::invalid(
-                        "the write stream ended before its commit: the import was discarded",
-                    )));
-                }
-                Err(e) => {
-                    import.abort().await;
-                    return Err(e);
-                }
-            };
-            let res = match msg {
-                Some(Msg::Chunk(ch)) => {
-                    let n = ch.length;
-                    let r = import.chunk(ch).await;
-                    c.write_ops.fetch_add(1, Ordering::Relaxed);
-                    c.write_bytes.fetch_add(n, Ordering::Relaxed);
-                    r
-                }
-                Some(Msg::Commit(cm)) => {
-                    let reply = import.commit(cm).await;
-                    return reply.map(Response::new);
-                }
-                _ => Err(status_of(Error::invalid(
-                    "unexpected message in a write stream",
-                ))),
-            };
-            if let Err(e) = res {
-                import.abort().await;
-                return Err(e);
-            }
-        }
-    }
-
-    async fn auth_get_or_create(
-        &self,
-        req: Request<pb::AuthGetOrCreateRequest>,
-    ) -> SResult<pb::AuthEntity> {
-        self.check(&req, Need::Admin)?;
-        let r = req.into_inner();
-        let caps: BTreeMap<String, String> = r.caps.into_iter().collect();
-        let site = self.site.clone();
-        let (rec, created) = blocking(move || site.get_or_create_user(&r.entity, &caps)).await?;
-        Ok(Response::new(self.entity_pb(&rec, created)))
-    }
-
-    async fn auth_get(&self, req: Request<pb::AuthName>) -> SResult<pb::AuthEntity> {
-        self.check(&req, Need::Admin)?;
-        let rec = self
-            .site
-            .get_user(&req.get_ref().entity)
-            .map_err(status_of)?;
-        Ok(Response::new(self.entity_pb(&rec, false)))
-    }
-
-    async fn auth_list(&self, req: Request<pb::Empty>) -> SResult<pb::AuthListReply> {
-        self.check(&req, Need::Admin)?;
-        let entities = self
-            .site
-            .list_users()
-            .iter()
-            .map(|r| self.entity_pb(r, false))
-            .collect();
-        Ok(Response::new(pb::AuthListReply { entities }))
-    }
-
-    async fn auth_remove(&self, req: Request<pb::AuthName>) -> SResult<pb::Empty> {
-        let who = self.check(&req, Need::Admin)?;
-        let entity = req.into_inner().entity;
-        let site = self.site.clone();
-        blocking(move || site.remove_user(&entity, &who.entity)).await?;
-        Ok(Response::new(pb::Empty {}))
-    }
-
-    async fn auth_caps(&self, req: Request<pb::AuthGetOrCreateRequest>) -> SResult<pb::AuthEntity> {
-        let who = self.check(&req, Need::Admin)?;
-        let r = req.into_inner();
-        let caps: BTreeMap<String, String> = r.caps.into_iter().collect();
-        let site = self.site.clone();
-        let rec = blocking(move || site.set_user_caps(&r.entity, &caps, &who.entity)).await?;
-        Ok(Response::new(self.entity_pb(&rec, false)))
-    }
-
-    async fn config_set(&self, req: Request<pb::ConfigSetRequest>) -> SResult<pb::Empty> {
-        let who = self.config_who(&req, &req.get_ref().who, &req.get_ref().key)?;
-        let mut r = req.into_inner();
-        r.who = who;
-        let site = self.site.clone();
-        blocking(move || {
-            options::validate_who(&r.who)?;
-            let opt = options::find(&r.key)?;
-            let v = options::check_value(opt, &r.value)?;
-            if opt.name == "rbd_default_features" {
-                Features::parse_list(std::slice::from_ref(&v))?.validate()?;
-            }
-            site.store
-                .kv_put(KvTable::Config, &format!("{}\0{}", r.who, r.key), &v)
-                .map_err(serr)?;
-            if opt.name.starts_with("rbd_journal_") {
-                site.apply_journal_config()?;
-            }
-            Ok(())
-        })
-        .await?;
-        Ok(Response::new(pb::Empty {}))
-    }
-
-    async fn config_get(&self, req: Request<pb::ConfigGetRequest>) -> SResult<pb::ConfigListReply> {
-        self.check(&req, Need::SiteRead)?;
-        let mut r = req.get_ref().clone();
-        if r.who.starts_with("image:") {
-            r.who = self.config_who(&req, &r.who, &r.key)?;
-        }
-        options::validate_who(&r.who).map_err(status_of)?;
-        let mut entries = Vec::new();
-        if r.key.is_empty() {
-            for opt in options::OPTIONS {
-                entries.push(pb::ConfigEntry {
-                    who: r.who.clone(),
-                    key: opt.name.into(),
-                    value: self.config_value(&r.who, opt.name).map_err(status_of)?,
-                });
-            }
-        } else {
-            let value = self.config_value(&r.who, &r.key).map_err(status_of)?;
-            entries.push(pb::ConfigEntry {
-                who: r.who,
-                key: r.key,
-                value,
-            });
-        }
-        Ok(Response::new(pb::ConfigListReply { entries }))
-    }
-
-    async fn config_remove(&self, req: Request<pb::ConfigGetRequest>) -> SResult<pb::Empty> {
-        let who = self.config_who(&req, &req.get_ref().who, &req.get_ref().key)?;
-        let r = req.into_inner();
-        let opt = options::find(&r.key).map_err(status_of)?;
-        self.site
-            .store
-            .kv_delete(KvTable::Config, &format!("{}\0{}", who, r.key))
-            .map_err(|e| status_of(serr(e)))?;
-        if opt.name.starts_with("rbd_journal_") {
-            if let Some(id) = who
-                .strip_prefix("image.")
-                .and_then(|i| tern_types::ImageId::parse(i).ok())
-            {
-                self.site.store.set_image_journal_options(&id, None);
-            }
-            self.site.apply_journal_config().map_err(status_of)?;
-        }
-        Ok(Response::new(pb::Empty {}))
-    }
-
-    async fn config_dump(&self, req: Request<pb::Empty>) -> SResult<pb::ConfigListReply> {
-        self.check(&req, Need::SiteRead)?;
-        let list = self
-            .site
-            .store
-            .kv_list(KvTable::Config, "")
-            .map_err(|e| status_of(serr(e)))?;
-        let entries = list
-            .into_iter()
-            .filter_map(|(k, value)| {
-                let (who, key) = k.split_once('\0')?;
-                Some(pb::ConfigEntry {
-                    who: who.into(),
-                    key: key.into(),
-                    value,
-                })
-            })
-            .collect();
-        Ok(Response::new(pb::ConfigListReply { entries }))
-    }
-
+#[tonic::async_trait]
+impl pb::snap_server::Snap for Service {
     async fn snap_create(&self, req: Request<pb::SnapRequest>) -> SResult<pb::SnapInfo> {
         let r = image_ref(req.get_ref().image.clone())?;
         self.check(&req, Need::Write(&r.pool))?;
@@ -1465,7 +1420,10 @@ impl pb::site_server::Site for Service {
         .await?;
         Ok(Response::new(reply))
     }
+}
 
+#[tonic::async_trait]
+impl pb::lock_server::Lock for Service {
     async fn lock_acquire(&self, req: Request<pb::LockRequest>) -> SResult<pb::LockInfo> {
         let r = image_ref(req.get_ref().image.clone())?;
         let who = self.check(&req, Need::Write(&r.pool))?;
@@ -1540,7 +1498,157 @@ impl pb::site_server::Site for Service {
             .map_err(status_of)?;
         Ok(Response::new(pb::Empty {}))
     }
+}
 
+#[tonic::async_trait]
+impl pb::auth_server::Auth for Service {
+    async fn auth_get_or_create(
+        &self,
+        req: Request<pb::AuthGetOrCreateRequest>,
+    ) -> SResult<pb::AuthEntity> {
+        self.check(&req, Need::Admin)?;
+        let r = req.into_inner();
+        let caps: BTreeMap<String, String> = r.caps.into_iter().collect();
+        let site = self.site.clone();
+        let (rec, created) = blocking(move || site.get_or_create_user(&r.entity, &caps)).await?;
+        Ok(Response::new(self.entity_pb(&rec, created)))
+    }
+
+    async fn auth_get(&self, req: Request<pb::AuthName>) -> SResult<pb::AuthEntity> {
+        self.check(&req, Need::Admin)?;
+        let rec = self
+            .site
+            .get_user(&req.get_ref().entity)
+            .map_err(status_of)?;
+        Ok(Response::new(self.entity_pb(&rec, false)))
+    }
+
+    async fn auth_list(&self, req: Request<pb::Empty>) -> SResult<pb::AuthListReply> {
+        self.check(&req, Need::Admin)?;
+        let entities = self
+            .site
+            .list_users()
+            .iter()
+            .map(|r| self.entity_pb(r, false))
+            .collect();
+        Ok(Response::new(pb::AuthListReply { entities }))
+    }
+
+    async fn auth_remove(&self, req: Request<pb::AuthName>) -> SResult<pb::Empty> {
+        let who = self.check(&req, Need::Admin)?;
+        let entity = req.into_inner().entity;
+        let site = self.site.clone();
+        blocking(move || site.remove_user(&entity, &who.entity)).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn auth_caps(&self, req: Request<pb::AuthGetOrCreateRequest>) -> SResult<pb::AuthEntity> {
+        let who = self.check(&req, Need::Admin)?;
+        let r = req.into_inner();
+        let caps: BTreeMap<String, String> = r.caps.into_iter().collect();
+        let site = self.site.clone();
+        let rec = blocking(move || site.set_user_caps(&r.entity, &caps, &who.entity)).await?;
+        Ok(Response::new(self.entity_pb(&rec, false)))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::config_server::Config for Service {
+    async fn config_set(&self, req: Request<pb::ConfigSetRequest>) -> SResult<pb::Empty> {
+        let who = self.config_who(&req, &req.get_ref().who, &req.get_ref().key)?;
+        let mut r = req.into_inner();
+        r.who = who;
+        let site = self.site.clone();
+        blocking(move || {
+            options::validate_who(&r.who)?;
+            let opt = options::find(&r.key)?;
+            let v = options::check_value(opt, &r.value)?;
+            if opt.name == "rbd_default_features" {
+                Features::parse_list(std::slice::from_ref(&v))?.validate()?;
+            }
+            site.store
+                .kv_put(KvTable::Config, &format!("{}\0{}", r.who, r.key), &v)
+                .map_err(serr)?;
+            if opt.name.starts_with("rbd_journal_") {
+                site.apply_journal_config()?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn config_get(&self, req: Request<pb::ConfigGetRequest>) -> SResult<pb::ConfigListReply> {
+        self.check(&req, Need::SiteRead)?;
+        let mut r = req.get_ref().clone();
+        if r.who.starts_with("image:") {
+            r.who = self.config_who(&req, &r.who, &r.key)?;
+        }
+        options::validate_who(&r.who).map_err(status_of)?;
+        let mut entries = Vec::new();
+        if r.key.is_empty() {
+            for opt in options::OPTIONS {
+                entries.push(pb::ConfigEntry {
+                    who: r.who.clone(),
+                    key: opt.name.into(),
+                    value: self.config_value(&r.who, opt.name).map_err(status_of)?,
+                });
+            }
+        } else {
+            let value = self.config_value(&r.who, &r.key).map_err(status_of)?;
+            entries.push(pb::ConfigEntry {
+                who: r.who,
+                key: r.key,
+                value,
+            });
+        }
+        Ok(Response::new(pb::ConfigListReply { entries }))
+    }
+
+    async fn config_remove(&self, req: Request<pb::ConfigGetRequest>) -> SResult<pb::Empty> {
+        let who = self.config_who(&req, &req.get_ref().who, &req.get_ref().key)?;
+        let r = req.into_inner();
+        let opt = options::find(&r.key).map_err(status_of)?;
+        self.site
+            .store
+            .kv_delete(KvTable::Config, &format!("{}\0{}", who, r.key))
+            .map_err(|e| status_of(serr(e)))?;
+        if opt.name.starts_with("rbd_journal_") {
+            if let Some(id) = who
+                .strip_prefix("image.")
+                .and_then(|i| tern_types::ImageId::parse(i).ok())
+            {
+                self.site.store.set_image_journal_options(&id, None);
+            }
+            self.site.apply_journal_config().map_err(status_of)?;
+        }
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn config_dump(&self, req: Request<pb::Empty>) -> SResult<pb::ConfigListReply> {
+        self.check(&req, Need::SiteRead)?;
+        let list = self
+            .site
+            .store
+            .kv_list(KvTable::Config, "")
+            .map_err(|e| status_of(serr(e)))?;
+        let entries = list
+            .into_iter()
+            .filter_map(|(k, value)| {
+                let (who, key) = k.split_once('\0')?;
+                Some(pb::ConfigEntry {
+                    who: who.into(),
+                    key: key.into(),
+                    value,
+                })
+            })
+            .collect();
+        Ok(Response::new(pb::ConfigListReply { entries }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::mirror_server::Mirror for Service {
     async fn mirror_pool_enable(
         &self,
         req: Request<pb::MirrorPoolEnableRequest>,
@@ -1793,30 +1901,6 @@ impl pb::site_server::Site for Service {
         Ok(Response::new(peer_pb(&stored, false)))
     }
 
-    async fn mirror_peer_register(
-        &self,
-        req: Request<pb::MirrorPeerRegisterRequest>,
-    ) -> SResult<pb::MirrorPeerRegisterReply> {
-        let pool = req.get_ref().pool.clone();
-        self.check(&req, Need::MirrorPeer(&pool))?;
-        let r = req.into_inner();
-        let peer = peer_rec(
-            r.peer
-                .ok_or_else(|| status_of(Error::invalid("no peer given")))?,
-        );
-        let m = self.mirror();
-        let (stored, p) = blocking(move || {
-            let stored = m.peer_upsert(&r.pool, peer)?;
-            Ok((stored, m.pool_enabled(&r.pool)?))
-        })
-        .await?;
-        Ok(Response::new(pb::MirrorPeerRegisterReply {
-            peer: Some(peer_pb(&stored, false)),
-            mirror_uuid: p.mirror_uuid,
-            site_name: p.site_name,
-        }))
-    }
-
     async fn mirror_image_enable(
         &self,
         req: Request<pb::MirrorImageEnableRequest>,
@@ -1939,55 +2023,6 @@ impl pb::site_server::Site for Service {
         Ok(Response::new(snap_pb(&s)))
     }
 
-    async fn mirror_journal_apply(
-        &self,
-        req: Request<pb::MirrorJournalApplyRequest>,
-    ) -> SResult<pb::MirrorJournalApplyReply> {
-        let r = image_ref(req.get_ref().image.clone())?;
-        self.check(&req, Need::MirrorDaemon(&r.pool))?;
-        let q = req.into_inner();
-        let m = self.mirror();
-        let a = blocking(move || {
-            m.journal_apply(
-                &r.pool,
-                &r.image,
-                &q.primary_mirror_uuid,
-                &q.entries,
-                q.persist,
-                (q.expect_epoch, q.primary_epoch),
-            )
-        })
-        .await?;
-        Ok(Response::new(pb::MirrorJournalApplyReply {
-            last_tid: a.last_tid,
-            last_timestamp_us: a.last_timestamp_us,
-            entries: a.entries,
-            bytes: a.bytes,
-            demoted: a.demoted,
-        }))
-    }
-
-    async fn mirror_journal_position(
-        &self,
-        req: Request<pb::MirrorJournalPositionRequest>,
-    ) -> SResult<pb::Empty> {
-        let r = image_ref(req.get_ref().image.clone())?;
-        self.check(&req, Need::MirrorDaemon(&r.pool))?;
-        let q = req.into_inner();
-        let m = self.mirror();
-        blocking(move || {
-            let pos = (q.tid > 0).then_some(mirror::JournalPos {
-                primary_mirror_uuid: q.primary_mirror_uuid,
-                tid: q.tid,
-                skip_to: q.skip_to,
-                timestamp_us: q.timestamp_us,
-            });
-            m.journal_pos_set(&r.pool, &r.image, pos, q.expect_epoch)
-        })
-        .await?;
-        Ok(Response::new(pb::Empty {}))
-    }
-
     async fn mirror_image_get(&self, req: Request<pb::ImageRef>) -> SResult<pb::MirrorImageInfo> {
         let r = req.get_ref().clone();
         self.check(&req, Need::Read(&r.pool))?;
@@ -2043,6 +2078,175 @@ impl pb::site_server::Site for Service {
         self.check(&req, Need::Read(&pool))?;
         let reply = self.pool_status(&pool).await?;
         Ok(Response::new(reply))
+    }
+
+    async fn mirror_schedule_add(
+        &self,
+        req: Request<pb::MirrorScheduleRequest>,
+    ) -> SResult<pb::Empty> {
+        let pool = req.get_ref().pool.clone();
+        self.check(&req, Need::Write(&pool))?;
+        let r = req.into_inner();
+        let m = self.mirror();
+        blocking(move || {
+            m.schedule_add(
+                &r.pool,
+                &r.image,
+                schedule::Schedule::parse(&r.interval, &r.start_time)?,
+            )
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn mirror_schedule_remove(
+        &self,
+        req: Request<pb::MirrorScheduleRequest>,
+    ) -> SResult<pb::Empty> {
+        let pool = req.get_ref().pool.clone();
+        self.check(&req, Need::Write(&pool))?;
+        let r = req.into_inner();
+        let m = self.mirror();
+        blocking(move || {
+            // No interval: every schedule at this level.
+            let s = if r.interval.is_empty() {
+                None
+            } else {
+                Some(schedule::Schedule::parse(&r.interval, &r.start_time)?)
+            };
+            m.schedule_rm(&r.pool, &r.image, s)
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn mirror_schedule_list(
+        &self,
+        req: Request<pb::MirrorScheduleRequest>,
+    ) -> SResult<pb::MirrorScheduleListReply> {
+        let pool = req.get_ref().pool.clone();
+        self.check(&req, Need::SiteRead)?;
+        let r = req.into_inner();
+        let m = self.mirror();
+        let list = blocking(move || {
+            let mut out = Vec::new();
+            for (p, i, ss) in m.all_schedules()? {
+                let level_match = if r.recursive {
+                    (pool.is_empty() || p == pool) && (r.image.is_empty() || i == r.image)
+                } else {
+                    p == pool && i == r.image
+                };
+                if level_match {
+                    for s in ss {
+                        out.push(pb::MirrorScheduleEntry {
+                            pool: p.clone(),
+                            image: i.clone(),
+                            interval: schedule::fmt_interval(s.interval),
+                            start_time: s.start.map(schedule::fmt_start).unwrap_or_default(),
+                        });
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await?;
+        Ok(Response::new(pb::MirrorScheduleListReply {
+            schedules: list,
+        }))
+    }
+
+    async fn mirror_schedule_status(
+        &self,
+        req: Request<pb::MirrorScheduleRequest>,
+    ) -> SResult<pb::MirrorScheduleStatusReply> {
+        let pool = req.get_ref().pool.clone();
+        self.check(&req, Need::Read(&pool))?;
+        let r = req.into_inner();
+        let m = self.mirror();
+        let v = blocking(move || schedule::status(&m, &r.pool, &r.image, crate::site::now_secs()))
+            .await?;
+        Ok(Response::new(pb::MirrorScheduleStatusReply {
+            scheduled: v
+                .into_iter()
+                .map(|(image, time)| pb::MirrorScheduleNext { image, time })
+                .collect(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::mirror_daemon_server::MirrorDaemon for Service {
+    async fn mirror_peer_register(
+        &self,
+        req: Request<pb::MirrorPeerRegisterRequest>,
+    ) -> SResult<pb::MirrorPeerRegisterReply> {
+        let pool = req.get_ref().pool.clone();
+        self.check(&req, Need::MirrorPeer(&pool))?;
+        let r = req.into_inner();
+        let peer = peer_rec(
+            r.peer
+                .ok_or_else(|| status_of(Error::invalid("no peer given")))?,
+        );
+        let m = self.mirror();
+        let (stored, p) = blocking(move || {
+            let stored = m.peer_upsert(&r.pool, peer)?;
+            Ok((stored, m.pool_enabled(&r.pool)?))
+        })
+        .await?;
+        Ok(Response::new(pb::MirrorPeerRegisterReply {
+            peer: Some(peer_pb(&stored, false)),
+            mirror_uuid: p.mirror_uuid,
+            site_name: p.site_name,
+        }))
+    }
+
+    async fn mirror_journal_apply(
+        &self,
+        req: Request<pb::MirrorJournalApplyRequest>,
+    ) -> SResult<pb::MirrorJournalApplyReply> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::MirrorDaemon(&r.pool))?;
+        let q = req.into_inner();
+        let m = self.mirror();
+        let a = blocking(move || {
+            m.journal_apply(
+                &r.pool,
+                &r.image,
+                &q.primary_mirror_uuid,
+                &q.entries,
+                q.persist,
+                (q.expect_epoch, q.primary_epoch),
+            )
+        })
+        .await?;
+        Ok(Response::new(pb::MirrorJournalApplyReply {
+            last_tid: a.last_tid,
+            last_timestamp_us: a.last_timestamp_us,
+            entries: a.entries,
+            bytes: a.bytes,
+            demoted: a.demoted,
+        }))
+    }
+
+    async fn mirror_journal_position(
+        &self,
+        req: Request<pb::MirrorJournalPositionRequest>,
+    ) -> SResult<pb::Empty> {
+        let r = image_ref(req.get_ref().image.clone())?;
+        self.check(&req, Need::MirrorDaemon(&r.pool))?;
+        let q = req.into_inner();
+        let m = self.mirror();
+        blocking(move || {
+            let pos = (q.tid > 0).then_some(mirror::JournalPos {
+                primary_mirror_uuid: q.primary_mirror_uuid,
+                tid: q.tid,
+                skip_to: q.skip_to,
+                timestamp_us: q.timestamp_us,
+            });
+            m.journal_pos_set(&r.pool, &r.image, pos, q.expect_epoch)
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
     }
 
     async fn mirror_status_report(
@@ -2227,142 +2431,6 @@ impl pb::site_server::Site for Service {
         })
         .await?;
         Ok(Response::new(pb::Empty {}))
-    }
-
-    async fn mirror_schedule_add(
-        &self,
-        req: Request<pb::MirrorScheduleRequest>,
-    ) -> SResult<pb::Empty> {
-        let pool = req.get_ref().pool.clone();
-        self.check(&req, Need::Write(&pool))?;
-        let r = req.into_inner();
-        let m = self.mirror();
-        blocking(move || {
-            m.schedule_add(
-                &r.pool,
-                &r.image,
-                schedule::Schedule::parse(&r.interval, &r.start_time)?,
-            )
-        })
-        .await?;
-        Ok(Response::new(pb::Empty {}))
-    }
-
-    async fn mirror_schedule_remove(
-        &self,
-        req: Request<pb::MirrorScheduleRequest>,
-    ) -> SResult<pb::Empty> {
-        let pool = req.get_ref().pool.clone();
-        self.check(&req, Need::Write(&pool))?;
-        let r = req.into_inner();
-        let m = self.mirror();
-        blocking(move || {
-            // No interval: every schedule at this level.
-            let s = if r.interval.is_empty() {
-                None
-            } else {
-                Some(schedule::Schedule::parse(&r.interval, &r.start_time)?)
-            };
-            m.schedule_rm(&r.pool, &r.image, s)
-        })
-        .await?;
-        Ok(Response::new(pb::Empty {}))
-    }
-
-    async fn mirror_schedule_list(
-        &self,
-        req: Request<pb::MirrorScheduleRequest>,
-    ) -> SResult<pb::MirrorScheduleListReply> {
-        let pool = req.get_ref().pool.clone();
-        self.check(&req, Need::SiteRead)?;
-        let r = req.into_inner();
-        let m = self.mirror();
-        let list = blocking(move || {
-            let mut out = Vec::new();
-            for (p, i, ss) in m.all_schedules()? {
-                let level_match = if r.recursive {
-                    (pool.is_empty() || p == pool) && (r.image.is_empty() || i == r.image)
-                } else {
-                    p == pool && i == r.image
-                };
-                if level_match {
-                    for s in ss {
-                        out.push(pb::MirrorScheduleEntry {
-                            pool: p.clone(),
-                            image: i.clone(),
-                            interval: schedule::fmt_interval(s.interval),
-                            start_time: s.start.map(schedule::fmt_start).unwrap_or_default(),
-                        });
-                    }
-                }
-            }
-            Ok(out)
-        })
-        .await?;
-        Ok(Response::new(pb::MirrorScheduleListReply {
-            schedules: list,
-        }))
-    }
-
-    async fn mirror_schedule_status(
-        &self,
-        req: Request<pb::MirrorScheduleRequest>,
-    ) -> SResult<pb::MirrorScheduleStatusReply> {
-        let pool = req.get_ref().pool.clone();
-        self.check(&req, Need::Read(&pool))?;
-        let r = req.into_inner();
-        let m = self.mirror();
-        let v = blocking(move || schedule::status(&m, &r.pool, &r.image, crate::site::now_secs()))
-            .await?;
-        Ok(Response::new(pb::MirrorScheduleStatusReply {
-            scheduled: v
-                .into_iter()
-                .map(|(image, time)| pb::MirrorScheduleNext { image, time })
-                .collect(),
-        }))
-    }
-
-    async fn image_checksum(
-        &self,
-        req: Request<pb::ChecksumRequest>,
-    ) -> SResult<pb::ChecksumReply> {
-        let r = image_ref(req.get_ref().image.clone())?;
-        self.check(&req, Need::Read(&r.pool))?;
-        let chunk = req.get_ref().chunk_size;
-        let chunk = if chunk == 0 {
-            4 << 20
-        } else {
-            chunk.clamp(64 << 10, 64 << 20)
-        };
-        let (img, snap) = self.open_at(&r).map_err(status_of)?;
-        let size = snap.as_ref().map(|s| s.size).unwrap_or_else(|| img.size());
-        let at = snap.map(|s| s.id);
-        let hashes = blocking(move || {
-            let zero = blake3::hash(&vec![0u8; chunk as usize]);
-            let mut out = Vec::new();
-            let mut buf = vec![0u8; chunk as usize];
-            let mut off = 0;
-            while off < size {
-                let n = chunk.min(size - off);
-                // Holes need no reading: a chunk with no data hashes as zeros.
-                let allocated = img.allocated_extents_at(at, off, n).map_err(serr)?;
-                let h = if allocated.is_empty() && n == chunk {
-                    zero
-                } else {
-                    img.read_at(at, off, &mut buf[..n as usize]).map_err(serr)?;
-                    blake3::hash(&buf[..n as usize])
-                };
-                out.push(h.as_bytes().to_vec());
-                off += n;
-            }
-            Ok(out)
-        })
-        .await?;
-        Ok(Response::new(pb::ChecksumReply {
-            size,
-            chunk_size: chunk,
-            hashes,
-        }))
     }
 }
 
