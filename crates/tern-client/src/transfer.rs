@@ -69,9 +69,9 @@ pub async fn import<R: AsyncRead + Unpin>(
     let msg = |m| pb::WriteStreamMessage { msg: Some(m) };
     use pb::write_stream_message::Msg;
     tx.send(msg(Msg::Open(open))).await.ok();
-    let mut raw = client.raw();
+    let mut io = client.io();
     let call = tokio::spawn(async move {
-        raw.write_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        io.write_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
     });
     let mut buf = vec![0u8; CHUNK];
@@ -140,7 +140,7 @@ pub async fn export<W: AsyncWrite + Unpin>(
 ) -> Result<(u64, u64), ClientError> {
     let info = client.image_get(image.clone()).await?;
     let mut stream = client
-        .raw()
+        .io()
         .read_stream(pb::ReadStreamRequest {
             image: Some(image),
             offset: 0,

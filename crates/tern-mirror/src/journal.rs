@@ -222,7 +222,7 @@ pub(crate) async fn run(
     tracing::info!(image = %job.spec(), from = next, skipping_to = ?skip_to, "replaying the journal of {}", job.peer.site_name);
     let mut stream = job
         .remote
-        .raw()
+        .journal()
         .journal_read(pb::JournalReadRequest {
             image: Some(remote_ref.clone()),
             from_tid: next,

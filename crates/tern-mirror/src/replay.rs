@@ -237,7 +237,7 @@ pub(crate) async fn sync_to(
     let started = Instant::now();
     let mut stream = job
         .remote
-        .raw()
+        .io()
         .read_stream(pb::ReadStreamRequest {
             image: Some(snap_ref(
                 &job.peer.remote_pool,
@@ -672,7 +672,7 @@ impl Writer {
         let c = local.clone();
         let call = tokio::spawn(async move {
             let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-            c.raw()
+            c.io()
                 .write_stream(stream)
                 .await
                 .map(|r| r.into_inner())

@@ -215,7 +215,7 @@ fn truncated_imports_leave_nothing() {
                 })),
             },
         ];
-        c.raw()
+        c.io()
             .write_stream(futures::stream::iter(msgs))
             .await
             .unwrap_err()
@@ -280,7 +280,7 @@ fn truncated_imports_leave_nothing() {
                 })),
             },
         ];
-        c.raw()
+        c.io()
             .write_stream(futures::stream::iter(msgs))
             .await
             .unwrap_err()

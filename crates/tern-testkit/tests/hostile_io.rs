@@ -266,7 +266,7 @@ fn huge_sparse_exports_start_at_once_and_stop_with_their_client() {
     let t = Instant::now();
     let (pos, found) = rt.block_on(async {
         let mut st = client
-            .raw()
+            .io()
             .read_stream(pb::ReadStreamRequest {
                 image: Some(image_ref("rbd", "huge")),
                 ..Default::default()
@@ -508,7 +508,7 @@ fn open_unread_streams(
             if i > 0 && i % 4 == 0 {
                 c = s.client(rt);
             }
-            rt.block_on(c.raw().read_stream(pb::ReadStreamRequest {
+            rt.block_on(c.io().read_stream(pb::ReadStreamRequest {
                 image: Some(image_ref("rbd", "m")),
                 chunk_size: 8 << 20,
                 ..Default::default()

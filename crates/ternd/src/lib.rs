@@ -1,8 +1,13 @@
 //! The tern site daemon as a library: the binary only parses flags and calls
 //! [`run`], so tests and the lab can reach the same code.
 
+pub mod api;
 pub mod auth;
+pub mod bootstrap;
 pub mod budget;
+pub mod convert;
+pub mod export;
+pub mod import;
 pub mod listen;
 pub mod locks;
 pub mod metrics;
@@ -10,8 +15,9 @@ pub mod mirror;
 pub mod nbd;
 pub mod options;
 pub mod schedule;
-pub mod service;
 pub mod site;
+pub mod status;
+pub mod work;
 
 use site::Site;
 use std::net::SocketAddr;
@@ -73,16 +79,14 @@ pub async fn run(opts: Options) -> Result<(), Error> {
         .site_name
         .clone()
         .unwrap_or_else(|| opts.cluster.clone());
-    let site = tokio::task::spawn_blocking(move || Site::open_or_init(&data, &name))
-        .await
-        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))??;
+    let site = work::blocking(move || Site::open_or_init(&data, &name)).await?;
     let site = Arc::new(site);
     if let Some(n) = &opts.site_name
         && n != &site.site_name
     {
         tracing::warn!(stored = %site.site_name, asked = %n, "--site-name differs from the name this site was created with; keeping the stored one");
     }
-    service::clean_interrupted_imports(&site);
+    import::clean_interrupted_imports(&site);
     site.apply_journal_config()?;
 
     let listener = tokio::net::TcpListener::bind(opts.listen)
@@ -97,9 +101,7 @@ pub async fn run(opts: Options) -> Result<(), Error> {
         .local_addr()
         .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
     let endpoint = addr.to_string();
-    site.store
-        .kv_put(KvTable::Site, "endpoints", &endpoint)
-        .map_err(|e| Error::new(e.kind(), e.to_string()))?;
+    site.store.kv_put(KvTable::Site, "endpoints", &endpoint)?;
     write_client_files(&site, &opts, &endpoint)?;
 
     let locks = Arc::new(locks::Locks::default());
@@ -112,9 +114,7 @@ pub async fn run(opts: Options) -> Result<(), Error> {
         let _ = rx.wait_for(|v| *v).await;
     };
     if opts.nbd_listen.is_none() {
-        site.store
-            .kv_delete(KvTable::Site, "nbd_endpoint")
-            .map_err(|e| Error::new(e.kind(), e.to_string()))?;
+        site.store.kv_delete(KvTable::Site, "nbd_endpoint")?;
     }
     // Mirror snapshot schedules: a pass every second.
     {
@@ -129,9 +129,8 @@ pub async fn run(opts: Options) -> Result<(), Error> {
                     _ = stop.changed() => return,
                 }
                 let m = m.clone();
-                let r =
-                    tokio::task::spawn_blocking(move || m.run_schedules(site::now_secs())).await;
-                if let Ok(Err(e)) = r {
+                let r = work::blocking(move || m.run_schedules(site::now_secs())).await;
+                if let Err(e) = r {
                     tracing::warn!(error = %e, "snapshot schedules");
                 }
             }
@@ -142,19 +141,12 @@ pub async fn run(opts: Options) -> Result<(), Error> {
         None => None,
     };
     let budget = budget::StreamBudget::new(opts.api_memory_budget, opts.stall_timeout);
-    let service = Arc::new(service::Service::new(site.clone(), locks.clone(), budget));
+    let api = Arc::new(api::Api::new(site.clone(), locks.clone(), budget));
     let http_task = match opts.http_listen {
-        Some(addr) => {
-            Some(start_http(service.clone(), addr, &opts, stopped(stop_rx.clone())).await?)
-        }
+        Some(addr) => Some(start_http(api.clone(), addr, &opts, stopped(stop_rx.clone())).await?),
         None => None,
     };
-    let svc = tern_proto::v1::site_server::SiteServer::from_arc(service)
-        .max_decoding_message_size(tern_proto::MAX_MESSAGE)
-        .max_encoding_message_size(tern_proto::MAX_MESSAGE)
-        // Compressed only for clients that ask (rbd_mirror_compression on a daemon).
-        .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
-        .send_compressed(tonic::codec::CompressionEncoding::Zstd);
+    let servers = api::Servers::new(api);
     let builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
@@ -185,7 +177,17 @@ pub async fn run(opts: Options) -> Result<(), Error> {
     let incoming = listen::api_incoming(listener, tls, opts.api_limits);
     builder
         .layer(listen::ActivityLayer)
-        .add_service(svc)
+        .add_service(servers.site)
+        .add_service(servers.pool)
+        .add_service(servers.image)
+        .add_service(servers.io)
+        .add_service(servers.journal)
+        .add_service(servers.snap)
+        .add_service(servers.lock)
+        .add_service(servers.auth)
+        .add_service(servers.config)
+        .add_service(servers.mirror)
+        .add_service(servers.mirror_daemon)
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()))
         .await
         .map_err(|e| Error::new(ErrorKind::Internal, format!("server failed: {e}")))?;
@@ -197,7 +199,9 @@ pub async fn run(opts: Options) -> Result<(), Error> {
     }
     tracing::info!("shutting down: flushing open images");
     let s = site.clone();
-    let _ = tokio::task::spawn_blocking(move || s.store.flush_all()).await;
+    if let Err(e) = work::blocking(move || s.store.flush_all()).await {
+        tracing::error!(error = %e, "flushing open images at shutdown");
+    }
     let _ = std::fs::remove_file(&addr_file);
     tracing::info!("ternd stopped");
     Ok(())
@@ -235,11 +239,10 @@ async fn start_nbd(
     let exports = Arc::new(nbd::SiteExports {
         site: site.clone(),
         locks: locks.clone(),
-        lease: Arc::new(move || service::lock_lease(&store_for_lease.store)),
+        lease: Arc::new(move || api::lock_lease(&store_for_lease.store)),
     });
     site.store
-        .kv_put(KvTable::Site, "nbd_endpoint", &local.to_string())
-        .map_err(|e| Error::new(e.kind(), e.to_string()))?;
+        .kv_put(KvTable::Site, "nbd_endpoint", &local.to_string())?;
     let f = opts.data.join("nbd.addr");
     std::fs::write(&f, format!("{local}\n")).map_err(|e| {
         Error::new(
@@ -258,7 +261,7 @@ async fn start_nbd(
 /// Serves /metrics (Prometheus) and / (the status page). Read-only and
 /// unauthenticated, so loopback only unless asked for explicitly.
 async fn start_http(
-    svc: Arc<service::Service>,
+    svc: Arc<api::Api>,
     addr: SocketAddr,
     opts: &Options,
     stop: impl std::future::Future<Output = ()> + Send + 'static,

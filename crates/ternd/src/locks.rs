@@ -64,10 +64,7 @@ fn fence_key(cookie: &str) -> String {
 
 impl Locks {
     fn fenced(store: &Store, cookie: &str) -> Result<bool, Error> {
-        Ok(store
-            .kv_get(KvTable::Site, &fence_key(cookie))
-            .map_err(|e| Error::new(e.kind(), e.to_string()))?
-            .is_some())
+        Ok(store.kv_get(KvTable::Site, &fence_key(cookie))?.is_some())
     }
 
     fn fenced_error(spec: &str, cookie: &str) -> Error {
@@ -279,13 +276,11 @@ impl Locks {
                 ));
             }
         }
-        store
-            .kv_put(
-                KvTable::Site,
-                &fence_key(cookie),
-                &format!("{spec} {entity}"),
-            )
-            .map_err(|e| Error::new(e.kind(), e.to_string()))?;
+        store.kv_put(
+            KvTable::Site,
+            &fence_key(cookie),
+            &format!("{spec} {entity}"),
+        )?;
         held.remove(image_id);
         tracing::warn!(image = spec, cookie, entity, "lock broken; owner fenced");
         Ok(())

@@ -6,7 +6,7 @@
 //! (daemon reports, journals, I/O counters), so a scrape never disagrees
 //! with `tern mirror pool status`.
 
-use crate::service::Service;
+use crate::api::Api;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -16,6 +16,7 @@ use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use tern_client::pb;
+use tern_types::error::Error;
 
 pub type Labels = Vec<(String, LabelValue)>;
 
@@ -119,11 +120,15 @@ pub fn entries_behind(description: &str) -> Option<f64> {
 }
 
 /// Every mirrored pool's status, as `mirror pool status --verbose` has it.
-pub async fn mirrored_pools(svc: &Service) -> Vec<(String, pb::MirrorPoolStatusReply)> {
-    let pools = svc.site_ref().store.pool_list().unwrap_or_default();
+pub async fn mirrored_pools(svc: &Api) -> Vec<(String, pb::MirrorPoolStatusReply)> {
+    let pools = svc.site.store.pool_list().unwrap_or_default();
     let mut out = Vec::new();
     for p in pools {
-        if let Ok(st) = svc.pool_status_of(&p.name).await {
+        let m = crate::mirror::Mirror {
+            site: svc.site.clone(),
+        };
+        let pool = p.name.clone();
+        if let Ok(st) = crate::work::blocking(move || crate::status::pool(&m, &pool)).await {
             out.push((p.name, st));
         }
     }
@@ -131,8 +136,8 @@ pub async fn mirrored_pools(svc: &Service) -> Vec<(String, pb::MirrorPoolStatusR
 }
 
 /// The site's metrics in the Prometheus (OpenMetrics) text format.
-pub async fn render(svc: &Arc<Service>) -> String {
-    let site = svc.site_ref().clone();
+pub async fn render(svc: &Arc<Api>) -> String {
+    let site = svc.site.clone();
     let mut reg = Registry::with_prefix("tern");
     let info = Family::<Labels, Gauge>::default();
     reg.register(
@@ -153,7 +158,7 @@ pub async fn render(svc: &Arc<Service>) -> String {
         uptime.clone(),
     );
     uptime.set(site.started.elapsed().as_secs_f64());
-    let budget = svc.stream_budget();
+    let budget = &svc.budget;
     let (in_use, total) = (Gauge::<i64>::default(), Gauge::<i64>::default());
     reg.register(
         "api_stream_memory_bytes",
@@ -181,7 +186,7 @@ pub async fn render(svc: &Arc<Service>) -> String {
         "Bytes read and written over the API",
         api_bytes.clone(),
     );
-    for (pool, c) in svc.all_counters() {
+    for (pool, c) in svc.counters.all() {
         use std::sync::atomic::Ordering::Relaxed;
         for (op, n, b) in [
             ("read", c.read_ops.load(Relaxed), c.read_bytes.load(Relaxed)),
@@ -225,7 +230,7 @@ pub async fn render(svc: &Arc<Service>) -> String {
         journal_behind.clone(),
     );
     let st2 = site.clone();
-    let journals = tokio::task::spawn_blocking(move || {
+    let journals = crate::work::blocking(move || {
         let mut out = Vec::new();
         for p in st2.store.pool_list().unwrap_or_default() {
             let list = st2.store.image_list(&p.name).unwrap_or_default();
@@ -247,7 +252,7 @@ pub async fn render(svc: &Arc<Service>) -> String {
                 }
             }
         }
-        out
+        Ok::<_, Error>(out)
     })
     .await
     .unwrap_or_default();
@@ -443,8 +448,8 @@ fn ago(now: u64, t: u64) -> String {
 /// The read-only status page: sites, pools, images, state, lag, last
 /// sync. One self-contained HTML document (no scripts, fonts or images
 /// from anywhere), refreshing itself every 2 s.
-pub async fn page(svc: &Arc<Service>) -> String {
-    let site = svc.site_ref().clone();
+pub async fn page(svc: &Arc<Api>) -> String {
+    let site = svc.site.clone();
     let now = crate::site::now_secs();
     let pools = mirrored_pools(svc).await;
     let mut h = String::new();

@@ -15,6 +15,7 @@ use tern_nbd::wire::{
 };
 use tern_nbd::{BlockDevice, DeviceError, Exports, MetaContext, ReadChunk};
 use tern_store::{Image, SnapNamespace, StoreError};
+use tern_types::error::Error;
 use tern_types::{ErrorKind, Features, ImageSpec};
 
 pub const CHANGED_SINCE: &str = "tern:changed-since:";
@@ -25,24 +26,23 @@ pub struct SiteExports {
     pub lease: Arc<dyn Fn() -> Duration + Send + Sync>,
 }
 
-fn dev_err(e: StoreError) -> DeviceError {
-    let errno = match e.kind() {
+fn dev_err(e: impl Into<Error>) -> DeviceError {
+    let e: Error = e.into();
+    let errno = match e.kind {
         ErrorKind::InvalidArgument => NBD_EINVAL,
         ErrorKind::NoSpace => NBD_ENOSPC,
         ErrorKind::ReadOnly | ErrorKind::PermissionDenied => NBD_EPERM,
         ErrorKind::Fenced => NBD_ESHUTDOWN,
         _ => NBD_EIO,
     };
-    DeviceError::new(errno, e.to_string())
+    DeviceError::new(errno, e.message)
 }
 
+/// Store work on the blocking pool, its error as an NBD error.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, DeviceError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(dev_err),
-        Err(e) => Err(DeviceError::io(format!("worker failed: {e}"))),
-    }
+    crate::work::blocking(f).await.map_err(dev_err)
 }
 
 #[async_trait]
@@ -166,7 +166,7 @@ impl Exports for SiteExports {
 
     async fn list(&self) -> Vec<(String, String)> {
         let site = self.site.clone();
-        let r = tokio::task::spawn_blocking(move || {
+        let r = crate::work::blocking(move || {
             let mut out = Vec::new();
             for p in site.store.pool_list().unwrap_or_default() {
                 for i in site.store.image_list(&p.name).unwrap_or_default() {
@@ -184,7 +184,7 @@ impl Exports for SiteExports {
                     }
                 }
             }
-            out
+            Ok::<_, Error>(out)
         })
         .await;
         r.unwrap_or_default()
@@ -433,7 +433,9 @@ impl BlockDevice for StoreDevice {
             l.locks.release(&l.image_id, &l.cookie);
         }
         let img = self.img.clone();
-        let _ = tokio::task::spawn_blocking(move || img.flush()).await;
+        if let Err(e) = crate::work::blocking(move || img.flush()).await {
+            tracing::warn!(export = %self.spec, error = %e, "flush at close");
+        }
         tracing::info!(export = %self.spec, "nbd export closed");
     }
 }

@@ -120,12 +120,7 @@ fn key(pool: &str, image: &str) -> String {
 
 impl Mirror {
     pub fn schedules(&self, pool: &str, image: &str) -> Result<Vec<Schedule>, Error> {
-        match self
-            .site
-            .store
-            .kv_get(KvTable::Mirror, &key(pool, image))
-            .map_err(|e| Error::new(e.kind(), e.to_string()))?
-        {
+        match self.site.store.kv_get(KvTable::Mirror, &key(pool, image))? {
             Some(v) => {
                 serde_json::from_str(&v).map_err(|e| Error::new(ErrorKind::Corrupt, e.to_string()))
             }
@@ -144,19 +139,13 @@ impl Mirror {
                 &serde_json::to_string(v).expect("json"),
             )
         };
-        r.map_err(|e| Error::new(e.kind(), e.to_string()))
+        r.map_err(Error::from)
     }
 
     pub fn schedule_add(&self, pool: &str, image: &str, s: Schedule) -> Result<(), Error> {
-        self.site
-            .store
-            .pool_get(pool)
-            .map_err(|e| Error::new(e.kind(), e.to_string()))?;
+        self.site.store.pool_get(pool)?;
         if !image.is_empty() {
-            self.site
-                .store
-                .image_info(pool, image)
-                .map_err(|e| Error::new(e.kind(), e.to_string()))?;
+            self.site.store.image_info(pool, image)?;
         }
         let mut v = self.schedules(pool, image)?;
         if !v.contains(&s) {
@@ -181,12 +170,7 @@ impl Mirror {
     /// Every (pool, image) with schedules; image "" is pool level.
     pub fn all_schedules(&self) -> Result<Vec<(String, String, Vec<Schedule>)>, Error> {
         let mut out = Vec::new();
-        for (k, v) in self
-            .site
-            .store
-            .kv_list(KvTable::Mirror, "schedule/")
-            .map_err(|e| Error::new(e.kind(), e.to_string()))?
-        {
+        for (k, v) in self.site.store.kv_list(KvTable::Mirror, "schedule/")? {
             let rest = &k["schedule/".len()..];
             if let Some((pool, image)) = rest.split_once('/')
                 && let Ok(s) = serde_json::from_str(&v)
@@ -213,12 +197,7 @@ impl Mirror {
                 .filter(|(p, i, _)| *p == pool && i.is_empty())
                 .flat_map(|(_, _, s)| s.clone())
                 .collect();
-            for img in self
-                .site
-                .store
-                .image_list(&pool)
-                .map_err(|e| Error::new(e.kind(), e.to_string()))?
-            {
+            for img in self.site.store.image_list(&pool)? {
                 let Some(m) = self.image(&img.id.to_string())? else {
                     continue;
                 };
@@ -257,12 +236,7 @@ impl Mirror {
 pub fn status(m: &Mirror, pool: &str, image: &str, now: u64) -> Result<Vec<(String, u64)>, Error> {
     let all = m.all_schedules()?;
     let mut out = Vec::new();
-    for img in m
-        .site
-        .store
-        .image_list(pool)
-        .map_err(|e| Error::new(e.kind(), e.to_string()))?
-    {
+    for img in m.site.store.image_list(pool)? {
         if !image.is_empty() && img.name != image {
             continue;
         }

@@ -98,7 +98,7 @@ async fn write_changes<W: AsyncWrite + Unpin>(
     whole_object: bool,
 ) -> Result<u64> {
     let mut stream = c
-        .raw()
+        .io()
         .read_stream(pb::ReadStreamRequest {
             image: Some(image),
             offset: 0,
@@ -222,8 +222,8 @@ async fn send_diff<R: AsyncRead + Unpin>(
         ..Default::default()
     };
     tx.send(msg(Msg::Open(open))).await.ok();
-    let mut raw = c.raw();
-    let call = tokio::spawn(async move { raw.write_stream(tokio_stream_iter(rx)).await });
+    let mut io = c.io();
+    let call = tokio::spawn(async move { io.write_stream(tokio_stream_iter(rx)).await });
     let mut total = 0u64;
     let mut rec = meta.first;
     let mut buf = vec![0u8; 4 << 20];

@@ -340,7 +340,7 @@ async fn read_entries(
     mut f: impl FnMut(JournalEntry) -> std::io::Result<()>,
 ) -> Result<()> {
     let mut stream = c
-        .raw()
+        .journal()
         .journal_read(pb::JournalReadRequest {
             image: Some(image_ref(pool, image)),
             from_tid: from.unwrap_or(0),
