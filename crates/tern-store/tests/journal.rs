@@ -246,7 +246,7 @@ fn seeds() -> Vec<u64> {
 #[test]
 fn model_with_journal_reader_and_trimming() {
     let t = tempfile::tempdir().unwrap();
-    let s = Store::open(t.path()).unwrap();
+    let s = reopen(t.path());
     s.set_journal_options(small_opts());
     s.pool_create("p").unwrap();
     let seeds = seeds();
@@ -266,7 +266,7 @@ fn model_with_journal_reader_and_trimming() {
         .collect();
     drop(s);
     for _ in 0..2 {
-        let s = Store::open(t.path()).unwrap();
+        let s = reopen(t.path());
         for (seed, want) in seeds.iter().zip(&before) {
             let img = s.open_image("p", &format!("j{seed}")).unwrap();
             let mut b = vec![0u8; img.size() as usize];
@@ -281,7 +281,7 @@ fn model_with_journal_reader_and_trimming() {
 #[test]
 fn feature_toggles() {
     let t = tempfile::tempdir().unwrap();
-    let s = Store::open(t.path()).unwrap();
+    let s = reopen(t.path());
     s.pool_create("p").unwrap();
     create(
         &s,
@@ -338,7 +338,7 @@ fn feature_toggles() {
     assert_eq!(img.journal().unwrap().last_tid(), 1);
     drop(img);
     drop(s);
-    let s = Store::open(t.path()).unwrap();
+    let s = reopen(t.path());
     let img = s.open_image("p", "i").unwrap();
     let mut b = vec![0u8; 4096];
     img.read(0, &mut b).unwrap();
@@ -351,7 +351,7 @@ fn feature_toggles() {
     drop(img);
     drop(s);
     std::fs::create_dir_all(&jdir).unwrap();
-    let s = Store::open(t.path()).unwrap();
+    let s = reopen(t.path());
     let _img = s.open_image("p", "i").unwrap();
     assert!(!jdir.exists());
 }
@@ -421,7 +421,7 @@ fn segment_created_without_its_header_is_dropped() {
     // header leaves an empty newest segment: the one before it is current
     // again, and appends continue there.
     let t = tempfile::tempdir().unwrap();
-    let s = Store::open(t.path()).unwrap();
+    let s = reopen(t.path());
     s.pool_create("p").unwrap();
     create(&s, "i", 1 << 20, Layout::simple(65536), journaled());
     let img = s.open_image("p", "i").unwrap();
@@ -433,7 +433,7 @@ fn segment_created_without_its_header_is_dropped() {
     drop(img);
     drop(s);
     std::fs::File::create(dir.join("0000000000000001.jseg")).unwrap();
-    let s = Store::open(t.path()).unwrap();
+    let s = reopen(t.path());
     let img = s.open_image("p", "i").unwrap();
     let j = img.journal().unwrap();
     assert_eq!(j.last_tid(), 5);
@@ -452,7 +452,7 @@ fn segment_created_without_its_header_is_dropped() {
 fn torn_tail_is_dropped() {
     for garble in [false, true] {
         let t = tempfile::tempdir().unwrap();
-        let s = Store::open(t.path()).unwrap();
+        let s = reopen(t.path());
         s.pool_create("p").unwrap();
         create(&s, "i", 1 << 20, Layout::simple(65536), journaled());
         let img = s.open_image("p", "i").unwrap();
@@ -496,7 +496,7 @@ fn torn_tail_is_dropped() {
                 .unwrap();
             of.write_all_at(&[0u8; 4096], 4096 + 9 * 4096).unwrap();
         }
-        let s = Store::open(t.path()).unwrap();
+        let s = reopen(t.path());
         let img = s.open_image("p", "i").unwrap();
         let j = img.journal().unwrap();
         assert_eq!(j.last_tid(), 9, "garble={garble}: torn entry dropped");
@@ -526,7 +526,7 @@ fn torn_tail_is_dropped() {
 #[test]
 fn damage_is_reported_by_inspect_and_refused_at_open() {
     let t = tempfile::tempdir().unwrap();
-    let s = Store::open(t.path()).unwrap();
+    let s = reopen(t.path());
     s.set_journal_options(JournalOptions {
         segment_size: 16 << 10,
         checkpoint_bytes: 1 << 30,
@@ -554,7 +554,7 @@ fn damage_is_reported_by_inspect_and_refused_at_open() {
     assert!(r.errors[0].contains("checksum"), "{r:?}");
     drop((j, img));
     drop(s);
-    let s = Store::open(t.path()).unwrap();
+    let s = reopen(t.path());
     let e = s.open_image("p", "i").unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
 }
@@ -562,7 +562,7 @@ fn damage_is_reported_by_inspect_and_refused_at_open() {
 #[test]
 fn lagging_client_is_disconnected_past_max_size() {
     let t = tempfile::tempdir().unwrap();
-    let s = Store::open(t.path()).unwrap();
+    let s = reopen(t.path());
     s.set_journal_options(JournalOptions {
         segment_size: 32 << 10,
         max_size: 256 << 10,
@@ -618,7 +618,7 @@ fn lagging_client_is_disconnected_past_max_size() {
     // The positions are persisted.
     drop((j, img));
     drop(s);
-    let s = Store::open(t.path()).unwrap();
+    let s = reopen(t.path());
     let info = s.journal("p", "i").unwrap().info();
     let ids: Vec<&str> = info.clients.iter().map(|c| c.id.as_str()).collect();
     assert_eq!(ids, ["local", "fast"]);
@@ -627,7 +627,7 @@ fn lagging_client_is_disconnected_past_max_size() {
 #[test]
 fn wait_for_wakes_on_new_entries_and_markers_order() {
     let t = tempfile::tempdir().unwrap();
-    let s = Store::open(t.path()).unwrap();
+    let s = reopen(t.path());
     s.pool_create("p").unwrap();
     create(&s, "i", 1 << 20, Layout::simple(65536), journaled());
     let img = s.open_image("p", "i").unwrap();
@@ -679,7 +679,7 @@ fn wait_for_wakes_on_new_entries_and_markers_order() {
 #[test]
 fn acknowledged_writes_are_read_back_at_once() {
     let t = tempfile::tempdir().unwrap();
-    let s = Store::open(t.path()).unwrap();
+    let s = reopen(t.path());
     s.pool_create("p").unwrap();
     let region = 1u64 << 20;
     create(&s, "i", 8 * region, Layout::simple(256 << 10), journaled());
@@ -740,7 +740,7 @@ fn failed_apply_stalls_retries_and_is_replayed() {
     };
     let blocker;
     {
-        let s = Store::open(t.path()).unwrap();
+        let s = reopen(t.path());
         s.pool_create("p").unwrap();
         create(&s, "i", 8 * obj, Layout::simple(obj), journaled());
         let img = s.open_image("p", "i").unwrap();
@@ -768,7 +768,7 @@ fn failed_apply_stalls_retries_and_is_replayed() {
         assert!(s.close().is_err());
     }
     std::fs::remove_dir(&blocker).unwrap();
-    let s = Store::open(t.path()).unwrap();
+    let s = reopen(t.path());
     let img = s.open_image("p", "i").unwrap();
     let mut b = vec![0u8; 4096];
     img.read(2 * obj + 4096, &mut b).unwrap();
@@ -804,7 +804,7 @@ fn failed_apply_stalls_retries_and_is_replayed() {
 #[test]
 fn apply_backlog_is_bounded() {
     let t = tempfile::tempdir().unwrap();
-    let s = Store::open(t.path()).unwrap();
+    let s = reopen(t.path());
     s.pool_create("p").unwrap();
     let (mib, writers) = (1u64 << 20, 4u64);
     create(&s, "i", 64 * mib, Layout::simple(4 * mib), journaled());

@@ -68,8 +68,11 @@ pub fn list_spares(dir: &Path) -> io::Result<Vec<u64>> {
         let entry = entry?;
         let name = entry.file_name();
         if name.to_str().is_some_and(|n| n.ends_with(".jspare.tmp")) {
-            fs::remove_file(entry.path())?;
-            continue;
+            // Gone already is as good as deleted.
+            match fs::remove_file(entry.path()) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => continue,
+            }
         }
         if let Some(k) = name
             .to_str()
