@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub const BANNER_V1: &[u8] = b"rbd diff v1\n";
 pub const BANNER_V2: &[u8] = b"rbd diff v2\n";
 pub const IMAGE_BANNER_V2: &[u8] = b"rbd image v2\n";
+pub const IMAGE_DIFFS_BANNER_V2: &[u8] = b"rbd image diffs v2\n";
 const MAX_NAME: u32 = 4096;
 /// Largest image a stream may declare: the store's limit.
 const MAX_SIZE: u64 = 1 << 60;
@@ -215,7 +216,8 @@ impl<R: AsyncRead + Unpin> DiffReader<R> {
                     Record::Size(size)
                 }
                 b'p' if self.version == 2 => {
-                    // Ceph writes a length of 8 but a single status byte; read what it writes.
+                    // Ceph 16.2 writes a length of 8 before the single status byte,
+                    // later releases 1: read the byte either way.
                     let v = self.u8("protection status").await?;
                     Record::Protected(v != 0)
                 }
@@ -269,9 +271,14 @@ impl<R: AsyncRead + Unpin> DiffReader<R> {
     }
 }
 
-/// The image-level header of an export-format 2 ("rbd image v2") stream:
-/// the banner, metadata records up to `E`, and the number of "rbd diff v2"
-/// streams that follow (one per snapshot, then the head).
+/// The image-level header of an export-format 2 ("rbd image v2") stream,
+/// as Ceph's `rbd export --export-format 2` writes it
+/// (`src/tools/rbd/action/Export.cc`): the banner; metadata records, each a
+/// tag, a le64 length and the value (`O` order, `T` features, `U` stripe
+/// unit, `C` stripe count as le64, `M` one image-meta key and value as
+/// le32-length strings); `E`; the "rbd image diffs v2" banner; and the
+/// le64 number of "rbd diff v2" streams that follow (one per snapshot,
+/// then the head).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageHeaderV2 {
     /// Object size as a power of two (`O`); 22 when absent.
@@ -280,6 +287,8 @@ pub struct ImageHeaderV2 {
     pub features: Option<u64>,
     pub stripe_unit: u64,
     pub stripe_count: u64,
+    /// Image metadata (`M`), in the order of the stream.
+    pub meta: Vec<(String, String)>,
     pub diffs: u64,
 }
 
@@ -288,12 +297,26 @@ pub struct ImageHeaderV2 {
 const MAX_META_RECORD: u64 = 1 << 20;
 const MAX_DIFFS: u64 = 1 << 20;
 
+/// Splits an `M` record's value into its two le32-length strings.
+fn image_meta(v: &[u8]) -> Option<(String, String)> {
+    let mut rest = v;
+    let mut take = || {
+        let n = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let s = String::from_utf8(rest.get(4..4 + n)?.to_vec()).ok()?;
+        rest = &rest[4 + n..];
+        Some(s)
+    };
+    let kv = (take()?, take()?);
+    rest.is_empty().then_some(kv)
+}
+
 impl ImageHeaderV2 {
-    /// Reads and checks the header, banner included. Unknown metadata
-    /// records are skipped by their length, as Ceph's reader does.
+    /// Reads and checks the header, banners included. Unknown metadata
+    /// records are skipped by their length, as Ceph's reader does. Streams
+    /// from tern before 0.1 (no diffs banner after `E`) are still read.
     pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<ImageHeaderV2, DiffError> {
         let t = |e| eof_to_truncated(e, "image header");
-        let mut banner = [0u8; 13];
+        let mut banner = [0u8; IMAGE_BANNER_V2.len()];
         r.read_exact(&mut banner).await.map_err(t)?;
         if banner != IMAGE_BANNER_V2 {
             return Err(DiffError::Malformed(
@@ -305,6 +328,7 @@ impl ImageHeaderV2 {
             features: None,
             stripe_unit: 0,
             stripe_count: 0,
+            meta: Vec::new(),
             diffs: 0,
         };
         loop {
@@ -330,10 +354,27 @@ impl ImageHeaderV2 {
                 b'T' => h.features = num(),
                 b'U' => h.stripe_unit = num().unwrap_or(0),
                 b'C' => h.stripe_count = num().unwrap_or(0),
+                b'M' => {
+                    h.meta.push(image_meta(&v).ok_or_else(|| {
+                        DiffError::Malformed("malformed image-meta record".into())
+                    })?)
+                }
                 _ => {}
             }
         }
-        h.diffs = r.read_u64_le().await.map_err(t)?;
+        let mut count = [0u8; 8];
+        r.read_exact(&mut count).await.map_err(t)?;
+        if count == IMAGE_DIFFS_BANNER_V2[..8] {
+            let mut rest = [0u8; IMAGE_DIFFS_BANNER_V2.len() - 8];
+            r.read_exact(&mut rest).await.map_err(t)?;
+            if rest != IMAGE_DIFFS_BANNER_V2[8..] {
+                return Err(DiffError::Malformed(
+                    "no 'rbd image diffs v2' banner after the image header".into(),
+                ));
+            }
+            r.read_exact(&mut count).await.map_err(t)?;
+        }
+        h.diffs = u64::from_le_bytes(count);
         if h.diffs == 0 || h.diffs > MAX_DIFFS {
             return Err(DiffError::Malformed(format!(
                 "export declares {} diffs",
@@ -343,10 +384,10 @@ impl ImageHeaderV2 {
         Ok(h)
     }
 
-    /// Writes the header as Ceph does (format record `F` = 2 included).
+    /// Writes the header byte for byte as Ceph 16.2 does.
     pub async fn write<W: AsyncWrite + Unpin>(&self, w: &mut W) -> std::io::Result<()> {
         w.write_all(IMAGE_BANNER_V2).await?;
-        let mut recs = vec![(b'O', self.order), (b'F', 2)];
+        let mut recs = vec![(b'O', self.order)];
         if let Some(f) = self.features {
             recs.push((b'T', f));
         }
@@ -356,7 +397,16 @@ impl ImageHeaderV2 {
             w.write_u64_le(8).await?;
             w.write_u64_le(v).await?;
         }
+        for (k, v) in &self.meta {
+            w.write_u8(b'M').await?;
+            w.write_u64_le(8 + k.len() as u64 + v.len() as u64).await?;
+            for s in [k, v] {
+                w.write_u32_le(s.len() as u32).await?;
+                w.write_all(s.as_bytes()).await?;
+            }
+        }
         w.write_u8(b'E').await?;
+        w.write_all(IMAGE_DIFFS_BANNER_V2).await?;
         w.write_u64_le(self.diffs).await
     }
 }
@@ -393,6 +443,8 @@ impl<W: AsyncWrite + Unpin> DiffWriter<W> {
         self.w.write_u64_le(size).await
     }
 
+    /// Ceph 16.2 declares 8 bytes and writes one; so does this, so the
+    /// stream is the one Ceph writes.
     pub async fn protected(&mut self, p: bool) -> std::io::Result<()> {
         self.w.write_u8(b'p').await?;
         self.len(8).await?;

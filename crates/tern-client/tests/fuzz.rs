@@ -196,6 +196,9 @@ fn fuzz_export_format_2() {
                     features,
                     stripe_unit: su,
                     stripe_count: sc,
+                    meta: (0..su % 3)
+                        .map(|i| (format!("key{i}"), "v".repeat(sc as usize % 5)))
+                        .collect(),
                     diffs: diffs.len() as u64,
                 };
                 let mut b = Vec::new();

@@ -336,6 +336,7 @@ pub async fn export_v2(ctx: &Ctx, spec: &str, path: &str) -> Result<()> {
             features: Some(info.features),
             stripe_unit: info.stripe_unit,
             stripe_count: info.stripe_count,
+            meta: Vec::new(),
             diffs: snaps.len() as u64 + 1,
         }
         .write(&mut out)
@@ -359,10 +360,11 @@ pub async fn export_v2(ctx: &Ctx, spec: &str, path: &str) -> Result<()> {
                 }
                 None => info.size,
             };
-            w.size(size).await.map_err(werr)?;
+            // Ceph's order: the protection status before the size.
             if let Some(snap) = p {
                 w.protected(snap.protected).await.map_err(werr)?;
             }
+            w.size(size).await.map_err(werr)?;
             let at = snap_ref(&s.pool, &s.image, p.map(|x| x.name.as_str()));
             write_changes(&c, &mut w, at, prev.as_deref(), false).await?;
             w.end().await.map_err(werr)?;
@@ -434,6 +436,12 @@ async fn import_v2_into<R: AsyncRead + Unpin>(
         DiffError::Malformed(m) => invalid(m),
         e => diff_err(e),
     })?;
+    for (key, _) in &h.meta {
+        eprintln!(
+            "rbd: image-meta '{}' not imported: tern images carry no metadata",
+            key.escape_debug()
+        );
+    }
     let (order, features, su, sc, n) =
         (h.order, h.features, h.stripe_unit, h.stripe_count, h.diffs);
     let target = image_ref(&s.pool, &s.image);
