@@ -65,7 +65,7 @@ pub(crate) async fn run(sh: &Arc<Shared>, job: Job) {
             tracing::info!(image = %job.spec(), reason = %e, "stopped: the image changed role here");
             return;
         }
-        tracing::warn!(image = %job.spec(), error = %e, "replay failed");
+        tracing::warn!(image = %job.spec(), error = %e.chain(), "replay failed");
         let r = job.status("error", "error", format!("error: {}", e.message));
         sh.report(r).await;
     }

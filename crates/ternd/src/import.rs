@@ -334,7 +334,7 @@ impl Import {
             let site = self.site.clone();
             let pool = self.target.pool.clone();
             if let Err(e) = blocking(move || site.store.image_remove(&pool, &h)).await {
-                tracing::warn!(image = %spec, error = %e, "cannot remove a discarded import");
+                tracing::warn!(image = %spec, error = %e.chain(), "cannot remove a discarded import");
             }
             tracing::warn!(image = %spec, "import discarded");
         }
@@ -347,7 +347,7 @@ fn undo_diff(site: &Site, pool: &str, image: &str, safety: &str, to: Option<&str
         let _ = site.store.snap_remove(pool, image, to, false);
     }
     if let Err(e) = site.store.snap_rollback(pool, image, safety) {
-        tracing::error!(%pool, %image, error = %e, "cannot roll back an interrupted import-diff");
+        tracing::error!(%pool, %image, error = %tern_types::error::chain(&e), "cannot roll back an interrupted import-diff");
         return;
     }
     let _ = site.store.snap_remove(pool, image, safety, false);

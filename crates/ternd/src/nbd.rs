@@ -434,7 +434,7 @@ impl BlockDevice for StoreDevice {
         }
         let img = self.img.clone();
         if let Err(e) = crate::work::blocking(move || img.flush()).await {
-            tracing::warn!(export = %self.spec, error = %e, "flush at close");
+            tracing::warn!(export = %self.spec, error = %e.chain(), "flush at close");
         }
         tracing::info!(export = %self.spec, "nbd export closed");
     }

@@ -37,10 +37,6 @@ fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
     )
 }
 
-fn store_err(e: tern_store::StoreError) -> Error {
-    Error::new(e.kind(), e.to_string())
-}
-
 pub struct Tls {
     pub cert_pem: String,
     pub key_pem: String,
@@ -76,7 +72,7 @@ impl Site {
     /// Opens the site in `data_dir`, initialising it on first use.
     pub fn open_or_init(data_dir: &Path, site_name: &str) -> Result<Site, Error> {
         std::fs::create_dir_all(data_dir).map_err(|e| io_err("cannot create", data_dir, e))?;
-        let store = Arc::new(Store::open(data_dir).map_err(store_err)?);
+        let store = Arc::new(Store::open(data_dir)?);
         let master_path = data_dir.join("master.key");
         let master = match std::fs::read(&master_path) {
             Ok(m) if m.len() == 32 => m,
@@ -96,28 +92,21 @@ impl Site {
             }
             Err(e) => return Err(io_err("cannot read", &master_path, e)),
         };
-        let site_id = match store.kv_get(KvTable::Site, "site_id").map_err(store_err)? {
+        let site_id = match store.kv_get(KvTable::Site, "site_id")? {
             Some(id) => id,
             None => {
                 crate::mirror::valid_site_name(site_name)?;
                 let id = uuid::Uuid::new_v4().to_string();
-                store
-                    .kv_put(KvTable::Site, "site_name", site_name)
-                    .map_err(store_err)?;
-                store
-                    .kv_put(KvTable::Site, "created", &now_secs().to_string())
-                    .map_err(store_err)?;
+                store.kv_put(KvTable::Site, "site_name", site_name)?;
+                store.kv_put(KvTable::Site, "created", &now_secs().to_string())?;
                 // Written last: its presence means the site is initialised.
-                store
-                    .kv_put(KvTable::Site, "site_id", &id)
-                    .map_err(store_err)?;
+                store.kv_put(KvTable::Site, "site_id", &id)?;
                 tracing::info!(site_id = %id, site_name, "initialised a new site");
                 id
             }
         };
         let site_name = store
-            .kv_get(KvTable::Site, "site_name")
-            .map_err(store_err)?
+            .kv_get(KvTable::Site, "site_name")?
             .unwrap_or_default();
         let tls = load_or_make_tls(data_dir)?;
         let site = Site {
@@ -142,7 +131,7 @@ impl Site {
 
     fn reload_users(&self) -> Result<(), Error> {
         let mut map = HashMap::new();
-        for (k, v) in self.store.kv_list(KvTable::Users, "").map_err(store_err)? {
+        for (k, v) in self.store.kv_list(KvTable::Users, "")? {
             let rec: UserRecord = serde_json::from_str(&v).map_err(|e| {
                 Error::new(
                     ErrorKind::Corrupt,
@@ -264,9 +253,7 @@ impl Site {
         };
         rec.key_sha256 = auth::key_hash(&self.key_of(&rec));
         let json = serde_json::to_string(&rec).expect("serialisable");
-        self.store
-            .kv_put(KvTable::Users, entity, &json)
-            .map_err(store_err)?;
+        self.store.kv_put(KvTable::Users, entity, &json)?;
         self.users.write().insert(entity.to_string(), rec.clone());
         tracing::info!(entity, profile = profile.as_str(), "created user");
         Ok((rec, true))
@@ -302,9 +289,7 @@ impl Site {
         rec.profile = profile;
         rec.pools = pools;
         let json = serde_json::to_string(&rec).expect("serialisable");
-        self.store
-            .kv_put(KvTable::Users, entity, &json)
-            .map_err(store_err)?;
+        self.store.kv_put(KvTable::Users, entity, &json)?;
         users.insert(entity.to_string(), rec.clone());
         tracing::info!(entity, profile = profile.as_str(), "changed caps");
         Ok(rec)
@@ -332,9 +317,7 @@ impl Site {
             )));
         }
         self.get_user(entity)?;
-        self.store
-            .kv_delete(KvTable::Users, entity)
-            .map_err(store_err)?;
+        self.store.kv_delete(KvTable::Users, entity)?;
         self.users.write().remove(entity);
         tracing::info!(entity, "removed user");
         Ok(())
@@ -425,11 +408,7 @@ impl Site {
     pub fn config_value(&self, who: &str, key: &str) -> Result<String, Error> {
         let opt = crate::options::find(key)?;
         for w in crate::options::lookup_chain(who) {
-            if let Some(v) = self
-                .store
-                .kv_get(KvTable::Config, &format!("{w}\0{key}"))
-                .map_err(store_err)?
-            {
+            if let Some(v) = self.store.kv_get(KvTable::Config, &format!("{w}\0{key}"))? {
                 return Ok(v);
             }
         }
@@ -467,11 +446,7 @@ impl Site {
         self.store
             .set_journal_options(self.journal_options("global"));
         let mut ids = std::collections::BTreeSet::new();
-        for (k, _) in self
-            .store
-            .kv_list(KvTable::Config, "image.")
-            .map_err(store_err)?
-        {
+        for (k, _) in self.store.kv_list(KvTable::Config, "image.")? {
             if let Some((who, _)) = k.split_once('\0') {
                 ids.insert(who.to_string());
             }
