@@ -323,11 +323,14 @@ impl Import {
             let site = self.site.clone();
             let t = self.target.clone();
             let to = self.diff_to.clone();
-            let _ = blocking(move || {
+            let undone = blocking(move || {
                 undo_diff(&site, &t.pool, &t.image, &sf, to.as_deref());
                 Ok::<_, Error>(())
             })
             .await;
+            if let Err(e) = undone {
+                tracing::error!(image = %spec, error = %e.chain(), "cannot roll back an interrupted import-diff");
+            }
             tracing::warn!(image = %spec, "import-diff rolled back");
         }
         if let Some(h) = self.hidden.take() {

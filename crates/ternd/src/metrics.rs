@@ -377,18 +377,12 @@ pub async fn render(svc: &Arc<Api>) -> String {
                 .set((now_ms / 1000).saturating_sub(d.last_heartbeat) as f64);
         }
         for img in &st.images {
-            let local_site = img
-                .local
-                .as_ref()
-                .map(|l| l.site_name.clone())
-                .unwrap_or_default();
             let primary = img.local.as_ref().is_some_and(|l| {
                 l.reason == "primary" || l.description == "local image is primary"
             });
             img_primary
                 .get_or_create(&labels(&[("pool", &pool), ("image", &img.name)]))
                 .set(if primary { 1.0 } else { 0.0 });
-            let _ = local_site;
             for s in img.local.iter().chain(img.peer_sites.iter()) {
                 if s.site_name.is_empty() {
                     continue;

@@ -15,7 +15,7 @@ use parking_lot::RwLock;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 use tern_client::config::write_private;
 use tern_store::{KvTable, Store};
 use tern_types::ErrorKind;
@@ -23,12 +23,7 @@ use tern_types::error::Error;
 
 pub const ADMIN: &str = "client.admin";
 
-pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use tern_types::time::now_secs;
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
     Error::new(
