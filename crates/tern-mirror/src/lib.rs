@@ -233,7 +233,9 @@ pub async fn run(opts: Options) -> Result<(), ClientError> {
         limit: limit::Limiter::new(0),
         peer_limits: Mutex::new(HashMap::new()),
         peer_rate: std::sync::atomic::AtomicU64::new(0),
-        memory_target: std::sync::atomic::AtomicU64::new(256 << 20),
+        memory_target: std::sync::atomic::AtomicU64::new(
+            tern_types::defaults::MIRROR_MEMORY_TARGET,
+        ),
         compress: std::sync::atomic::AtomicBool::new(false),
         replicated: std::sync::Mutex::new(HashMap::new()),
     });

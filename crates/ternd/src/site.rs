@@ -427,8 +427,9 @@ impl Site {
             _ => tern_store::JournalDurability::Strict,
         };
         tern_store::JournalOptions {
-            segment_size: size("rbd_journal_object_size").max(64 << 10),
-            max_size: size("rbd_journal_max_size").max(1 << 20),
+            segment_size: size("rbd_journal_object_size")
+                .max(tern_store::journal::MIN_SEGMENT_SIZE),
+            max_size: size("rbd_journal_max_size").max(tern_store::journal::MIN_MAX_SIZE),
             durability,
             commit_age_us: (self.config_f64(who, "rbd_journal_commit_age") * 1e6) as u64,
             ..tern_store::JournalOptions::default()

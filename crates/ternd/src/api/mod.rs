@@ -64,7 +64,9 @@ pub fn lock_lease(store: &tern_store::Store) -> std::time::Duration {
         .ok()
         .flatten()
         .and_then(|v| v.parse::<f64>().ok());
-    std::time::Duration::from_secs_f64(secs.unwrap_or(15.0).clamp(0.5, 3600.0))
+    use crate::options::{LOCK_LEASE_MAX_SECS, LOCK_LEASE_MIN_SECS, LOCK_LEASE_SECS};
+    let secs = secs.unwrap_or(LOCK_LEASE_SECS);
+    std::time::Duration::from_secs_f64(secs.clamp(LOCK_LEASE_MIN_SECS, LOCK_LEASE_MAX_SECS))
 }
 
 /// The image a request names; a request without one is refused before
