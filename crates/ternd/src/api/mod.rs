@@ -26,6 +26,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use tern_daemon::Tasks;
 use tern_proto::headers;
 use tern_proto::v1 as pb;
 use tern_store::{CreateOpts, Image, KvTable, SnapInfo};
@@ -112,6 +113,8 @@ pub struct Api {
     pub locks: Arc<Locks>,
     pub budget: Arc<StreamBudget>,
     pub counters: Arc<Counters>,
+    /// The daemon's tasks, for streams that outlive their handler.
+    pub tasks: Tasks,
 }
 
 /// One authorised call: who makes it and what its work may use. Cheap to
@@ -125,12 +128,13 @@ pub struct Ctx {
 }
 
 impl Api {
-    pub fn new(site: Arc<Site>, locks: Arc<Locks>, budget: Arc<StreamBudget>) -> Api {
+    pub fn new(site: Arc<Site>, locks: Arc<Locks>, budget: Arc<StreamBudget>, tasks: Tasks) -> Api {
         Api {
             site,
             locks,
             budget,
             counters: Arc::default(),
+            tasks,
         }
     }
 
