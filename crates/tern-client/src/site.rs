@@ -160,7 +160,7 @@ impl SiteClient {
     }
 
     pub fn err(&self, s: tonic::Status) -> ClientError {
-        ClientError::from_status(s, &self.endpoint)
+        crate::error::from_status(s, &self.endpoint)
     }
 
     /// Checks that the site speaks our API version and accepts our key.

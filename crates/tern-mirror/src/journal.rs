@@ -19,8 +19,8 @@
 //! control, and the primary reads ahead at most four chunks), so a slow
 //! local disk slows the stream instead of growing memory.
 
-use crate::replay::{Job, Plan, sync_to};
-use crate::{Shared, now};
+use crate::replay::{ImageReplay, Plan, sync_to};
+use crate::{DaemonState, now};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tern_client::{ClientError, pb, snap_ref};
@@ -30,12 +30,7 @@ use tern_types::error::ErrorKind;
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
+use tern_types::time::now_us;
 
 /// Rates over the last few seconds, for the status.
 struct Rates {
@@ -77,7 +72,7 @@ impl Rates {
 
 /// The "replaying, {json}" status with rbd's keys and ours.
 fn replaying_status(
-    job: &Job,
+    job: &ImageReplay,
     rates: &Rates,
     applied_tid: u64,
     applied_ts: u64,
@@ -109,8 +104,8 @@ fn replaying_status(
 }
 
 pub(crate) async fn run(
-    sh: &Arc<Shared>,
-    job: &Job,
+    sh: &Arc<DaemonState>,
+    job: &ImageReplay,
     local: pb::MirrorImageInfo,
     plan: Plan,
 ) -> Result<(), ClientError> {

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tern_client::config::TlsMode;
 use tern_client::{ClientError, ClusterConfig, SiteClient, pb};
+use tern_daemon::Tasks;
 use tern_types::ErrorKind;
 use tokio::sync::{Mutex, Semaphore};
 
@@ -38,14 +39,14 @@ pub(crate) const HEARTBEAT: Duration = Duration::from_millis(1000);
 
 /// What a daemon knows about itself, sent with heartbeats and reports.
 #[derive(Clone)]
-pub(crate) struct Me {
+pub(crate) struct DaemonIdentity {
     pub service_id: String,
     pub instance_id: String,
     pub client_id: String,
     pub hostname: String,
 }
 
-impl Me {
+impl DaemonIdentity {
     pub fn info(&self, site_name: &str) -> pb::MirrorDaemonInfo {
         pb::MirrorDaemonInfo {
             service_id: self.service_id.clone(),
@@ -85,12 +86,7 @@ pub(crate) async fn hold(point: &str) {
     tracing::info!(point, "test fault point: released");
 }
 
-pub(crate) fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub(crate) use tern_types::time::now_secs as now;
 
 /// (pool, image, source site) of the replication counters.
 pub(crate) type ReplicaKey = (String, String, String);
@@ -108,9 +104,9 @@ pub(crate) struct Reported {
     pub peers: Vec<(SiteClient, String)>,
 }
 
-pub(crate) struct Shared {
+pub(crate) struct DaemonState {
     pub local: SiteClient,
-    pub me: Me,
+    pub me: DaemonIdentity,
     pub statuses: Mutex<HashMap<String, Reported>>,
     pub busy: Mutex<HashSet<String>>,
     pub syncs: Semaphore,
@@ -126,7 +122,7 @@ pub(crate) struct Shared {
     pub replicated: std::sync::Mutex<HashMap<ReplicaKey, (u64, u64)>>,
 }
 
-impl Shared {
+impl DaemonState {
     /// The bandwidth limiter shared by every copy from one peer.
     pub async fn peer_limiter(&self, peer_uuid: &str) -> Arc<limit::Limiter> {
         let mut m = self.peer_limits.lock().await;
@@ -165,7 +161,7 @@ impl Shared {
     }
 }
 
-async fn push(sh: &Shared, r: &Reported) {
+async fn push(sh: &DaemonState, r: &Reported) {
     let req = |pool: &str| pb::MirrorStatusReportRequest {
         pool: pool.to_string(),
         global_id: r.global_id.clone(),
@@ -215,16 +211,16 @@ pub async fn run(opts: Options) -> Result<(), ClientError> {
                 .first()
                 .and_then(|e| e.value.parse::<usize>().ok())
         })
-        .unwrap_or(5)
+        .unwrap_or(tern_types::defaults::MIRROR_CONCURRENT_IMAGE_SYNCS as usize)
         .max(1);
-    let me = Me {
+    let me = DaemonIdentity {
         service_id: format!("{}", rand::random::<u32>()),
         instance_id: std::process::id().to_string(),
         client_id: opts.id.clone(),
         hostname: hostname(),
     };
     tracing::info!(site = %hello.site_name, service_id = %me.service_id, concurrent_syncs = syncs, "tern-mirror started");
-    let sh = Arc::new(Shared {
+    let sh = Arc::new(DaemonState {
         local,
         me,
         statuses: Mutex::new(HashMap::new()),
@@ -233,12 +229,17 @@ pub async fn run(opts: Options) -> Result<(), ClientError> {
         limit: limit::Limiter::new(0),
         peer_limits: Mutex::new(HashMap::new()),
         peer_rate: std::sync::atomic::AtomicU64::new(0),
-        memory_target: std::sync::atomic::AtomicU64::new(256 << 20),
+        memory_target: std::sync::atomic::AtomicU64::new(
+            tern_types::defaults::MIRROR_MEMORY_TARGET,
+        ),
         compress: std::sync::atomic::AtomicBool::new(false),
         replicated: std::sync::Mutex::new(HashMap::new()),
     });
+    let tasks = Tasks::new();
+    tasks.stop_on_signal();
     if let Some(addr) = opts.metrics_listen {
         metrics::serve(
+            &tasks,
             sh.clone(),
             addr,
             opts.metrics_allow_remote,
@@ -247,21 +248,16 @@ pub async fn run(opts: Options) -> Result<(), ClientError> {
         .await?;
     }
     let mut peers: HashMap<String, SiteClient> = HashMap::new();
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
-    let mut int =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("SIGINT");
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = tasks.stopping() => break,
             _ = tick.tick() => {}
         }
         refresh_limits(&sh, &entity).await;
-        if let Err(e) = scan(&sh, &mut peers).await {
-            tracing::warn!(error = %e, "scan failed");
+        if let Err(e) = scan(&sh, &tasks, &mut peers).await {
+            tracing::warn!(error = %e.chain(), "scan failed");
         }
         // Heartbeat: re-send every status so sites see this daemon alive.
         let all: Vec<Reported> = sh.statuses.lock().await.values().cloned().collect();
@@ -270,6 +266,12 @@ pub async fn run(opts: Options) -> Result<(), ClientError> {
         }
     }
     tracing::info!("tern-mirror stopping");
+    // Replayers stop at their next await: each resumes from what the
+    // sites recorded, as after a crash, but without one.
+    let left = tasks.shutdown(tern_daemon::SHUTDOWN_BOUND).await;
+    if left > 0 {
+        tracing::warn!(tasks = left, "tasks still running at the shutdown deadline");
+    }
     Ok(())
 }
 
@@ -289,7 +291,7 @@ fn peer_client(p: &pb::MirrorPeer, compress: bool) -> Result<SiteClient, ClientE
 
 /// Reads the bandwidth and compression options (`tern config set
 /// client.rbd-mirror …`); changes apply within a tick.
-async fn refresh_limits(sh: &Arc<Shared>, entity: &str) {
+async fn refresh_limits(sh: &Arc<DaemonState>, entity: &str) {
     use std::sync::atomic::Ordering;
     let get = |key: &'static str| {
         let local = sh.local.clone();
@@ -327,7 +329,8 @@ async fn refresh_limits(sh: &Arc<Shared>, entity: &str) {
 
 /// One pass over every mirrored pool.
 async fn scan(
-    sh: &Arc<Shared>,
+    sh: &Arc<DaemonState>,
+    tasks: &Tasks,
     peers: &mut HashMap<String, SiteClient>,
 ) -> Result<(), ClientError> {
     let pools = sh.local.pool_list(pb::Empty {}).await?.pools;
@@ -505,7 +508,7 @@ async fn scan(
             if !sh.busy.lock().await.insert(key.clone()) {
                 continue;
             }
-            let job = replay::Job {
+            let job = replay::ImageReplay {
                 pool: p.name.clone(),
                 local_mirror_uuid: info.mirror_uuid.clone(),
                 site_name: info.site_name.clone(),
@@ -517,7 +520,7 @@ async fn scan(
                 report_to: report_to.clone(),
             };
             let sh2 = sh.clone();
-            tokio::spawn(async move {
+            tasks.spawn_until_stop(async move {
                 replay::run(&sh2, job).await;
                 sh2.busy.lock().await.remove(&key);
             });
@@ -529,7 +532,7 @@ async fn scan(
 /// The primary's site cannot be reached: say so for every copy we hold of
 /// its images instead of repeating the last good state.
 async fn mark_unreachable(
-    sh: &Arc<Shared>,
+    sh: &Arc<DaemonState>,
     pool: &str,
     info: &pb::MirrorPoolInfo,
     local: &pb::MirrorImageListReply,

@@ -4,7 +4,7 @@
 //! the site received them; this one is the daemon's own view, and it
 //! disappears with the daemon, which is what the "daemon down" alert keys on.
 
-use crate::Shared;
+use crate::DaemonState;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -13,53 +13,12 @@ use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use tern_client::ClientError;
-use tern_types::ErrorKind;
+use tern_daemon::Tasks;
+use tern_daemon::metrics::{Labels, entries_behind};
 
-type Labels = Vec<(String, LabelValue)>;
-
-/// A label value as the text format needs it: prometheus-client 0.24
-/// writes values verbatim, so a name holding `"`, `\\` or a line feed would
-/// break the whole page; this one goes through the library's encoder
-/// escaped.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct LabelValue(String);
-
-impl prometheus_client::encoding::EncodeLabelValue for LabelValue {
-    fn encode(
-        &self,
-        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
-    ) -> Result<(), std::fmt::Error> {
-        use std::fmt::Write;
-        encoder.write_str(&tern_types::text::prometheus_label_value(&self.0))
-    }
-}
-
-impl From<&str> for LabelValue {
-    fn from(s: &str) -> Self {
-        LabelValue(s.to_string())
-    }
-}
-
-impl From<String> for LabelValue {
-    fn from(s: String) -> Self {
-        LabelValue(s)
-    }
-}
-
-impl From<&String> for LabelValue {
-    fn from(s: &String) -> Self {
-        LabelValue(s.clone())
-    }
-}
 type FGauge = Gauge<f64, AtomicU64>;
 
-fn entries_behind(description: &str) -> Option<f64> {
-    let j = description.strip_prefix("replaying, ")?;
-    let v: serde_json::Value = serde_json::from_str(j).ok()?;
-    v.get("entries_behind_primary")?.as_f64()
-}
-
-async fn render(sh: &Shared, site: &str) -> String {
+async fn render(sh: &DaemonState, site: &str) -> String {
     let mut reg = Registry::with_prefix("tern_mirror_daemon");
     let info = Family::<Labels, Gauge>::default();
     reg.register(
@@ -157,52 +116,28 @@ async fn render(sh: &Shared, site: &str) -> String {
 }
 
 pub(crate) async fn serve(
-    sh: Arc<Shared>,
+    tasks: &Tasks,
+    sh: Arc<DaemonState>,
     addr: std::net::SocketAddr,
     allow_remote: bool,
     site: &str,
 ) -> Result<(), ClientError> {
-    if !addr.ip().is_loopback() && !allow_remote {
-        return Err(ClientError::new(
-            ErrorKind::InvalidArgument,
-            format!(
-                "--metrics-listen {addr} is not a loopback address: metrics have no authentication; \
-                 add --metrics-allow-remote to serve them there anyway"
-            ),
-        ));
-    }
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        ClientError::new(
-            ErrorKind::Unavailable,
-            format!("cannot listen for metrics on {addr}: {e}"),
-        )
-    })?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| ClientError::new(ErrorKind::Internal, e.to_string()))?;
+    use tern_daemon::http;
+    http::refuse_remote(
+        addr,
+        allow_remote,
+        "--metrics-listen",
+        "metrics",
+        "--metrics-allow-remote",
+    )?;
+    let (listener, local) = http::bind(addr, "metrics").await?;
     let site = site.to_string();
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let (sh, site) = (sh.clone(), site.clone());
-            async move {
-                use axum::response::IntoResponse;
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    render(&sh, &site).await,
-                )
-                    .into_response()
-            }
-        }),
-    );
+    let render = move || {
+        let (sh, site) = (sh.clone(), site.clone());
+        async move { render(&sh, &site).await }
+    };
+    let app = axum::Router::new().route("/metrics", tern_daemon::metrics::route(render));
     tracing::info!(addr = %local, "metrics serving");
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics listener failed");
-        }
-    });
+    http::serve(tasks, listener, app, "metrics");
     Ok(())
 }

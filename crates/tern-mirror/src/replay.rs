@@ -2,12 +2,12 @@
 //! primary's newest complete mirror snapshot by copying only the extents
 //! that changed since the newest snapshot both sites share.
 
-use crate::{Reported, Shared};
+use crate::{DaemonState, Reported};
 use std::sync::Arc;
 use std::time::Instant;
 use tern_client::{ClientError, SiteClient, pb, snap_ref};
 
-pub(crate) struct Job {
+pub(crate) struct ImageReplay {
     pub pool: String,
     pub local_mirror_uuid: String,
     pub site_name: String,
@@ -19,7 +19,7 @@ pub(crate) struct Job {
     pub report_to: Vec<(SiteClient, String)>,
 }
 
-impl Job {
+impl ImageReplay {
     pub(crate) fn status(&self, state: &str, reason: &str, description: String) -> Reported {
         Reported {
             pool: self.pool.clone(),
@@ -44,7 +44,7 @@ impl Job {
     }
 }
 
-pub(crate) async fn run(sh: &Arc<Shared>, job: Job) {
+pub(crate) async fn run(sh: &Arc<DaemonState>, job: ImageReplay) {
     if let Err(e) = replay(sh, &job).await {
         // Promoted here meanwhile (the site fenced a step begun before):
         // the image is no longer ours to write. Stop; the next pass reports
@@ -65,7 +65,7 @@ pub(crate) async fn run(sh: &Arc<Shared>, job: Job) {
             tracing::info!(image = %job.spec(), reason = %e, "stopped: the image changed role here");
             return;
         }
-        tracing::warn!(image = %job.spec(), error = %e, "replay failed");
+        tracing::warn!(image = %job.spec(), error = %e.chain(), "replay failed");
         let r = job.status("error", "error", format!("error: {}", e.message));
         sh.report(r).await;
     }
@@ -75,7 +75,7 @@ fn is_primary_state(s: &str) -> bool {
     s == "primary" || s == "demoted"
 }
 
-async fn replay(sh: &Arc<Shared>, job: &Job) -> Result<(), ClientError> {
+async fn replay(sh: &Arc<DaemonState>, job: &ImageReplay) -> Result<(), ClientError> {
     let rimg = &job.remote_image;
     // The local copy: adopt the image the first time.
     let local = match &job.local_image {
@@ -147,8 +147,8 @@ async fn replay(sh: &Arc<Shared>, job: &Job) -> Result<(), ClientError> {
 /// One pass of snapshot replay: bring the copy to the primary's newest
 /// complete mirror snapshot (a demoted primary's newest is its demotion).
 pub(crate) async fn snapshot_pass(
-    sh: &Arc<Shared>,
-    job: &Job,
+    sh: &Arc<DaemonState>,
+    job: &ImageReplay,
     local: &pb::MirrorImageInfo,
     plan: &Plan,
 ) -> Result<(), ClientError> {
@@ -203,8 +203,8 @@ pub(crate) async fn snapshot_pass(
 /// seconds taken. Every step carries `local.epoch`: once the image is
 /// promoted here, the site refuses the rest.
 pub(crate) async fn sync_to(
-    sh: &Arc<Shared>,
-    job: &Job,
+    sh: &Arc<DaemonState>,
+    job: &ImageReplay,
     local: &pb::MirrorImageInfo,
     rimg: &pb::MirrorImageInfo,
     target: &pb::SnapInfo,
@@ -414,8 +414,8 @@ fn common_point<'a>(
 /// Ranges of the local image changed since `from` (a snapshot; None: since
 /// it was created).
 async fn local_changes(
-    sh: &Shared,
-    job: &Job,
+    sh: &DaemonState,
+    job: &ImageReplay,
     local: &pb::MirrorImageInfo,
     from: Option<&str>,
 ) -> Result<Vec<pb::DiffExtent>, ClientError> {
@@ -437,8 +437,8 @@ async fn local_changes(
 /// holds beyond that point (after a change of primary), or a resync when
 /// its history left the primary's and the operator asked for one.
 pub(crate) async fn assess(
-    sh: &Shared,
-    job: &Job,
+    sh: &DaemonState,
+    job: &ImageReplay,
     local: &pb::MirrorImageInfo,
 ) -> Result<Standing, ClientError> {
     let (lu, ru) = (&job.local_mirror_uuid, &job.remote_mirror_uuid);
@@ -614,8 +614,8 @@ fn replaying_description(
 }
 
 async fn report_idle(
-    sh: &Arc<Shared>,
-    job: &Job,
+    sh: &Arc<DaemonState>,
+    job: &ImageReplay,
     local: &pb::MirrorImageInfo,
     target: &pb::SnapInfo,
 ) {

@@ -312,16 +312,14 @@ impl StoreError {
             E::JournalApply { source, .. } => source.kind(),
         }
     }
-
-    /// The boundary form: a kind and a sentence.
-    pub fn to_error(&self) -> tern_types::error::Error {
-        tern_types::error::Error::new(self.kind(), self.to_string())
-    }
 }
 
+/// The one mapping onto the boundary error: its kind and sentence, and the
+/// store error itself kept as the cause, so a log can show what lies under
+/// the sentence (the I/O or database error).
 impl From<StoreError> for tern_types::error::Error {
     fn from(e: StoreError) -> Self {
-        e.to_error()
+        tern_types::error::Error::with_source(e.kind(), e.to_string(), e)
     }
 }
 

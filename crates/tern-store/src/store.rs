@@ -4,7 +4,7 @@
 //! `features` and `replay`.
 
 use crate::error::StoreError;
-use crate::image::{self, Image, Shared};
+use crate::image::{self, Image, StoreState};
 use crate::journal::{self, Journal, JournalOptions};
 use crate::meta::{ImageRecord, Meta, info_of};
 use crate::object;
@@ -61,7 +61,7 @@ const CLEAN_MARKER: &str = "clean";
 pub struct Store {
     dir: PathBuf,
     pub(crate) meta: Meta,
-    shared: Arc<Shared>,
+    shared: Arc<StoreState>,
     /// Serialises metadata changes that also touch data (resize, remove,
     /// rename, pool removal) so two of them never interleave on one image.
     pub(crate) admin: Mutex<()>,
@@ -69,7 +69,7 @@ pub struct Store {
     flushed_clean: AtomicBool,
     /// Strong handles of every image opened since the store was opened.
     /// Callers open per request; without this, each request would get a
-    /// fresh handle with a cold fd cache (the map in `Shared` is weak to
+    /// fresh handle with a cold fd cache (the map in `StoreState` is weak to
     /// avoid a cycle through `Image::shared`).
     keep: Mutex<HashMap<ImageId, Arc<Image>>>,
     /// Options for journals opened or created from now on.
@@ -102,7 +102,7 @@ impl Store {
             source,
         })?;
         // One opening at a time: two would replay the same journals and
-        // trim each other's segments. The lock lives as long as `Shared`,
+        // trim each other's segments. The lock lives as long as `StoreState`,
         // that is until the last image handle and background task of this
         // opening are gone; the kernel drops it when the process dies.
         let lock_path = dir.join("lock");
@@ -177,7 +177,7 @@ impl Store {
         }
         Ok(Store {
             dir: dir.to_path_buf(),
-            shared: Arc::new(Shared {
+            shared: Arc::new(StoreState {
                 objects_dir: objects,
                 open_fds: Arc::new(AtomicUsize::new(0)),
                 fd_cap: fd_cap.max(1),

@@ -3,7 +3,6 @@
 //! they use nothing of the store.
 
 use serde::{Deserialize, Serialize};
-use std::time::{SystemTime, UNIX_EPOCH};
 use tern_types::{Features, ImageId, Layout};
 
 /// Largest image size: 2^60 bytes, so every offset arithmetic fits in u64
@@ -63,12 +62,7 @@ pub struct ImageInfo {
     pub snap_count: u64,
 }
 
-pub(crate) fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub(crate) use tern_types::time::now_secs;
 
 /// A snapshot of an image. Ids are per image and strictly increasing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

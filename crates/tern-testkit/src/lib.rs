@@ -909,3 +909,21 @@ pub fn create_mirrored(s: &Site, name: &str, size: &str, mode: &str) {
     s.tern_ok(&["create", &spec, "--size", size, "--image-feature", features]);
     s.tern_ok(&["mirror", "image", "enable", &spec, mode]);
 }
+
+/// A new site with pool `rbd` and the journaled image `rbd/j` of `size`,
+/// its journal in small segments (256K) so that rolls and trimming happen
+/// in any test's run.
+pub fn journaled_site(name: &str, size: &str) -> Site {
+    let site = Site::start(name);
+    site.tern_ok(&["pool", "create", "rbd"]);
+    site.tern_ok(&["config", "set", "global", "rbd_journal_object_size", "256K"]);
+    site.tern_ok(&[
+        "create",
+        "rbd/j",
+        "--size",
+        size,
+        "--image-feature",
+        "layering,exclusive-lock,journaling",
+    ]);
+    site
+}

@@ -222,18 +222,7 @@ fn kill9_under_nbd_writes_loses_no_acknowledged_write() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
-    let mut site = Site::start("jcrash");
-    site.tern_ok(&["pool", "create", "rbd"]);
-    // Small segments, so rolls and trimming happen in every run.
-    site.tern_ok(&["config", "set", "global", "rbd_journal_object_size", "256K"]);
-    site.tern_ok(&[
-        "create",
-        "rbd/j",
-        "--size",
-        &format!("{}M", IMAGE >> 20),
-        "--image-feature",
-        "layering,exclusive-lock,journaling",
-    ]);
+    let mut site = tern_testkit::journaled_site("jcrash", &format!("{}M", IMAGE >> 20));
     let seq = Arc::new(AtomicU64::new(1));
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let mut base = vec![0u64; SLOTS as usize];

@@ -3,6 +3,7 @@
 //! the striping layout, and the small stable [`ErrorKind`] that crosses crate
 //! and API boundaries. Nothing here does I/O.
 
+pub mod defaults;
 pub mod error;
 pub mod features;
 pub mod ids;

@@ -1,6 +1,28 @@
 //! Timestamps in the two forms Ceph prints: `Sun Nov 29 20:54:41 2026`
 //! (rbd info) and `2026-11-29 20:54:41` (mirror status), always UTC.
 
+/// Since the Unix epoch by the system clock (0 for a clock set before it).
+fn since_epoch() -> std::time::Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// The time now, in seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    since_epoch().as_secs()
+}
+
+/// The time now, in milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    since_epoch().as_millis() as u64
+}
+
+/// The time now, in microseconds since the Unix epoch.
+pub fn now_us() -> u64 {
+    since_epoch().as_micros() as u64
+}
+
 /// (year, month 1-12, day 1-31) of a day count since 1970-01-01.
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     // Howard Hinnant's days-to-civil algorithm.

@@ -78,8 +78,7 @@ pub async fn import(
     let endpoints = token.mon_host_list();
     let tls = tern_client::config::TlsMode::Pinned(token.tls_fingerprint.to_ascii_lowercase());
     let entity = format!("client.{}", token.client_id);
-    let remote = tern_client::SiteClient::connect_with(&endpoints[0], &tls, &entity, &token.key)
-        .map_err(|e| Error::new(e.kind, e.message))?;
+    let remote = tern_client::SiteClient::connect_with(&endpoints[0], &tls, &entity, &token.key)?;
     let hello = remote.hello().await.map_err(|e| token_error(&token, e))?;
     if hello.site_id != token.fsid {
         return Err(Error::new(

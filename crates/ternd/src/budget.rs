@@ -68,7 +68,7 @@ impl StreamBudget {
         conn: Option<Arc<ConnState>>,
     ) -> (Tx<T>, Rx<T>) {
         let share = (2 * chunk.max(MESSAGE_OVERHEAD)).min(self.total / 2);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(StreamChannel {
             q: Mutex::new(Queue {
                 items: VecDeque::new(),
                 charged: 0,
@@ -142,13 +142,15 @@ impl<T> Queue<T> {
     }
 }
 
-struct Shared<T> {
+/// What the two ends of one stream share: its queue and the wakeup for
+/// room freed in it.
+struct StreamChannel<T> {
     q: Mutex<Queue<T>>,
     /// Room was freed in this stream's share, or the receiver went away.
     space: Notify,
 }
 
-impl<T> Shared<T> {
+impl<T> StreamChannel<T> {
     fn release(&self, cost: usize) {
         let mut q = self.q.lock();
         q.charged = q.charged.saturating_sub(cost);
@@ -160,14 +162,14 @@ impl<T> Shared<T> {
 /// The producing side of a stream.
 pub struct Tx<T> {
     budget: Arc<StreamBudget>,
-    shared: Arc<Shared<T>>,
+    shared: Arc<StreamChannel<T>>,
     share: usize,
     conn: Option<Arc<ConnState>>,
 }
 
 /// Bytes a producer may fill, not yet queued.
 pub struct Reserved<T> {
-    shared: Arc<Shared<T>>,
+    shared: Arc<StreamChannel<T>>,
     permit: Option<OwnedSemaphorePermit>,
     left: usize,
 }
@@ -351,7 +353,7 @@ impl<T> Drop for Tx<T> {
 
 /// The stream tonic sends from.
 pub struct Rx<T> {
-    shared: Arc<Shared<T>>,
+    shared: Arc<StreamChannel<T>>,
     held: Option<Item<T>>,
 }
 

@@ -323,18 +323,21 @@ impl Import {
             let site = self.site.clone();
             let t = self.target.clone();
             let to = self.diff_to.clone();
-            let _ = blocking(move || {
+            let undone = blocking(move || {
                 undo_diff(&site, &t.pool, &t.image, &sf, to.as_deref());
                 Ok::<_, Error>(())
             })
             .await;
+            if let Err(e) = undone {
+                tracing::error!(image = %spec, error = %e.chain(), "cannot roll back an interrupted import-diff");
+            }
             tracing::warn!(image = %spec, "import-diff rolled back");
         }
         if let Some(h) = self.hidden.take() {
             let site = self.site.clone();
             let pool = self.target.pool.clone();
             if let Err(e) = blocking(move || site.store.image_remove(&pool, &h)).await {
-                tracing::warn!(image = %spec, error = %e, "cannot remove a discarded import");
+                tracing::warn!(image = %spec, error = %e.chain(), "cannot remove a discarded import");
             }
             tracing::warn!(image = %spec, "import discarded");
         }
@@ -347,7 +350,7 @@ fn undo_diff(site: &Site, pool: &str, image: &str, safety: &str, to: Option<&str
         let _ = site.store.snap_remove(pool, image, to, false);
     }
     if let Err(e) = site.store.snap_rollback(pool, image, safety) {
-        tracing::error!(%pool, %image, error = %e, "cannot roll back an interrupted import-diff");
+        tracing::error!(%pool, %image, error = %tern_types::error::chain(&e), "cannot roll back an interrupted import-diff");
         return;
     }
     let _ = site.store.snap_remove(pool, image, safety, false);

@@ -5,6 +5,7 @@ pub mod api;
 pub mod auth;
 pub mod bootstrap;
 pub mod budget;
+pub mod client_files;
 pub mod convert;
 pub mod export;
 pub mod import;
@@ -17,13 +18,14 @@ pub mod options;
 pub mod schedule;
 pub mod site;
 pub mod status;
+pub mod tls;
 pub mod work;
 
 use site::Site;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tern_client::config::{ClusterConfig, Keyring, KeyringEntry, TlsMode, write_private};
+use tern_daemon::{SHUTDOWN_BOUND, Tasks, http};
 use tern_store::KvTable;
 use tern_types::ErrorKind;
 use tern_types::error::Error;
@@ -66,7 +68,9 @@ impl Options {
     pub const STALL_TIMEOUT_SECS: u64 = 60;
 }
 
-/// Starts the site and serves until SIGTERM or SIGINT.
+/// Starts the site and serves until SIGTERM or SIGINT; then stops taking
+/// work, lets what is in progress finish (boundedly), and closes the
+/// store so its journals are checkpointed.
 pub async fn run(opts: Options) -> Result<(), Error> {
     if opts.insecure && !opts.listen.ip().is_loopback() {
         return Err(Error::invalid(format!(
@@ -89,63 +93,31 @@ pub async fn run(opts: Options) -> Result<(), Error> {
     import::clean_interrupted_imports(&site);
     site.apply_journal_config()?;
 
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Unavailable,
-                format!("cannot listen on {}: {e}", opts.listen),
-            )
-        })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
+    let (listener, addr) = http::bind(opts.listen, "").await?;
     let endpoint = addr.to_string();
     site.store.kv_put(KvTable::Site, "endpoints", &endpoint)?;
-    write_client_files(&site, &opts, &endpoint)?;
+    client_files::write(&site, &opts, &endpoint)?;
 
+    let tasks = Tasks::new();
+    tasks.stop_on_signal();
     let locks = Arc::new(locks::Locks::default());
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
     if opts.nbd_listen.is_none() {
         site.store.kv_delete(KvTable::Site, "nbd_endpoint")?;
     }
-    // Mirror snapshot schedules: a pass every second.
-    {
-        let m = mirror::Mirror { site: site.clone() };
-        let m = Arc::new(m);
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = stop.changed() => return,
-                }
-                let m = m.clone();
-                let r = work::blocking(move || m.run_schedules(site::now_secs())).await;
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "snapshot schedules");
-                }
-            }
-        });
+    start_schedules(&tasks, &site);
+    if let Some(addr) = opts.nbd_listen {
+        start_nbd(&tasks, &site, &locks, addr, &opts).await?;
     }
-    let nbd_task = match opts.nbd_listen {
-        Some(addr) => Some(start_nbd(&site, &locks, addr, &opts, stopped(stop_rx.clone())).await?),
-        None => None,
-    };
     let budget = budget::StreamBudget::new(opts.api_memory_budget, opts.stall_timeout);
-    let api = Arc::new(api::Api::new(site.clone(), locks.clone(), budget));
-    let http_task = match opts.http_listen {
-        Some(addr) => Some(start_http(api.clone(), addr, &opts, stopped(stop_rx.clone())).await?),
-        None => None,
-    };
+    let api = Arc::new(api::Api::new(
+        site.clone(),
+        locks.clone(),
+        budget,
+        tasks.clone(),
+    ));
+    if let Some(addr) = opts.http_listen {
+        start_http(&tasks, api.clone(), addr, &opts).await?;
+    }
     let servers = api::Servers::new(api);
     let builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -158,24 +130,19 @@ pub async fn run(opts: Options) -> Result<(), Error> {
     let tls = if opts.insecure {
         None
     } else {
-        Some(api_tls_acceptor(&site).map_err(|e| Error::new(ErrorKind::Internal, e))?)
+        Some(tls::api_acceptor(&site).map_err(|e| Error::new(ErrorKind::Internal, e))?)
     };
     // Written after the listener is up: tests and scripts wait for this file.
     let addr_file = opts.data.join("ternd.addr");
-    std::fs::write(&addr_file, format!("{endpoint}\n")).map_err(|e| {
-        Error::new(
-            ErrorKind::Internal,
-            format!("cannot write {}: {e}", addr_file.display()),
-        )
-    })?;
+    write_addr_file(&addr_file, &endpoint)?;
     tracing::info!(
         site = %site.site_name, site_id = %site.site_id, %endpoint,
         tls = !opts.insecure, fingerprint = %site.tls.fingerprint, "ternd serving"
     );
     // The accept loop sets TCP_NODELAY itself (serve_with_incoming ignores
     // the builder's): small replies must not wait out delayed ACKs.
-    let incoming = listen::api_incoming(listener, tls, opts.api_limits);
-    builder
+    let incoming = listen::api_incoming(&tasks, listener, tls, opts.api_limits);
+    let serving = builder
         .layer(listen::ActivityLayer)
         .add_service(servers.site)
         .add_service(servers.pool)
@@ -188,44 +155,101 @@ pub async fn run(opts: Options) -> Result<(), Error> {
         .add_service(servers.config)
         .add_service(servers.mirror)
         .add_service(servers.mirror_daemon)
-        .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()))
-        .await
-        .map_err(|e| Error::new(ErrorKind::Internal, format!("server failed: {e}")))?;
-    if let Some(t) = nbd_task {
-        let _ = t.await;
+        .serve_with_incoming_shutdown(incoming, tasks.stopping());
+    let stop = tasks.clone();
+    let server = tasks.spawn(async move {
+        let r = serving.await;
+        // The API is the daemon: if it fails, everything stops.
+        stop.stop();
+        r
+    });
+    tasks.stopping().await;
+    tracing::info!("shutting down: waiting for requests and connections to finish");
+    let left = tasks.shutdown(SHUTDOWN_BOUND).await;
+    if left > 0 {
+        tracing::warn!(
+            tasks = left,
+            "tasks still running at the shutdown deadline; closing the store without them"
+        );
     }
-    if let Some(t) = http_task {
-        let _ = t.await;
-    }
+    let served = if server.is_finished() {
+        match server.await {
+            Ok(r) => r.map_err(|e| {
+                let message = format!("server failed: {e}");
+                Error::with_source(ErrorKind::Internal, message, e)
+            }),
+            Err(e) => Err(Error::new(
+                ErrorKind::Internal,
+                format!("server failed: {e}"),
+            )),
+        }
+    } else {
+        Ok(())
+    };
     tracing::info!("shutting down: flushing open images");
-    let s = site.clone();
-    if let Err(e) = work::blocking(move || s.store.flush_all()).await {
-        tracing::error!(error = %e, "flushing open images at shutdown");
+    if let Err(e) = work::blocking(move || close_store(site)).await {
+        tracing::error!(error = %e.chain(), "flushing open images at shutdown");
     }
     let _ = std::fs::remove_file(&addr_file);
+    served?;
     tracing::info!("ternd stopped");
     Ok(())
+}
+
+/// Puts the store away: every image flushed and its journal checkpointed,
+/// then the clean-shutdown marker.
+fn close_store(site: Arc<Site>) -> Result<(), tern_store::StoreError> {
+    let store = match Arc::try_unwrap(site) {
+        Ok(site) => site.store,
+        Err(site) => site.store.clone(),
+    };
+    match Arc::try_unwrap(store) {
+        Ok(store) => store.close(),
+        // Work past the shutdown deadline still holds the store: the last
+        // holder's drop writes the marker if nothing changed after this.
+        Err(store) => store.flush_all(),
+    }
+}
+
+fn write_addr_file(path: &Path, addr: &str) -> Result<(), Error> {
+    std::fs::write(path, format!("{addr}\n")).map_err(|e| {
+        let message = format!("cannot write {}: {e}", path.display());
+        Error::with_source(ErrorKind::Internal, message, e)
+    })
+}
+
+/// Mirror snapshot schedules: a pass every second.
+fn start_schedules(tasks: &Tasks, site: &Arc<Site>) {
+    let m = Arc::new(mirror::Mirror { site: site.clone() });
+    let stopping = tasks.stopping();
+    tasks.spawn(async move {
+        tokio::pin!(stopping);
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = &mut stopping => return,
+            }
+            let m = m.clone();
+            let r = work::blocking(move || m.run_schedules(site::now_secs())).await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e.chain(), "snapshot schedules");
+            }
+        }
+    });
 }
 
 /// Starts the NBD listener. Plaintext NBD has no authentication, so on a
 /// non-loopback address clients must upgrade to TLS first (STARTTLS).
 async fn start_nbd(
+    tasks: &Tasks,
     site: &Arc<Site>,
     locks: &Arc<locks::Locks>,
     addr: SocketAddr,
     opts: &Options,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<tokio::task::JoinHandle<()>, Error> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        Error::new(
-            ErrorKind::Unavailable,
-            format!("cannot listen for NBD on {addr}: {e}"),
-        )
-    })?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
-    let acceptor = nbd::tls_acceptor(site).map_err(|e| Error::new(ErrorKind::Internal, e))?;
+) -> Result<(), Error> {
+    let (listener, local) = http::bind(addr, "NBD").await?;
+    let acceptor = tls::nbd_acceptor(site).map_err(|e| Error::new(ErrorKind::Internal, e))?;
     let cfg = Arc::new(tern_nbd::ServerConfig {
         tls: Some(acceptor),
         require_tls: !local.ip().is_loopback(),
@@ -240,165 +264,54 @@ async fn start_nbd(
         site: site.clone(),
         locks: locks.clone(),
         lease: Arc::new(move || api::lock_lease(&store_for_lease.store)),
+        tasks: tasks.clone(),
     });
     site.store
         .kv_put(KvTable::Site, "nbd_endpoint", &local.to_string())?;
-    let f = opts.data.join("nbd.addr");
-    std::fs::write(&f, format!("{local}\n")).map_err(|e| {
-        Error::new(
-            ErrorKind::Internal,
-            format!("cannot write {}: {e}", f.display()),
-        )
-    })?;
+    write_addr_file(&opts.data.join("nbd.addr"), &local.to_string())?;
     tracing::info!(endpoint = %local, tls_required = cfg.require_tls, "nbd serving");
-    Ok(tokio::spawn(async move {
+    // On a stop the listener closes, each connection answers what it has
+    // in flight, and its export flushes and gives its lock back.
+    let stop = tasks.stopping();
+    tasks.spawn(async move {
         if let Err(e) = tern_nbd::serve(listener, exports, cfg, stop).await {
-            tracing::error!(error = %e, "nbd listener failed");
+            tracing::error!(error = %tern_types::error::chain(&e), "nbd listener failed");
         }
-    }))
+    });
+    Ok(())
 }
 
 /// Serves /metrics (Prometheus) and / (the status page). Read-only and
 /// unauthenticated, so loopback only unless asked for explicitly.
 async fn start_http(
+    tasks: &Tasks,
     svc: Arc<api::Api>,
     addr: SocketAddr,
     opts: &Options,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<tokio::task::JoinHandle<()>, Error> {
-    if !addr.ip().is_loopback() && !opts.http_allow_remote {
-        return Err(Error::invalid(format!(
-            "--http-listen {addr} is not a loopback address: the metrics and status page have no \
-             authentication; add --http-allow-remote to serve them there anyway"
-        )));
-    }
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        Error::new(
-            ErrorKind::Unavailable,
-            format!("cannot listen for HTTP on {addr}: {e}"),
-        )
-    })?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
-    use axum::response::IntoResponse;
+) -> Result<(), Error> {
+    http::refuse_remote(
+        addr,
+        opts.http_allow_remote,
+        "--http-listen",
+        "the metrics and status page",
+        "--http-allow-remote",
+    )?;
+    let (listener, local) = http::bind(addr, "HTTP").await?;
     let m = svc.clone();
-    let p = svc.clone();
+    let render = move || {
+        let m = m.clone();
+        async move { metrics::render(&m).await }
+    };
+    let page = move || {
+        let p = svc.clone();
+        async move { axum::response::Html(metrics::page(&p).await) }
+    };
     let app = axum::Router::new()
-        .route(
-            "/metrics",
-            axum::routing::get(move || {
-                let m = m.clone();
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        metrics::render(&m).await,
-                    )
-                        .into_response()
-                }
-            }),
-        )
-        .route(
-            "/",
-            axum::routing::get(move || {
-                let p = p.clone();
-                async move { axum::response::Html(metrics::page(&p).await).into_response() }
-            }),
-        );
-    let f = opts.data.join("http.addr");
-    std::fs::write(&f, format!("{local}\n")).map_err(|e| {
-        Error::new(
-            ErrorKind::Internal,
-            format!("cannot write {}: {e}", f.display()),
-        )
-    })?;
+        .route("/metrics", tern_daemon::metrics::route(render))
+        .route("/", axum::routing::get(page));
+    write_addr_file(&opts.data.join("http.addr"), &local.to_string())?;
     tracing::info!(endpoint = %local, "metrics and status page serving");
     let listener = listen::HttpListener::new(listener, opts.http_limits);
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::error!(error = %e, "http listener failed");
-        }
-    }))
-}
-
-/// The API's TLS configuration: the site certificate, offering HTTP/2
-/// only (gRPC clients require it by ALPN).
-fn api_tls_acceptor(site: &Site) -> Result<tokio_rustls::TlsAcceptor, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_slice_iter(site.tls.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("site certificate: {e}"))?;
-    let key = PrivateKeyDer::from_pem_slice(site.tls.key_pem.as_bytes())
-        .map_err(|e| format!("site key: {e}"))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| format!("TLS setup: {e}"))?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-}
-
-/// Writes `<conf dir>/<cluster>.conf` and the admin keyring, so `tern
-/// --cluster NAME` works at once on this machine.
-fn write_client_files(site: &Site, opts: &Options, endpoint: &str) -> Result<(), Error> {
-    let conf = ClusterConfig {
-        cluster: opts.cluster.clone(),
-        path: None,
-        fsid: site.site_id.clone(),
-        site_name: site.site_name.clone(),
-        endpoints: vec![endpoint.to_string()],
-        tls: if opts.insecure {
-            TlsMode::Insecure
-        } else {
-            TlsMode::Pinned(site.tls.fingerprint.clone())
-        },
-        keyring: None,
-    };
-    let admin = site.get_user(site::ADMIN)?;
-    let ring = Keyring {
-        entries: vec![KeyringEntry {
-            entity: admin.entity.clone(),
-            key: site.key_of(&admin),
-            caps: admin
-                .caps
-                .iter()
-                .map(|(a, b)| (a.clone(), b.clone()))
-                .collect(),
-        }],
-    };
-    let conf_path = opts.conf_dir.join(format!("{}.conf", opts.cluster));
-    let ring_path = opts
-        .conf_dir
-        .join(format!("{}.{}.keyring", opts.cluster, site::ADMIN));
-    let werr = |p: &std::path::Path, e: std::io::Error| {
-        Error::new(
-            ErrorKind::Internal,
-            format!("cannot write {}: {e}", p.display()),
-        )
-    };
-    write_private(&conf_path, &conf.render()).map_err(|e| werr(&conf_path, e))?;
-    write_private(&ring_path, &ring.render()).map_err(|e| werr(&ring_path, e))?;
-    tracing::info!(conf = %conf_path.display(), keyring = %ring_path.display(), "client config written");
+    http::serve(tasks, listener, app, "http");
     Ok(())
 }

@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use tern_daemon::Tasks;
 use tern_nbd::AcceptErrors;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -249,17 +250,21 @@ impl AsyncWrite for ApiIo {
 /// finish its TLS handshake (or send a first byte) in time, and only then
 /// reaches the gRPC server through the returned stream.
 pub fn api_incoming(
+    tasks: &Tasks,
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     limits: Limits,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn<ApiIo>>> {
     let (tx, rx) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    tokio::spawn(async move {
+    let (handshakes, stopping) = (tasks.clone(), tasks.stopping());
+    tasks.spawn(async move {
+        tokio::pin!(stopping);
         let mut errors = AcceptErrors::default();
         let mut refused = AcceptErrors::default();
         loop {
             let (sock, peer) = tokio::select! {
+                _ = &mut stopping => return,
                 _ = tx.closed() => return,
                 r = listener.accept() => match r {
                     Ok(x) => x,
@@ -282,7 +287,7 @@ pub fn api_incoming(
             };
             let _ = sock.set_nodelay(true);
             let (tx, tls) = (tx.clone(), tls.clone());
-            tokio::spawn(async move {
+            handshakes.spawn(async move {
                 let hs = async {
                     match tls {
                         Some(acc) => acc.accept(sock).await.map(|s| ApiIo::Tls(Box::new(s))),

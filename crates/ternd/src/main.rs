@@ -72,6 +72,13 @@ struct Args {
     stall_timeout: u64,
 }
 
+/// Threads of the one pool all store and file-system work runs on
+/// ([`ternd::work::blocking`]). Each call holds one for a single store
+/// operation, so this bounds the I/O ternd has in flight at once (beyond
+/// it, calls queue); journaled images' own sync and apply threads are
+/// outside it.
+const BLOCKING_THREADS: usize = 64;
+
 fn raise_fd_limit() {
     let mut rl = libc::rlimit {
         rlim_cur: 0,
@@ -103,18 +110,12 @@ fn fixed_mmap_threshold() {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    tern_daemon::log::init();
     raise_fd_limit();
     fixed_mmap_threshold();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .max_blocking_threads(64)
+        .max_blocking_threads(BLOCKING_THREADS)
         .thread_name("ternd")
         .build()
         .expect("tokio runtime");

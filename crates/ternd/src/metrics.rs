@@ -16,44 +16,9 @@ use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use tern_client::pb;
+use tern_daemon::metrics::{LabelValue, Labels, entries_behind};
 use tern_types::error::Error;
 
-pub type Labels = Vec<(String, LabelValue)>;
-
-/// A label value as the text format needs it: prometheus-client 0.24
-/// writes values verbatim, so a name holding `"`, `\\` or a line feed would
-/// break the whole page; this one goes through the library's encoder
-/// escaped.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct LabelValue(pub String);
-
-impl prometheus_client::encoding::EncodeLabelValue for LabelValue {
-    fn encode(
-        &self,
-        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
-    ) -> Result<(), std::fmt::Error> {
-        use std::fmt::Write;
-        encoder.write_str(&tern_types::text::prometheus_label_value(&self.0))
-    }
-}
-
-impl From<&str> for LabelValue {
-    fn from(s: &str) -> Self {
-        LabelValue(s.to_string())
-    }
-}
-
-impl From<String> for LabelValue {
-    fn from(s: String) -> Self {
-        LabelValue(s)
-    }
-}
-
-impl From<&String> for LabelValue {
-    fn from(s: &String) -> Self {
-        LabelValue(s.clone())
-    }
-}
 type FGauge = Gauge<f64, AtomicU64>;
 
 fn new_histogram() -> Histogram {
@@ -106,17 +71,6 @@ fn health_value(h: &str) -> f64 {
         "WARNING" => 1.0,
         _ => 0.0,
     }
-}
-
-fn strip_state(s: &str) -> &str {
-    s.trim_start_matches("up+").trim_start_matches("down+")
-}
-
-/// `entries_behind_primary` from a "replaying, {json}" description.
-pub fn entries_behind(description: &str) -> Option<f64> {
-    let j = description.strip_prefix("replaying, ")?;
-    let v: serde_json::Value = serde_json::from_str(j).ok()?;
-    v.get("entries_behind_primary")?.as_f64()
 }
 
 /// Every mirrored pool's status, as `mirror pool status --verbose` has it.
@@ -377,18 +331,12 @@ pub async fn render(svc: &Arc<Api>) -> String {
                 .set((now_ms / 1000).saturating_sub(d.last_heartbeat) as f64);
         }
         for img in &st.images {
-            let local_site = img
-                .local
-                .as_ref()
-                .map(|l| l.site_name.clone())
-                .unwrap_or_default();
             let primary = img.local.as_ref().is_some_and(|l| {
                 l.reason == "primary" || l.description == "local image is primary"
             });
             img_primary
                 .get_or_create(&labels(&[("pool", &pool), ("image", &img.name)]))
                 .set(if primary { 1.0 } else { 0.0 });
-            let _ = local_site;
             for s in img.local.iter().chain(img.peer_sites.iter()) {
                 if s.site_name.is_empty() {
                     continue;
@@ -398,7 +346,11 @@ pub async fn render(svc: &Arc<Api>) -> String {
                     ("image", &img.name),
                     ("site", &s.site_name),
                 ]);
-                let state = if s.up { strip_state(&s.state) } else { "down" };
+                let state = if s.up {
+                    crate::status::strip_state(&s.state)
+                } else {
+                    "down"
+                };
                 let mut ls = l.clone();
                 ls.push(("state".into(), state.into()));
                 img_state.get_or_create(&ls).set(1.0);
@@ -515,7 +467,11 @@ th{background:#eef1f4;font-weight:600}
             let rows: Vec<&pb::MirrorSiteStatus> =
                 img.local.iter().chain(img.peer_sites.iter()).collect();
             for (i, s) in rows.iter().enumerate() {
-                let state = if s.up { strip_state(&s.state) } else { "down" };
+                let state = if s.up {
+                    crate::status::strip_state(&s.state)
+                } else {
+                    "down"
+                };
                 let class = if s.reason == "primary" {
                     "primary"
                 } else {
@@ -534,7 +490,7 @@ th{background:#eef1f4;font-weight:600}
                         esc(&img.name)
                     ));
                 }
-                let progress = if strip_state(&s.state) == "syncing" {
+                let progress = if crate::status::strip_state(&s.state) == "syncing" {
                     format!(
                         "<span class=\"bar\"><i style=\"width:{:.0}%\"></i></span> {:.0}%",
                         s.progress * 100.0,

@@ -24,6 +24,8 @@ pub struct SiteExports {
     pub site: Arc<Site>,
     pub locks: Arc<Locks>,
     pub lease: Arc<dyn Fn() -> Duration + Send + Sync>,
+    /// Where lock renewers live, so a shutdown stops them.
+    pub tasks: tern_daemon::Tasks,
 }
 
 fn dev_err(e: impl Into<Error>) -> DeviceError {
@@ -126,7 +128,7 @@ impl Exports for SiteExports {
                 dev.spec.clone(),
                 self.lease.clone(),
             );
-            let renewer = tokio::spawn(async move {
+            let renewer = self.tasks.spawn_until_stop(async move {
                 loop {
                     let lease = lease_fn();
                     tokio::time::sleep(lease / 3).await;
@@ -145,7 +147,6 @@ impl Exports for SiteExports {
             });
             dev.lock = Some(NbdLock {
                 locks: self.locks.clone(),
-                site: self.site.clone(),
                 image_id,
                 cookie,
                 renewer,
@@ -193,10 +194,9 @@ impl Exports for SiteExports {
 
 struct NbdLock {
     locks: Arc<Locks>,
-    site: Arc<Site>,
     image_id: String,
     cookie: String,
-    renewer: tokio::task::JoinHandle<()>,
+    renewer: tokio::task::JoinHandle<Option<()>>,
 }
 
 struct StoreDevice {
@@ -232,7 +232,6 @@ impl StoreDevice {
         if let Some(l) = &self.lock
             && !l.locks.holds(&l.image_id, &l.cookie)
         {
-            let _ = &l.site;
             return Err(DeviceError::new(
                 NBD_ESHUTDOWN,
                 format!(
@@ -434,28 +433,8 @@ impl BlockDevice for StoreDevice {
         }
         let img = self.img.clone();
         if let Err(e) = crate::work::blocking(move || img.flush()).await {
-            tracing::warn!(export = %self.spec, error = %e, "flush at close");
+            tracing::warn!(export = %self.spec, error = %e.chain(), "flush at close");
         }
         tracing::info!(export = %self.spec, "nbd export closed");
     }
-}
-
-/// A TLS acceptor for NBD STARTTLS from the site's certificate.
-pub fn tls_acceptor(site: &Site) -> Result<tokio_rustls::TlsAcceptor, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_slice_iter(site.tls.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("site certificate: {e}"))?;
-    let key = PrivateKeyDer::from_pem_slice(site.tls.key_pem.as_bytes())
-        .map_err(|e| format!("site key: {e}"))?;
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| e.to_string())?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }

@@ -17,40 +17,69 @@ pub enum Kind {
 pub struct Opt {
     pub name: &'static str,
     pub kind: Kind,
-    pub default: &'static str,
+    pub default: DefaultValue,
     pub help: &'static str,
 }
 
+/// An option's default. Numbers that other crates also need are their
+/// constants, so each is written down once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DefaultValue {
+    Text(&'static str),
+    Int(u64),
+    Float(f64),
+}
+
+impl std::fmt::Display for DefaultValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DefaultValue::Text(s) => f.write_str(s),
+            DefaultValue::Int(n) => write!(f, "{n}"),
+            DefaultValue::Float(x) => write!(f, "{x}"),
+        }
+    }
+}
+
+/// `rbd_lock_lease_seconds`: how long an exclusive lock lives without
+/// renewal, and the range a site accepts.
+pub const LOCK_LEASE_SECS: f64 = 15.0;
+pub const LOCK_LEASE_MIN_SECS: f64 = 1.0;
+pub const LOCK_LEASE_MAX_SECS: f64 = 3600.0;
+
 macro_rules! opts {
-    ($($name:literal $kind:ident $default:literal $help:literal;)*) => {
+    ($($name:literal $kind:ident $default:expr, $help:literal;)*) => {
         pub const OPTIONS: &[Opt] = &[$(Opt { name: $name, kind: Kind::$kind, default: $default, help: $help }),*];
     };
 }
 
+use DefaultValue::{Float, Int, Text};
+use tern_store::journal as j;
+use tern_types::defaults as d;
+
 opts! {
-    "rbd_default_features" Str "layering,exclusive-lock,object-map,fast-diff,deep-flatten" "features of new images when none are given";
-    "rbd_default_order" Int "22" "object size of new images as a power of two";
-    "rbd_default_stripe_unit" Size "0" "stripe unit of new images (0: object size)";
-    "rbd_default_stripe_count" Int "0" "stripe count of new images (0: 1)";
-    "rbd_journal_object_size" Size "16777216" "size of one journal segment";
-    "rbd_journal_splay_width" Int "4" "accepted for compatibility; tern writes one ordered journal";
-    "rbd_journal_max_size" Size "1073741824" "journal size past which a lagging reader is disconnected";
-    "rbd_journal_commit_age" Float "0.005" "seconds after which a flush-mode journal syncs entries no flush has made durable";
-    "rbd_journal_durability" Str "strict" "strict: a write is acknowledged once its journal entry is on stable storage; flush: at the next flush or FUA, like a disk cache";
-    "rbd_mirror_concurrent_image_syncs" Int "5" "images the mirror daemon fully syncs at once";
-    "rbd_mirror_journal_commit_age" Float "5" "seconds between replay-position commits to the primary";
-    "rbd_mirror_sync_point_update_age" Float "30" "seconds between sync-point updates during an initial sync";
-    "rbd_mirror_pool_replayers_refresh_interval" Int "30" "seconds between peer/pool rescans";
-    "rbd_mirror_image_state_check_interval" Int "30" "seconds between image state checks";
-    "rbd_mirror_heartbeat_interval" Float "1" "seconds between mirror daemon heartbeats";
-    "rbd_mirror_memory_target" Size "268435456" "bytes of unapplied replay data a daemon may hold";
-    "rbd_mirror_bandwidth_limit" Size "0" "bytes per second of replication traffic per daemon (0: none)";
-    "rbd_mirror_peer_bandwidth_limit" Size "0" "bytes per second of replication traffic per peer (0: none)";
-    "rbd_mirror_compression" Str "none" "compression of replication traffic: none or zstd";
-    "rbd_mirroring_max_mirroring_snapshots" Int "5" "mirror snapshots kept per image";
-    "rbd_lock_lease_seconds" Float "15" "seconds an exclusive lock lives without renewal";
-    "nbd_listen" Str "127.0.0.1:10809" "address the NBD server listens on";
-    "log_level" Str "info" "ternd log level";
+    "rbd_default_features" Str Text("layering,exclusive-lock,object-map,fast-diff,deep-flatten"), "features of new images when none are given";
+    "rbd_default_order" Int Int(22), "object size of new images as a power of two";
+    "rbd_default_stripe_unit" Size Int(0), "stripe unit of new images (0: object size)";
+    "rbd_default_stripe_count" Int Int(0), "stripe count of new images (0: 1)";
+    "rbd_journal_object_size" Size Int(j::DEFAULT_SEGMENT_SIZE), "size of one journal segment";
+    "rbd_journal_splay_width" Int Int(4), "accepted for compatibility; tern writes one ordered journal";
+    "rbd_journal_max_size" Size Int(j::DEFAULT_MAX_SIZE), "journal size past which a lagging reader is disconnected";
+    "rbd_journal_commit_age" Float Float(j::DEFAULT_COMMIT_AGE_US as f64 / 1e6), "seconds after which a flush-mode journal syncs entries no flush has made durable";
+    "rbd_journal_durability" Str Text("strict"), "strict: a write is acknowledged once its journal entry is on stable storage; flush: at the next flush or FUA, like a disk cache";
+    "rbd_mirror_concurrent_image_syncs" Int Int(d::MIRROR_CONCURRENT_IMAGE_SYNCS), "images the mirror daemon fully syncs at once";
+    "rbd_mirror_journal_commit_age" Float Float(5.0), "seconds between replay-position commits to the primary";
+    "rbd_mirror_sync_point_update_age" Float Float(30.0), "seconds between sync-point updates during an initial sync";
+    "rbd_mirror_pool_replayers_refresh_interval" Int Int(30), "seconds between peer/pool rescans";
+    "rbd_mirror_image_state_check_interval" Int Int(30), "seconds between image state checks";
+    "rbd_mirror_heartbeat_interval" Float Float(1.0), "seconds between mirror daemon heartbeats";
+    "rbd_mirror_memory_target" Size Int(d::MIRROR_MEMORY_TARGET), "bytes of unapplied replay data a daemon may hold";
+    "rbd_mirror_bandwidth_limit" Size Int(0), "bytes per second of replication traffic per daemon (0: none)";
+    "rbd_mirror_peer_bandwidth_limit" Size Int(0), "bytes per second of replication traffic per peer (0: none)";
+    "rbd_mirror_compression" Str Text("none"), "compression of replication traffic: none or zstd";
+    "rbd_mirroring_max_mirroring_snapshots" Int Int(5), "mirror snapshots kept per image";
+    "rbd_lock_lease_seconds" Float Float(LOCK_LEASE_SECS), "seconds an exclusive lock lives without renewal";
+    "nbd_listen" Str Text("127.0.0.1:10809"), "address the NBD server listens on";
+    "log_level" Str Text("info"), "ternd log level";
 }
 
 /// Allowed ranges of numeric options (inclusive). A value outside is
@@ -62,13 +91,13 @@ pub const RANGES: &[(&str, f64, f64)] = &[
     ("rbd_default_stripe_count", 0.0, 4096.0),
     (
         "rbd_journal_object_size",
-        (64u64 << 10) as f64,
+        j::MIN_SEGMENT_SIZE as f64,
         (1u64 << 30) as f64,
     ),
     ("rbd_journal_splay_width", 1.0, 256.0),
     (
         "rbd_journal_max_size",
-        (1u64 << 20) as f64,
+        j::MIN_MAX_SIZE as f64,
         (1u64 << 50) as f64,
     ),
     ("rbd_journal_commit_age", 0.0, 60.0),
@@ -86,7 +115,11 @@ pub const RANGES: &[(&str, f64, f64)] = &[
     ("rbd_mirror_bandwidth_limit", 0.0, (1u64 << 40) as f64),
     ("rbd_mirror_peer_bandwidth_limit", 0.0, (1u64 << 40) as f64),
     ("rbd_mirroring_max_mirroring_snapshots", 3.0, 1000.0),
-    ("rbd_lock_lease_seconds", 1.0, 3600.0),
+    (
+        "rbd_lock_lease_seconds",
+        LOCK_LEASE_MIN_SECS,
+        LOCK_LEASE_MAX_SECS,
+    ),
 ];
 
 pub fn range_of(name: &str) -> Option<(f64, f64)> {
@@ -226,7 +259,7 @@ mod tests {
         for (name, _, _) in RANGES {
             let o = find(name).unwrap();
             assert!(
-                check_value(o, o.default).is_ok(),
+                check_value(o, &o.default.to_string()).is_ok(),
                 "{name} default out of range"
             );
         }

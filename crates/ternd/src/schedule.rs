@@ -10,7 +10,7 @@
 
 use crate::mirror::Mirror;
 use serde::{Deserialize, Serialize};
-use tern_store::{KvTable, MirrorSnapState, SnapNamespace};
+use tern_store::{KvTable, MirrorSnapState};
 use tern_types::ErrorKind;
 use tern_types::error::Error;
 
@@ -255,7 +255,6 @@ pub fn status(m: &Mirror, pool: &str, image: &str, now: u64) -> Result<Vec<(Stri
             out.push((format!("{pool}/{}", img.name), n));
         }
     }
-    let _ = SnapNamespace::User;
     Ok(out)
 }
 

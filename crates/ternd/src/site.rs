@@ -15,7 +15,7 @@ use parking_lot::RwLock;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 use tern_client::config::write_private;
 use tern_store::{KvTable, Store};
 use tern_types::ErrorKind;
@@ -23,22 +23,13 @@ use tern_types::error::Error;
 
 pub const ADMIN: &str = "client.admin";
 
-pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use tern_types::time::now_secs;
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
     Error::new(
         ErrorKind::Internal,
         format!("{what} {}: {e}", path.display()),
     )
-}
-
-fn store_err(e: tern_store::StoreError) -> Error {
-    Error::new(e.kind(), e.to_string())
 }
 
 pub struct Tls {
@@ -76,7 +67,7 @@ impl Site {
     /// Opens the site in `data_dir`, initialising it on first use.
     pub fn open_or_init(data_dir: &Path, site_name: &str) -> Result<Site, Error> {
         std::fs::create_dir_all(data_dir).map_err(|e| io_err("cannot create", data_dir, e))?;
-        let store = Arc::new(Store::open(data_dir).map_err(store_err)?);
+        let store = Arc::new(Store::open(data_dir)?);
         let master_path = data_dir.join("master.key");
         let master = match std::fs::read(&master_path) {
             Ok(m) if m.len() == 32 => m,
@@ -96,28 +87,21 @@ impl Site {
             }
             Err(e) => return Err(io_err("cannot read", &master_path, e)),
         };
-        let site_id = match store.kv_get(KvTable::Site, "site_id").map_err(store_err)? {
+        let site_id = match store.kv_get(KvTable::Site, "site_id")? {
             Some(id) => id,
             None => {
                 crate::mirror::valid_site_name(site_name)?;
                 let id = uuid::Uuid::new_v4().to_string();
-                store
-                    .kv_put(KvTable::Site, "site_name", site_name)
-                    .map_err(store_err)?;
-                store
-                    .kv_put(KvTable::Site, "created", &now_secs().to_string())
-                    .map_err(store_err)?;
+                store.kv_put(KvTable::Site, "site_name", site_name)?;
+                store.kv_put(KvTable::Site, "created", &now_secs().to_string())?;
                 // Written last: its presence means the site is initialised.
-                store
-                    .kv_put(KvTable::Site, "site_id", &id)
-                    .map_err(store_err)?;
+                store.kv_put(KvTable::Site, "site_id", &id)?;
                 tracing::info!(site_id = %id, site_name, "initialised a new site");
                 id
             }
         };
         let site_name = store
-            .kv_get(KvTable::Site, "site_name")
-            .map_err(store_err)?
+            .kv_get(KvTable::Site, "site_name")?
             .unwrap_or_default();
         let tls = load_or_make_tls(data_dir)?;
         let site = Site {
@@ -142,7 +126,7 @@ impl Site {
 
     fn reload_users(&self) -> Result<(), Error> {
         let mut map = HashMap::new();
-        for (k, v) in self.store.kv_list(KvTable::Users, "").map_err(store_err)? {
+        for (k, v) in self.store.kv_list(KvTable::Users, "")? {
             let rec: UserRecord = serde_json::from_str(&v).map_err(|e| {
                 Error::new(
                     ErrorKind::Corrupt,
@@ -264,9 +248,7 @@ impl Site {
         };
         rec.key_sha256 = auth::key_hash(&self.key_of(&rec));
         let json = serde_json::to_string(&rec).expect("serialisable");
-        self.store
-            .kv_put(KvTable::Users, entity, &json)
-            .map_err(store_err)?;
+        self.store.kv_put(KvTable::Users, entity, &json)?;
         self.users.write().insert(entity.to_string(), rec.clone());
         tracing::info!(entity, profile = profile.as_str(), "created user");
         Ok((rec, true))
@@ -302,9 +284,7 @@ impl Site {
         rec.profile = profile;
         rec.pools = pools;
         let json = serde_json::to_string(&rec).expect("serialisable");
-        self.store
-            .kv_put(KvTable::Users, entity, &json)
-            .map_err(store_err)?;
+        self.store.kv_put(KvTable::Users, entity, &json)?;
         users.insert(entity.to_string(), rec.clone());
         tracing::info!(entity, profile = profile.as_str(), "changed caps");
         Ok(rec)
@@ -332,9 +312,7 @@ impl Site {
             )));
         }
         self.get_user(entity)?;
-        self.store
-            .kv_delete(KvTable::Users, entity)
-            .map_err(store_err)?;
+        self.store.kv_delete(KvTable::Users, entity)?;
         self.users.write().remove(entity);
         tracing::info!(entity, "removed user");
         Ok(())
@@ -425,11 +403,7 @@ impl Site {
     pub fn config_value(&self, who: &str, key: &str) -> Result<String, Error> {
         let opt = crate::options::find(key)?;
         for w in crate::options::lookup_chain(who) {
-            if let Some(v) = self
-                .store
-                .kv_get(KvTable::Config, &format!("{w}\0{key}"))
-                .map_err(store_err)?
-            {
+            if let Some(v) = self.store.kv_get(KvTable::Config, &format!("{w}\0{key}"))? {
                 return Ok(v);
             }
         }
@@ -453,8 +427,9 @@ impl Site {
             _ => tern_store::JournalDurability::Strict,
         };
         tern_store::JournalOptions {
-            segment_size: size("rbd_journal_object_size").max(64 << 10),
-            max_size: size("rbd_journal_max_size").max(1 << 20),
+            segment_size: size("rbd_journal_object_size")
+                .max(tern_store::journal::MIN_SEGMENT_SIZE),
+            max_size: size("rbd_journal_max_size").max(tern_store::journal::MIN_MAX_SIZE),
             durability,
             commit_age_us: (self.config_f64(who, "rbd_journal_commit_age") * 1e6) as u64,
             ..tern_store::JournalOptions::default()
@@ -467,11 +442,7 @@ impl Site {
         self.store
             .set_journal_options(self.journal_options("global"));
         let mut ids = std::collections::BTreeSet::new();
-        for (k, _) in self
-            .store
-            .kv_list(KvTable::Config, "image.")
-            .map_err(store_err)?
-        {
+        for (k, _) in self.store.kv_list(KvTable::Config, "image.")? {
             if let Some((who, _)) = k.split_once('\0') {
                 ids.insert(who.to_string());
             }

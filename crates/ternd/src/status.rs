@@ -91,7 +91,8 @@ fn statvfs(path: &std::path::Path) -> (u64, u64) {
 /// intervals (plus slack for scheduling) and it is down.
 const STALE_MS: u64 = 2500;
 
-fn strip_state(s: &str) -> &str {
+/// A daemon-reported state without its `up+`/`down+` prefix.
+pub(crate) fn strip_state(s: &str) -> &str {
     s.trim_start_matches("up+").trim_start_matches("down+")
 }
 

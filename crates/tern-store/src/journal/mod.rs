@@ -56,7 +56,7 @@ pub use commit::CommitStats;
 pub use format::{FormatError, JournalEntry, JournalOp};
 pub use options::{
     DEFAULT_CHECKPOINT_BYTES, DEFAULT_COMMIT_AGE_US, DEFAULT_MAX_SIZE, DEFAULT_SEGMENT_SIZE,
-    JournalDurability, JournalOptions,
+    JournalDurability, JournalOptions, MIN_MAX_SIZE, MIN_SEGMENT_SIZE,
 };
 pub(crate) use pipeline::{Apply, Target};
 pub use reader::{Entries, InspectReport, JournalInfo, SegmentInfo};

@@ -11,6 +11,11 @@ pub const DEFAULT_MAX_SIZE: u64 = 1 << 30;
 pub const DEFAULT_CHECKPOINT_BYTES: u64 = 256 << 20;
 /// Default [`JournalOptions::commit_age_us`] (`rbd_journal_commit_age`).
 pub const DEFAULT_COMMIT_AGE_US: u64 = 5000;
+/// Smallest [`JournalOptions::segment_size`] a site accepts: smaller
+/// segments would cost a file per few entries.
+pub const MIN_SEGMENT_SIZE: u64 = 64 << 10;
+/// Smallest [`JournalOptions::max_size`] a site accepts.
+pub const MIN_MAX_SIZE: u64 = 1 << 20;
 
 /// When an appended entry is durable.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -69,7 +69,9 @@ impl pb::journal_server::Journal for Api {
             q.max_bytes.clamp(4096, 8 << 20)
         };
         let (tx, rx) = self.budget.stream(max as usize, conn);
-        tokio::spawn(async move {
+        // A following reader never ends by itself: a stop drops it, which
+        // ends its stream and lets the server finish.
+        self.tasks.spawn_until_stop(async move {
             let mut next = if q.from_tid == 0 {
                 j.info().first_tid
             } else {

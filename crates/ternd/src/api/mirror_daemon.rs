@@ -204,7 +204,7 @@ impl pb::mirror_daemon_server::MirrorDaemon for Api {
                             ),
                         )
                     })?;
-                m.ack(&r.pool, &r.global_id, &peer.uuid, r.primary_snap_id)?;
+                m.ack(&r.global_id, &peer.uuid, r.primary_snap_id)?;
                 Ok(pb::Empty {})
             },
         )

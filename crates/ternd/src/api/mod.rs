@@ -26,6 +26,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use tern_daemon::Tasks;
 use tern_proto::headers;
 use tern_proto::v1 as pb;
 use tern_store::{CreateOpts, Image, KvTable, SnapInfo};
@@ -64,7 +65,9 @@ pub fn lock_lease(store: &tern_store::Store) -> std::time::Duration {
         .ok()
         .flatten()
         .and_then(|v| v.parse::<f64>().ok());
-    std::time::Duration::from_secs_f64(secs.unwrap_or(15.0).clamp(0.5, 3600.0))
+    use crate::options::{LOCK_LEASE_MAX_SECS, LOCK_LEASE_MIN_SECS, LOCK_LEASE_SECS};
+    let secs = secs.unwrap_or(LOCK_LEASE_SECS);
+    std::time::Duration::from_secs_f64(secs.clamp(LOCK_LEASE_MIN_SECS, LOCK_LEASE_MAX_SECS))
 }
 
 /// The image a request names; a request without one is refused before
@@ -110,6 +113,8 @@ pub struct Api {
     pub locks: Arc<Locks>,
     pub budget: Arc<StreamBudget>,
     pub counters: Arc<Counters>,
+    /// The daemon's tasks, for streams that outlive their handler.
+    pub tasks: Tasks,
 }
 
 /// One authorised call: who makes it and what its work may use. Cheap to
@@ -123,12 +128,13 @@ pub struct Ctx {
 }
 
 impl Api {
-    pub fn new(site: Arc<Site>, locks: Arc<Locks>, budget: Arc<StreamBudget>) -> Api {
+    pub fn new(site: Arc<Site>, locks: Arc<Locks>, budget: Arc<StreamBudget>, tasks: Tasks) -> Api {
         Api {
             site,
             locks,
             budget,
             counters: Arc::default(),
+            tasks,
         }
     }
 

@@ -250,12 +250,7 @@ mod daemon_tests {
     }
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use tern_types::time::now_ms;
 
 pub(super) fn get<T: for<'a> Deserialize<'a>>(
     store: &Store,

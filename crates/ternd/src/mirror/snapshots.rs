@@ -138,13 +138,7 @@ impl Mirror {
         get(self.store(), &format!("behind/{global_id}/{peer_uuid}"))
     }
 
-    pub fn ack(
-        &self,
-        pool: &str,
-        global_id: &str,
-        peer_uuid: &str,
-        snap_id: u64,
-    ) -> Result<(), Error> {
+    pub fn ack(&self, global_id: &str, peer_uuid: &str, snap_id: u64) -> Result<(), Error> {
         let key = format!("ack/{global_id}/{peer_uuid}");
         let old: u64 = get(self.store(), &key)?.unwrap_or(0);
         if snap_id > old {
@@ -157,7 +151,6 @@ impl Mirror {
         {
             self.store().kv_delete(KvTable::Mirror, &bkey)?;
         }
-        let _ = pool;
         Ok(())
     }
 

@@ -16,8 +16,7 @@ impl Mirror {
         primary_mirror_uuid: &str,
     ) -> Result<ImageMirror, Error> {
         self.pool_enabled(pool)?;
-        if let Some((img, m)) = self.find_by_global(pool, global_id)? {
-            let _ = img;
+        if let Some((_, m)) = self.find_by_global(pool, global_id)? {
             return Ok(m);
         }
         match self.store().image_info(pool, name) {
