@@ -198,6 +198,19 @@ impl Site {
         std::fs::write(self.hold_dir().join(point), b"").expect("arm");
     }
 
+    /// Arms `point` to abort ternd when it gets there (one-shot).
+    pub fn arm_abort(&self, point: &str) {
+        std::fs::write(self.hold_dir().join(format!("{point}.abort")), b"").expect("arm");
+    }
+
+    /// Whether ternd has exited (within `timeout`), as after an armed abort.
+    pub fn wait_exited(&mut self, timeout: Duration) -> bool {
+        let Some(c) = self.child.as_mut() else {
+            return true;
+        };
+        wait_until(timeout, || matches!(c.try_wait(), Ok(Some(_))))
+    }
+
     /// Whether a daemon is waiting at `point` (within `timeout`).
     pub fn wait_held(&self, point: &str, timeout: Duration) -> bool {
         let f = self.hold_dir().join(format!("{point}.held"));

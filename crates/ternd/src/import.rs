@@ -3,7 +3,10 @@
 //! publishes it; a stream that ends otherwise leaves nothing behind. A
 //! created image lives under a hidden name (`.import-…`, which no user name
 //! can collide with) until commit; an export-diff applied to an image is
-//! undone from a safety snapshot.
+//! undone from a safety snapshot. An export-diff's commit point is its end
+//! snapshot: a crash before it rolls the image back to the safety
+//! snapshot, a crash after it finishes the import (the site remembers which
+//! end snapshot belongs to which safety snapshot, so it can tell).
 
 use crate::api::{Ctx, PoolCounters, status_of};
 use crate::auth::Need;
@@ -12,7 +15,7 @@ use crate::site::Site;
 use crate::work::blocking;
 use std::sync::Arc;
 use tern_proto::v1 as pb;
-use tern_store::{Image, SnapNamespace};
+use tern_store::{Image, KvTable, SnapNamespace, Store};
 use tern_types::error::Error;
 use tern_types::{ErrorKind, validate_name};
 use tonic::Status;
@@ -20,6 +23,11 @@ use tonic::Status;
 /// Largest image an import of unknown length may grow to before commit.
 const IMPORT_MAX_SIZE: u64 = 1 << 50;
 const SAFETY_PREFIX: &str = ".import-diff-";
+
+/// Where the end snapshot of the import-diff behind `safety` is recorded.
+fn end_snap_key(pool: &str, image: &str, safety: &str) -> String {
+    format!("import-diff/{pool}/{image}/{safety}")
+}
 
 /// Runs store work for an import on the blocking pool, its error as a status.
 async fn work<T: Send + 'static>(
@@ -207,7 +215,12 @@ impl Import {
             )));
         }
         self.data += ch.length;
-        work(move || fenced(&fence, &site, || Ok(img.write(ch.offset, &ch.data, false)?))).await
+        work(move || {
+            fenced(&fence, &site, || Ok(img.write(ch.offset, &ch.data, false)?))?;
+            crate::testpoint::reached("import-data");
+            Ok(())
+        })
+        .await
     }
 
     /// Checks an export-diff against the target and takes the safety snapshot.
@@ -236,6 +249,9 @@ impl Import {
             }
             if d2.size == 0 {
                 return Err(Error::invalid("the diff declares no image size (no 's' record)"));
+            }
+            if !d2.to_snap.is_empty() {
+                site.store.kv_put(KvTable::Site, &end_snap_key(&t.pool, &t.image, &s2), &d2.to_snap)?;
             }
             site.store.snap_create(&t.pool, &t.image, &s2, SnapNamespace::User)?;
             if d2.size != img.size() {
@@ -288,10 +304,15 @@ impl Import {
                 store.image_rename(&target.pool, h, &target.image)?;
             }
             if let Some(to) = &diff_to {
+                crate::testpoint::reached("import-diff-end-snap");
                 store.snap_create(&target.pool, &target.image, to, SnapNamespace::User)?;
             }
             if let Some(sf) = &safety {
-                store.snap_remove(&target.pool, &target.image, sf, false)?;
+                crate::testpoint::reached("import-diff-drop-safety");
+                // Past the commit point: a failure from here on must not undo the import.
+                if let Err(e) = finish_diff(store, &target.pool, &target.image, sf) {
+                    tracing::warn!(image = %format!("{}/{}", target.pool, target.image), error = %e.chain(), "import-diff done; its safety snapshot stays until the next start");
+                }
             }
             Ok(())
         })
@@ -344,6 +365,15 @@ impl Import {
     }
 }
 
+/// Drops the safety snapshot of an export-diff that reached its end, then
+/// the record of its end snapshot.
+fn finish_diff(store: &Store, pool: &str, image: &str, safety: &str) -> Result<(), Error> {
+    store.snap_remove(pool, image, safety, false)?;
+    crate::testpoint::reached("import-diff-forget");
+    store.kv_delete(KvTable::Site, &end_snap_key(pool, image, safety))?;
+    Ok(())
+}
+
 /// Puts an image back as it was before an export-diff started.
 fn undo_diff(site: &Site, pool: &str, image: &str, safety: &str, to: Option<&str>) {
     if let Some(to) = to {
@@ -354,6 +384,9 @@ fn undo_diff(site: &Site, pool: &str, image: &str, safety: &str, to: Option<&str
         return;
     }
     let _ = site.store.snap_remove(pool, image, safety, false);
+    let _ = site
+        .store
+        .kv_delete(KvTable::Site, &end_snap_key(pool, image, safety));
 }
 
 /// Removes imports that a crash interrupted (hidden `.import-*` images) and
@@ -371,8 +404,35 @@ pub fn clean_interrupted_imports(site: &Site) {
                 continue;
             };
             for s in snaps.iter().filter(|s| s.name.starts_with(SAFETY_PREFIX)) {
-                tracing::warn!(pool = %p.name, image = %img.name, "rolling back an import-diff interrupted by a crash");
-                undo_diff(site, &p.name, &img.name, &s.name, None);
+                let key = end_snap_key(&p.name, &img.name, &s.name);
+                let end = site.store.kv_get(KvTable::Site, &key).ok().flatten();
+                // The end snapshot exists only once the diff's data is durable.
+                let reached_end = end
+                    .as_deref()
+                    .is_some_and(|to| snaps.iter().any(|x| x.name == to && x.id > s.id));
+                if reached_end {
+                    tracing::warn!(pool = %p.name, image = %img.name, snap = end.as_deref().unwrap_or(""), "finishing an import-diff a crash interrupted after its end snapshot");
+                    if let Err(e) = finish_diff(&site.store, &p.name, &img.name, &s.name) {
+                        tracing::error!(pool = %p.name, image = %img.name, error = %e.chain(), "cannot finish an interrupted import-diff");
+                    }
+                } else {
+                    tracing::warn!(pool = %p.name, image = %img.name, "rolling back an import-diff interrupted by a crash");
+                    undo_diff(site, &p.name, &img.name, &s.name, None);
+                }
+            }
+        }
+    }
+    // Records whose safety snapshot is gone: the crash came after it.
+    if let Ok(recs) = site.store.kv_list(KvTable::Site, "import-diff/") {
+        for (key, _) in recs {
+            let mut parts = key.splitn(4, '/').skip(1);
+            let (Some(pool), Some(image), Some(safety)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            if site.store.snap_get(pool, image, safety).is_err() {
+                let _ = site.store.kv_delete(KvTable::Site, &key);
             }
         }
     }

@@ -18,6 +18,7 @@ pub mod options;
 pub mod schedule;
 pub mod site;
 pub mod status;
+pub mod testpoint;
 pub mod tls;
 pub mod work;
 

@@ -245,7 +245,7 @@ impl Mirror {
                 format!("'{pool}/{name}' is primary here: it replays no other site's journal"),
             ));
         }
-        test_hold("journal-position");
+        crate::testpoint::reached("journal-position");
         *hw = pos.as_ref().map_or((String::new(), 0), |p| {
             (p.primary_mirror_uuid.clone(), p.tid)
         });

@@ -6,27 +6,6 @@ use super::*;
 
 pub const PEER_CLIENT: &str = "client.rbd-mirror-peer";
 
-/// A test fault point (see tern-mirror's `hold`): with `TERN_TEST_HOLD_DIR`
-/// set and `<dir>/<point>` armed, wait (two minutes at most) until the
-/// test writes `<point>.go`, so a test can act between two steps.
-pub(super) fn test_hold(point: &str) {
-    let Some(dir) = std::env::var_os("TERN_TEST_HOLD_DIR") else {
-        return;
-    };
-    let dir = std::path::PathBuf::from(dir);
-    if std::fs::remove_file(dir.join(point)).is_err() {
-        return;
-    }
-    tracing::info!(point, "test fault point: holding");
-    let _ = std::fs::write(dir.join(format!("{point}.held")), b"");
-    let go = dir.join(format!("{point}.go"));
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while !go.exists() && std::time::Instant::now() < until {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let _ = std::fs::remove_file(go);
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct PeerRec {
     pub uuid: String,

@@ -104,7 +104,7 @@ impl Mirror {
         }
         // Between reading the record and writing it back: a promotion
         // here must wait (it takes the same lock), or be undone.
-        test_hold("sync-begin");
+        crate::testpoint::reached("sync-begin");
         m.sync = Some(s.clone());
         m.primary_mirror_uuid = q.primary_mirror_uuid.clone();
         // Following another site now: no longer "demoted here" (a copy

@@ -1,0 +1,162 @@
+//! Named crash points (`ternd/src/testpoint.rs`, debug builds): ternd
+//! aborts at a step of an operation, as a power cut of the process would;
+//! after a restart the image and its snapshots are exactly as before the
+//! operation or exactly as after it, and the next operation works.
+
+use rand::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::process::Stdio;
+use std::time::Duration;
+use tern_testkit::{Site, random_bytes};
+
+const MIB: usize = 1 << 20;
+
+/// An "rbd diff v1" stream and the image it makes from `base`.
+struct Diff {
+    bytes: Vec<u8>,
+    after: Vec<u8>,
+}
+
+fn name_rec(out: &mut Vec<u8>, tag: u8, name: &str) {
+    out.push(tag);
+    out.extend((name.len() as u32).to_le_bytes());
+    out.extend(name.as_bytes());
+}
+
+fn diff(base: &[u8], from: Option<&str>, to: &str, size: usize, seed: u64, n: usize) -> Diff {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut after = base.to_vec();
+    after.resize(size, 0);
+    let mut b = b"rbd diff v1\n".to_vec();
+    if let Some(f) = from {
+        name_rec(&mut b, b'f', f);
+    }
+    name_rec(&mut b, b't', to);
+    b.push(b's');
+    b.extend((size as u64).to_le_bytes());
+    for i in 0..n {
+        let len = rng.random_range(1..=16) * 4096;
+        let off = rng.random_range(0..(size - len) / 4096) * 4096;
+        let data = random_bytes(seed * 1000 + i as u64, len);
+        after[off..off + len].copy_from_slice(&data);
+        b.push(b'w');
+        b.extend((off as u64).to_le_bytes());
+        b.extend((len as u64).to_le_bytes());
+        b.extend(&data);
+    }
+    b.push(b'e');
+    Diff { bytes: b, after }
+}
+
+fn sha(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+/// `tern import-diff - SPEC` fed `bytes`; whether it succeeded.
+fn import_diff(s: &Site, spec: &str, bytes: &[u8]) -> bool {
+    let mut child = s
+        .tern_cmd()
+        .args(["import-diff", "-", spec])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // A crashed site may stop reading: a broken pipe is part of the test.
+    let _ = child.stdin.take().unwrap().write_all(bytes);
+    child.wait().unwrap().success()
+}
+
+fn snaps(s: &Site, spec: &str) -> Vec<String> {
+    s.tern_json(&["snap", "ls", spec])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Arms `point`, runs `op` (which must fail: ternd is gone mid-way), and
+/// restarts ternd.
+fn crash_at(s: &mut Site, point: &str, op: impl FnOnce(&Site) -> bool) {
+    s.arm_abort(point);
+    assert!(!op(s), "{point}: the operation succeeded through a crash");
+    assert!(
+        s.wait_exited(Duration::from_secs(20)),
+        "{point}: ternd did not reach its crash point"
+    );
+    s.restart();
+}
+
+#[test]
+fn import_diff_is_exactly_before_or_after_a_crash_at_each_step() {
+    let mut s = Site::start("site-a");
+    s.tern_ok(&["pool", "create", "rbd"]);
+    s.tern_ok(&["create", "rbd/dst", "--size", "4M", "--object-size", "64K"]);
+    let d1 = diff(&vec![0; 4 * MIB], None, "s1", 4 * MIB, 1, 20);
+    let d12 = diff(&d1.after, Some("s1"), "s2", 4 * MIB, 2, 60);
+    let d23 = diff(&d12.after, Some("s2"), "s3", 5 * MIB, 3, 30);
+    assert!(import_diff(&s, "rbd/dst", &d1.bytes));
+    assert_eq!(s.export_sha256("rbd/dst"), sha(&d1.after));
+
+    // Before the end snapshot the import is undone; from the end snapshot
+    // on it is done, whatever is left of its bookkeeping.
+    for (point, done) in [
+        ("import-data", false),
+        ("import-diff-end-snap", false),
+        ("import-diff-drop-safety", true),
+        ("import-diff-forget", true),
+    ] {
+        crash_at(&mut s, point, |s| import_diff(s, "rbd/dst", &d12.bytes));
+        let (want, want_snaps) = if done {
+            (&d12.after, vec!["s1", "s2"])
+        } else {
+            (&d1.after, vec!["s1"])
+        };
+        assert_eq!(s.export_sha256("rbd/dst"), sha(want), "{point}: head");
+        assert_eq!(snaps(&s, "rbd/dst"), want_snaps, "{point}: snapshots");
+        assert_eq!(s.export_sha256("rbd/dst@s1"), sha(&d1.after), "{point}");
+        assert!(
+            s.log().contains(if done {
+                "finishing an import-diff"
+            } else {
+                "rolling back an import-diff"
+            }),
+            "{point}: {}",
+            s.log()
+        );
+        // The next operation works: the same diff is imported (or refused
+        // as imported), and the image is put back at s1 for the next point.
+        assert_eq!(import_diff(&s, "rbd/dst", &d12.bytes), !done, "{point}");
+        assert_eq!(s.export_sha256("rbd/dst@s2"), sha(&d12.after), "{point}");
+        s.tern_ok(&["snap", "rollback", "rbd/dst@s1"]);
+        s.tern_ok(&["snap", "rm", "rbd/dst@s2"]);
+    }
+    // The chain goes on from the right head.
+    assert!(import_diff(&s, "rbd/dst", &d12.bytes));
+    assert!(import_diff(&s, "rbd/dst", &d23.bytes));
+    assert_eq!(s.export_sha256("rbd/dst"), sha(&d23.after));
+    assert_eq!(snaps(&s, "rbd/dst"), ["s1", "s2", "s3"]);
+    let j = s.tern_json(&["info", "rbd/dst"]);
+    assert_eq!(j["size"], 5 * MIB);
+}
+
+#[test]
+fn an_import_cut_by_a_crash_leaves_nothing() {
+    let mut s = Site::start("site-a");
+    s.tern_ok(&["pool", "create", "rbd"]);
+    let raw = s.root.path().join("in.raw");
+    std::fs::write(&raw, random_bytes(7, 3 * MIB)).unwrap();
+    crash_at(&mut s, "import-data", |s| {
+        s.tern(&["import", raw.to_str().unwrap(), "rbd/new"])
+            .status
+            .success()
+    });
+    assert_eq!(s.tern_json(&["ls", "rbd"]), serde_json::json!([]));
+    assert!(
+        s.log()
+            .contains("removing an import interrupted by a crash")
+    );
+    s.tern_ok(&["import", raw.to_str().unwrap(), "rbd/new"]);
+    assert_eq!(s.export_sha256("rbd/new"), tern_testkit::sha256_file(&raw));
+}
