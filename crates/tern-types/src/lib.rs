@@ -3,11 +3,18 @@
 //! the striping layout, and the small stable [`ErrorKind`] that crosses crate
 //! and API boundaries. Nothing here does I/O.
 
+#[macro_use]
+pub mod named;
+
+pub mod api;
 pub mod error;
 pub mod features;
 pub mod ids;
+pub mod journal;
 pub mod layout;
+pub mod mirror;
 pub mod mutate;
+pub mod site;
 pub mod size;
 pub mod spec;
 pub mod text;

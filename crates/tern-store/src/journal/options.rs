@@ -12,19 +12,7 @@ pub const DEFAULT_CHECKPOINT_BYTES: u64 = 256 << 20;
 /// Default [`JournalOptions::commit_age_us`] (`rbd_journal_commit_age`).
 pub const DEFAULT_COMMIT_AGE_US: u64 = 5000;
 
-/// When an appended entry is durable.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum JournalDurability {
-    /// Before the mutation is acknowledged (group-committed fdatasync).
-    #[default]
-    Strict,
-    /// At the next flush or FUA write, like a disk's volatile write cache.
-    /// Entries still reach the segment file (page cache) before the object
-    /// files, so a process crash loses nothing; a power cut may lose the
-    /// unflushed tail of the journal while the object files kept some of
-    /// those writes, as a disk's cache may.
-    OnFlush,
-}
+pub use tern_types::journal::JournalDurability;
 
 /// Journal tunables (`rbd_journal_object_size` maps to `segment_size`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
