@@ -3,8 +3,10 @@
 use crate::auth::UserRecord;
 use crate::mirror;
 use crate::site::Site;
+use tern_proto::convert::{FromWire, IntoWire};
 use tern_proto::v1 as pb;
 use tern_store::{SnapInfo, SnapNamespace};
+use tern_types::error::Error;
 
 pub fn image_info_pb(info: &tern_store::ImageInfo, used: Option<u64>) -> pb::ImageInfo {
     pb::ImageInfo {
@@ -49,13 +51,6 @@ pub fn journal_client_pb(c: &tern_store::journal::ClientInfo) -> pb::JournalClie
     }
 }
 
-pub fn durability_name(d: tern_store::JournalDurability) -> &'static str {
-    match d {
-        tern_store::JournalDurability::Strict => "strict",
-        tern_store::JournalDurability::OnFlush => "flush",
-    }
-}
-
 pub fn snap_pb(s: &SnapInfo) -> pb::SnapInfo {
     let mut out = pb::SnapInfo {
         id: s.id,
@@ -89,8 +84,8 @@ pub fn lock_pb(l: &crate::locks::Lock, lease: std::time::Duration) -> pb::LockIn
     }
 }
 
-pub fn peer_rec(p: pb::MirrorPeer) -> mirror::PeerRec {
-    mirror::PeerRec {
+pub fn peer_rec(p: pb::MirrorPeer) -> Result<mirror::PeerRec, Error> {
+    Ok(mirror::PeerRec {
         uuid: p.uuid,
         site_name: p.site_name,
         client_name: if p.client_name.is_empty() {
@@ -99,9 +94,9 @@ pub fn peer_rec(p: pb::MirrorPeer) -> mirror::PeerRec {
             p.client_name
         },
         direction: if p.direction.is_empty() {
-            "rx-tx".into()
+            mirror::PeerDirection::RxTx
         } else {
-            p.direction
+            FromWire::from_wire(p.direction)?
         },
         mirror_uuid: p.mirror_uuid,
         fsid: p.fsid,
@@ -109,7 +104,7 @@ pub fn peer_rec(p: pb::MirrorPeer) -> mirror::PeerRec {
         tls_fingerprint: p.tls_fingerprint,
         remote_pool: p.remote_pool,
         key: p.key,
-    }
+    })
 }
 
 pub fn peer_pb(p: &mirror::PeerRec, with_key: bool) -> pb::MirrorPeer {
@@ -117,7 +112,7 @@ pub fn peer_pb(p: &mirror::PeerRec, with_key: bool) -> pb::MirrorPeer {
         uuid: p.uuid.clone(),
         site_name: p.site_name.clone(),
         client_name: p.client_name.clone(),
-        direction: p.direction.clone(),
+        direction: p.direction.into_wire(),
         mirror_uuid: p.mirror_uuid.clone(),
         fsid: p.fsid.clone(),
         mon_host: p.mon_host.clone(),
@@ -153,8 +148,8 @@ pub fn mirror_info_pb(
         pool: img.pool.clone(),
         name: img.name.clone(),
         global_id: im.global_id.clone(),
-        mode: im.mode.clone(),
-        state: im.state.clone(),
+        mode: im.mode.into_wire(),
+        state: im.state.into_wire(),
         primary: im.primary,
         epoch: im.epoch,
         mirror_snaps: snaps.iter().map(|(s, _)| snap_pb(s)).collect(),
@@ -219,7 +214,7 @@ pub fn journal_info_pb(
         clients: i.clients.iter().map(journal_client_pb).collect(),
         segment_size: i.options.segment_size,
         max_size: i.options.max_size,
-        durability: durability_name(i.options.durability).into(),
+        durability: i.options.durability.into_wire(),
         syncs: i.syncs,
         commit_age,
         splay_width,
@@ -231,7 +226,7 @@ pub fn entity_pb(site: &Site, rec: &UserRecord, created: bool) -> pb::AuthEntity
         entity: rec.entity.clone(),
         key: site.key_of(rec),
         caps: rec.caps.clone().into_iter().collect(),
-        profile: rec.profile.as_str().to_string(),
+        profile: rec.profile.into_wire(),
         created,
     }
 }
@@ -244,11 +239,7 @@ pub fn pool_mirror_pb(
 ) -> pb::MirrorPoolInfo {
     pb::MirrorPoolInfo {
         pool: pool.to_string(),
-        mode: if p.mode.is_empty() {
-            "disabled".into()
-        } else {
-            p.mode.clone()
-        },
+        mode: p.mode.into_wire(),
         site_name: p.site_name.clone(),
         mirror_uuid: p.mirror_uuid.clone(),
         peers: p.peers.iter().map(|x| peer_pb(x, with_keys)).collect(),
@@ -257,8 +248,9 @@ pub fn pool_mirror_pb(
 }
 
 /// A daemon's report, as the site keeps it.
-pub fn site_status_rec(s: pb::MirrorSiteStatus) -> mirror::SiteStatus {
-    mirror::SiteStatus {
+pub fn site_status_rec(s: pb::MirrorSiteStatus) -> Result<mirror::SiteStatus, Error> {
+    let s = tern_types::api::MirrorSiteStatus::from_wire(s)?;
+    Ok(mirror::SiteStatus {
         site_name: s.site_name,
         mirror_uuids: s.mirror_uuids,
         state: s.state,
@@ -271,7 +263,7 @@ pub fn site_status_rec(s: pb::MirrorSiteStatus) -> mirror::SiteStatus {
         daemon_id: s.daemon_id,
         bytes_synced: s.bytes_synced,
         received: 0,
-    }
+    })
 }
 
 pub fn applied_pb(a: mirror::Applied) -> pb::MirrorJournalApplyReply {

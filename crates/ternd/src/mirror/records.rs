@@ -32,7 +32,7 @@ pub struct PeerRec {
     pub uuid: String,
     pub site_name: String,
     pub client_name: String,
-    pub direction: String,
+    pub direction: PeerDirection,
     #[serde(default)]
     pub mirror_uuid: String,
     pub fsid: String,
@@ -44,7 +44,7 @@ pub struct PeerRec {
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct PoolMirror {
-    pub mode: String,
+    pub mode: PoolMirrorMode,
     pub site_name: String,
     pub mirror_uuid: String,
     #[serde(default)]
@@ -54,8 +54,8 @@ pub struct PoolMirror {
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct ImageMirror {
     pub global_id: String,
-    pub mode: String,
-    pub state: String,
+    pub mode: ImageMirrorMode,
+    pub state: ImageMirrorState,
     pub primary: bool,
     pub epoch: u64,
     #[serde(default)]
@@ -170,10 +170,10 @@ pub struct SyncState {
 pub struct SiteStatus {
     pub site_name: String,
     pub mirror_uuids: String,
-    pub state: String,
+    pub state: MirrorStatusState,
     pub description: String,
     pub last_update: u64,
-    pub reason: String,
+    pub reason: StatusReason,
     pub lag_seconds: f64,
     pub last_sync: u64,
     pub progress: f64,
@@ -280,15 +280,6 @@ pub(super) fn put<T: Serialize>(store: &Store, key: &str, v: &T) -> Result<(), E
             &serde_json::to_string(v).expect("serialisable"),
         )
         .map_err(Error::from)
-}
-
-pub fn valid_direction(d: &str) -> Result<(), Error> {
-    match d {
-        "rx-only" | "rx-tx" | "tx-only" => Ok(()),
-        _ => Err(Error::invalid(format!(
-            "direction '{d}' must be rx-only, rx-tx or tx-only"
-        ))),
-    }
 }
 
 /// A peer that the snapshot cap overtook (see `Mirror::prune`).
