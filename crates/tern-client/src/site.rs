@@ -37,7 +37,7 @@ pub type Transport = InterceptedService<Channel, Identity>;
 
 /// A connection to one site as one entity. One channel and one identity
 /// serve every service of the API; [`SiteClient::pool`], [`SiteClient::io`]
-/// and their siblings hand out the generated client of each service.
+/// and their siblings group its typed calls by service.
 #[derive(Clone)]
 pub struct SiteClient {
     channel: Channel,

@@ -74,45 +74,59 @@ impl<V> IntoWire<HashMap<String, V>> for BTreeMap<String, V> {
     }
 }
 
-/// Enums travel as their words.
-macro_rules! words {
-    ($($t:ty),*) => {$(
-        impl FromWire<String> for $t {
-            fn from_wire(w: String) -> Result<Self, Error> {
-                w.parse()
+/// Enums travel as the wire's enums, variant for variant. Zero is
+/// "unspecified": refused where a value is required, none where it is
+/// optional.
+macro_rules! enums {
+    ($($t:ident { $($v:ident),+ $(,)? })*) => {$(
+        impl FromWire<i32> for $t {
+            fn from_wire(w: i32) -> Result<Self, Error> {
+                match pb::$t::try_from(w) {
+                    $(Ok(pb::$t::$v) => Ok($t::$v),)+
+                    Ok(pb::$t::Unspecified) => Err(Error::invalid(format!(
+                        "the {} is unspecified",
+                        $t::WHAT
+                    ))),
+                    Err(_) => Err(Error::invalid(format!("unknown {} {w}", $t::WHAT))),
+                }
             }
         }
-        impl IntoWire<String> for $t {
-            fn into_wire(self) -> String {
-                self.as_str().to_string()
+        impl IntoWire<i32> for $t {
+            fn into_wire(self) -> i32 {
+                match self {
+                    $($t::$v => pb::$t::$v as i32,)+
+                }
+            }
+        }
+        impl FromWire<i32> for Option<$t> {
+            fn from_wire(w: i32) -> Result<Self, Error> {
+                (w != pb::$t::Unspecified as i32).then(|| $t::from_wire(w)).transpose()
+            }
+        }
+        impl IntoWire<i32> for Option<$t> {
+            fn into_wire(self) -> i32 {
+                self.map_or(pb::$t::Unspecified as i32, IntoWire::into_wire)
             }
         }
     )*};
 }
-words!(
-    Health,
-    Profile,
-    JournalDurability,
-    JournalClientAction,
-    PoolMirrorMode,
-    ImageMirrorMode,
-    ImageMirrorState,
-    PeerDirection,
-    SnapNamespaceType,
-    StatusReason,
-    MirrorHealth
-);
-
-/// Set only for mirror snapshots.
-impl FromWire<String> for Option<MirrorSnapState> {
-    fn from_wire(w: String) -> Result<Self, Error> {
-        (!w.is_empty()).then(|| w.parse()).transpose()
+enums! {
+    Health { Ok, Warn, Err }
+    Profile { Admin, Rbd, RbdReadOnly, RbdMirror, RbdMirrorPeer }
+    JournalDurability { Strict, OnFlush }
+    JournalClientAction { Register, Unregister, Commit, Get }
+    SnapNamespaceType { User, Mirror }
+    MirrorSnapState { Primary, PrimaryDemoted, NonPrimary, NonPrimaryDemoted }
+    PoolMirrorMode { Disabled, Image, Pool }
+    ImageMirrorMode { Snapshot, Journal }
+    ImageMirrorState { Enabled, Disabling, Disabled }
+    PeerDirection { RxOnly, RxTx, TxOnly }
+    MirrorStatusState { Unknown, StartingReplay, Replaying, Syncing, Stopped, Error }
+    StatusReason {
+        Unknown, Primary, Starting, Replaying, CatchingUp, Syncing, Demoted, ResyncRequested,
+        SplitBrain, Error, PeerUnreachable, Unreachable, DaemonDown, Behind,
     }
-}
-impl IntoWire<String> for Option<MirrorSnapState> {
-    fn into_wire(self) -> String {
-        self.map(|s| s.as_str().to_string()).unwrap_or_default()
-    }
+    MirrorHealth { Ok, Warning, Error }
 }
 
 /// Messages whose fields carry the same names on both sides.
@@ -163,49 +177,6 @@ impl IntoWire<pb::ImageRef> for ImageSpec {
             pool: self.pool,
             image: self.image,
             snap: self.snap.unwrap_or_default(),
-        }
-    }
-}
-
-impl FromWire<pb::MirrorSiteStatus> for MirrorSiteStatus {
-    fn from_wire(w: pb::MirrorSiteStatus) -> Result<Self, Error> {
-        let word = w
-            .state
-            .trim_start_matches("up+")
-            .trim_start_matches("down+");
-        Ok(MirrorSiteStatus {
-            site_name: w.site_name,
-            mirror_uuids: w.mirror_uuids,
-            up: w.up,
-            state: MirrorStatusState::parse(word).ok_or_else(|| {
-                Error::invalid(format!("mirror status state '{}' is unknown", w.state))
-            })?,
-            description: w.description,
-            last_update: w.last_update,
-            reason: w.reason.decode()?,
-            lag_seconds: w.lag_seconds,
-            last_sync: w.last_sync,
-            progress: w.progress,
-            daemon_id: w.daemon_id,
-            bytes_synced: w.bytes_synced,
-        })
-    }
-}
-impl IntoWire<pb::MirrorSiteStatus> for MirrorSiteStatus {
-    fn into_wire(self) -> pb::MirrorSiteStatus {
-        pb::MirrorSiteStatus {
-            state: self.state_label(),
-            site_name: self.site_name,
-            mirror_uuids: self.mirror_uuids,
-            up: self.up,
-            description: self.description,
-            last_update: self.last_update,
-            reason: self.reason.into_wire(),
-            lag_seconds: self.lag_seconds,
-            last_sync: self.last_sync,
-            progress: self.progress,
-            daemon_id: self.daemon_id,
-            bytes_synced: self.bytes_synced,
         }
     }
 }
@@ -313,6 +284,10 @@ fields! {
         resync_full, primary_epoch,
     }
     MirrorImageListReply <=> MirrorImageList { images, mirror_uuid, site_name }
+    MirrorSiteStatus <=> MirrorSiteStatus {
+        site_name, mirror_uuids, up, state, description, last_update, reason, lag_seconds,
+        last_sync, progress, daemon_id, bytes_synced,
+    }
     MirrorImageStatus <=> MirrorImageStatus { name, global_id, local, peer_sites, daemon_id }
     MirrorDaemonInfo <=> MirrorDaemonInfo {
         service_id, instance_id, client_id, hostname, version, last_heartbeat, up, health,
@@ -379,5 +354,46 @@ unwrapped! {
 impl FromWire<pb::Empty> for () {
     fn from_wire(_: pb::Empty) -> Result<Self, Error> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip<T: FromWire<i32> + IntoWire<i32> + Copy + PartialEq + std::fmt::Debug>(
+        all: &[T],
+    ) {
+        for v in all {
+            assert_eq!(T::from_wire(v.into_wire()).unwrap(), *v);
+        }
+    }
+
+    #[test]
+    fn enums_round_trip_and_unspecified_is_refused() {
+        round_trip(Health::ALL);
+        round_trip(Profile::ALL);
+        round_trip(PeerDirection::ALL);
+        round_trip(MirrorStatusState::ALL);
+        round_trip(StatusReason::ALL);
+        round_trip(MirrorSnapState::ALL);
+        let e = PoolMirrorMode::from_wire(0).unwrap_err();
+        assert_eq!(e.kind, tern_types::ErrorKind::InvalidArgument);
+        assert_eq!(e.message, "the mirror mode is unspecified");
+        assert!(PeerDirection::from_wire(99).is_err());
+        assert_eq!(Option::<MirrorSnapState>::from_wire(0).unwrap(), None);
+    }
+
+    #[test]
+    fn a_status_keeps_up_and_state_apart() {
+        let s = MirrorSiteStatus {
+            up: false,
+            state: MirrorStatusState::Replaying,
+            reason: StatusReason::DaemonDown,
+            ..Default::default()
+        };
+        assert_eq!(s.state_label(), "down+replaying");
+        let w: pb::MirrorSiteStatus = s.clone().into_wire();
+        assert_eq!(MirrorSiteStatus::from_wire(w).unwrap(), s);
     }
 }

@@ -323,13 +323,15 @@ pub struct ConfigEntry {
 
 // Mirroring.
 
-#[derive(Debug, Clone, Default, PartialEq)]
+/// A peer site of a pool (sites keep it as a JSON record).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MirrorPeer {
     pub uuid: String,
     pub site_name: String,
     pub client_name: String,
     pub direction: PeerDirection,
     /// The remote site's mirror uuid for this pool.
+    #[serde(default)]
     pub mirror_uuid: String,
     pub fsid: String,
     pub mon_host: Vec<String>,
@@ -407,8 +409,10 @@ pub struct MirrorImageList {
     pub site_name: String,
 }
 
-/// What one site's mirror daemon says of an image.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// What one site's mirror daemon says of an image (sites keep it as a
+/// JSON record).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct MirrorSiteStatus {
     pub site_name: String,
     pub mirror_uuids: String,

@@ -29,4 +29,4 @@ pub use spec::{ImageSpec, validate_name};
 pub use text::{escaped, validate_visible};
 
 /// Version of the wire API. A client and a site must agree on the major part.
-pub const API_VERSION: u32 = 2;
+pub const API_VERSION: u32 = 3;

@@ -8,6 +8,7 @@ use crate::site::Site;
 use crate::work::blocking;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use tern_proto::convert::FromWire;
 use tern_proto::v1 as pb;
 use tern_store::KvTable;
 use tern_types::ErrorKind;
@@ -42,11 +43,7 @@ pub async fn import(
     site: &Arc<Site>,
     r: pb::MirrorBootstrapImportRequest,
 ) -> Result<mirror::PeerRec, Error> {
-    let direction: PeerDirection = if r.direction.is_empty() {
-        PeerDirection::RxTx
-    } else {
-        r.direction.parse()?
-    };
+    let direction: PeerDirection = FromWire::from_wire(r.direction)?;
     if !r.site_name.is_empty() {
         mirror::valid_site_name(&r.site_name)?;
     }

@@ -7,6 +7,7 @@ use tern_proto::convert::{FromWire, IntoWire};
 use tern_proto::v1 as pb;
 use tern_store::{SnapInfo, SnapNamespace};
 use tern_types::error::Error;
+use tern_types::mirror::SnapNamespaceType;
 
 pub fn image_info_pb(info: &tern_store::ImageInfo, used: Option<u64>) -> pb::ImageInfo {
     pb::ImageInfo {
@@ -58,12 +59,12 @@ pub fn snap_pb(s: &SnapInfo) -> pb::SnapInfo {
         size: s.size,
         created: s.created,
         protected: s.protected,
-        namespace: "user".into(),
+        namespace: SnapNamespaceType::User.into_wire(),
         ..Default::default()
     };
     if let SnapNamespace::Mirror(m) = &s.namespace {
-        out.namespace = "mirror".into();
-        out.mirror_state = m.state.to_string();
+        out.namespace = SnapNamespaceType::Mirror.into_wire();
+        out.mirror_state = m.state.into_wire();
         out.mirror_complete = m.complete;
         out.mirror_peer_uuids = m.mirror_peer_uuids.clone();
         out.primary_snap_id = m.primary_snap_id;
@@ -84,46 +85,22 @@ pub fn lock_pb(l: &crate::locks::Lock, lease: std::time::Duration) -> pb::LockIn
     }
 }
 
+/// A peer as given; without a client, the peer client.
 pub fn peer_rec(p: pb::MirrorPeer) -> Result<mirror::PeerRec, Error> {
-    Ok(mirror::PeerRec {
-        uuid: p.uuid,
-        site_name: p.site_name,
-        client_name: if p.client_name.is_empty() {
-            mirror::PEER_CLIENT.into()
-        } else {
-            p.client_name
-        },
-        direction: if p.direction.is_empty() {
-            mirror::PeerDirection::RxTx
-        } else {
-            FromWire::from_wire(p.direction)?
-        },
-        mirror_uuid: p.mirror_uuid,
-        fsid: p.fsid,
-        mon_host: p.mon_host,
-        tls_fingerprint: p.tls_fingerprint,
-        remote_pool: p.remote_pool,
-        key: p.key,
-    })
+    let mut p = mirror::PeerRec::from_wire(p)?;
+    if p.client_name.is_empty() {
+        p.client_name = mirror::PEER_CLIENT.into();
+    }
+    Ok(p)
 }
 
+/// A peer as shown; its key only to those who may have it.
 pub fn peer_pb(p: &mirror::PeerRec, with_key: bool) -> pb::MirrorPeer {
-    pb::MirrorPeer {
-        uuid: p.uuid.clone(),
-        site_name: p.site_name.clone(),
-        client_name: p.client_name.clone(),
-        direction: p.direction.into_wire(),
-        mirror_uuid: p.mirror_uuid.clone(),
-        fsid: p.fsid.clone(),
-        mon_host: p.mon_host.clone(),
-        tls_fingerprint: p.tls_fingerprint.clone(),
-        remote_pool: p.remote_pool.clone(),
-        key: if with_key {
-            p.key.clone()
-        } else {
-            String::new()
-        },
+    let mut p = p.clone();
+    if !with_key {
+        p.key.clear();
     }
+    p.into_wire()
 }
 
 pub fn daemon_rec(d: pb::MirrorDaemonInfo) -> mirror::Daemon {
@@ -249,19 +226,8 @@ pub fn pool_mirror_pb(
 
 /// A daemon's report, as the site keeps it.
 pub fn site_status_rec(s: pb::MirrorSiteStatus) -> Result<mirror::SiteStatus, Error> {
-    let s = tern_types::api::MirrorSiteStatus::from_wire(s)?;
     Ok(mirror::SiteStatus {
-        site_name: s.site_name,
-        mirror_uuids: s.mirror_uuids,
-        state: s.state,
-        description: s.description,
-        last_update: s.last_update,
-        reason: s.reason,
-        lag_seconds: s.lag_seconds,
-        last_sync: s.last_sync,
-        progress: s.progress,
-        daemon_id: s.daemon_id,
-        bytes_synced: s.bytes_synced,
+        report: FromWire::from_wire(s)?,
         received: 0,
     })
 }

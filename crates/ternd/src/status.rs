@@ -214,16 +214,16 @@ fn build_status(
         .iter()
         .filter(|d| d.site_name == pm.site_name && now.saturating_sub(d.received_ms) <= STALE_MS)
         .max_by_key(|d| d.received_ms);
-    let site_status = |name: &str| statuses.iter().find(|s| s.site_name == name);
+    let site_status = |name: &str| statuses.iter().find(|s| s.report.site_name == name);
     let mut local = match site_status(&pm.site_name) {
-        Some(s) => s.clone(),
-        None if im.primary => mirror::SiteStatus {
+        Some(s) => s.report.clone(),
+        None if im.primary => MirrorSiteStatus {
             state: State::Stopped,
             description: "local image is primary".into(),
             reason: Reason::Primary,
             ..Default::default()
         },
-        None => mirror::SiteStatus {
+        None => MirrorSiteStatus {
             state: State::Unknown,
             description: "no status reported yet".into(),
             reason: Reason::Unknown,
@@ -236,23 +236,17 @@ fn build_status(
         local.reason = Reason::Primary;
     }
     let local_up = local_daemon.is_some();
-    let shown = |s: &mirror::SiteStatus, up: bool, site_name: &str, uuid: &str| MirrorSiteStatus {
+    let shown = |s: &MirrorSiteStatus, up: bool, site_name: &str, uuid: &str| MirrorSiteStatus {
         site_name: site_name.to_string(),
         mirror_uuids: uuid.to_string(),
-        state: s.state,
-        description: s.description.clone(),
         last_update: if s.last_update == 0 {
             now / 1000
         } else {
             s.last_update
         },
         reason: if up { s.reason } else { Reason::DaemonDown },
-        lag_seconds: s.lag_seconds,
-        last_sync: s.last_sync,
-        progress: s.progress,
-        daemon_id: s.daemon_id.clone(),
-        bytes_synced: s.bytes_synced,
         up,
+        ..s.clone()
     };
     let local = shown(&local, local_up, &pm.site_name, &pm.mirror_uuid);
     let mut peers = Vec::new();
@@ -260,14 +254,14 @@ fn build_status(
         let st = match site_status(&p.site_name) {
             Some(s) => {
                 let age = now.saturating_sub(s.received);
-                let mut x = shown(s, age <= STALE_MS, &p.site_name, &p.mirror_uuid);
+                let mut x = shown(&s.report, age <= STALE_MS, &p.site_name, &p.mirror_uuid);
                 if age > STALE_MS {
                     x.reason = Reason::Unreachable;
                     x.description = format!(
                         "no report from {}'s mirror daemon for {:.0} s (it said: {})",
                         p.site_name,
                         age as f64 / 1000.0,
-                        s.description
+                        s.report.description
                     );
                 }
                 x

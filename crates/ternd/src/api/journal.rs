@@ -191,8 +191,7 @@ impl pb::journal_server::Journal for Api {
         // Reading positions is reading; holding back trimming is what a
         // peer's replayer (or an image writer) may do.
         let pool = image(&req.get_ref().image)?.pool.clone();
-        let action: Action =
-            FromWire::from_wire(req.get_ref().action.clone()).map_err(status_of)?;
+        let action: Action = FromWire::from_wire(req.get_ref().action).map_err(status_of)?;
         let c = if action == Action::Get {
             self.call(&req, Need::Read(&pool))?
         } else {

@@ -6,7 +6,7 @@ use crate::auth::{Need, Profile};
 use crate::convert::{mirror_info_pb, peer_pb, peer_rec, pool_mirror_pb, snap_pb};
 use crate::mirror::ImageMirrorMode;
 use crate::{bootstrap, mirror, schedule};
-use tern_proto::convert::IntoWire;
+use tern_proto::convert::{FromWire, IntoWire};
 use tern_proto::v1 as pb;
 use tern_types::ErrorKind;
 use tern_types::error::Error;
@@ -36,9 +36,9 @@ impl pb::mirror_server::Mirror for Api {
             req,
             |_| Ok(Need::Admin),
             |c, r| {
-                let p = c
-                    .mirror()
-                    .pool_enable(&r.pool, r.mode.parse()?, &r.site_name)?;
+                let p =
+                    c.mirror()
+                        .pool_enable(&r.pool, FromWire::from_wire(r.mode)?, &r.site_name)?;
                 Ok(pool_mirror_pb(&c.site.site_id, &r.pool, &p, false))
             },
         )
@@ -152,12 +152,8 @@ impl pb::mirror_server::Mirror for Api {
             |q| Ok(Need::Write(&image(&q.image)?.pool)),
             |c, q| {
                 let r = q.image.unwrap_or_default();
-                let mode = if q.mode.is_empty() {
-                    ImageMirrorMode::Snapshot
-                } else {
-                    q.mode.parse()?
-                };
-                c.mirror().image_enable(&r.pool, &r.image, mode)?;
+                c.mirror()
+                    .image_enable(&r.pool, &r.image, FromWire::from_wire(q.mode)?)?;
                 image_info(c, &r)
             },
         )

@@ -6,6 +6,7 @@ use super::{Api, Reply, image};
 use crate::auth::Need;
 use crate::convert::{applied_pb, daemon_rec, peer_pb, peer_rec, site_status_rec, snap_pb};
 use crate::mirror;
+use tern_proto::convert::FromWire;
 use tern_proto::v1 as pb;
 use tern_store::CreateOpts;
 use tern_types::error::Error;
@@ -91,7 +92,7 @@ impl pb::mirror_daemon_server::MirrorDaemon for Api {
                     &r.pool,
                     &r.name,
                     &r.global_id,
-                    r.mode.parse()?,
+                    FromWire::from_wire(r.mode)?,
                     &opts,
                     &r.primary_mirror_uuid,
                 )?;

@@ -318,13 +318,13 @@ impl Mirror {
     pub fn store_status(&self, global_id: &str, mut s: SiteStatus) -> Result<(), Error> {
         // Reports come from peers' keys too: the name keys the record and
         // is shown in status and metrics.
-        if !s.site_name.is_empty() {
-            valid_site_name(&s.site_name)?;
+        if !s.report.site_name.is_empty() {
+            valid_site_name(&s.report.site_name)?;
         }
         s.received = now_ms();
         put(
             self.store(),
-            &format!("status/{global_id}/{}", s.site_name),
+            &format!("status/{global_id}/{}", s.report.site_name),
             &s,
         )
     }

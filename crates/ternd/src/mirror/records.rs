@@ -27,20 +27,8 @@ pub(super) fn test_hold(point: &str) {
     let _ = std::fs::remove_file(go);
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub struct PeerRec {
-    pub uuid: String,
-    pub site_name: String,
-    pub client_name: String,
-    pub direction: PeerDirection,
-    #[serde(default)]
-    pub mirror_uuid: String,
-    pub fsid: String,
-    pub mon_host: Vec<String>,
-    pub tls_fingerprint: String,
-    pub remote_pool: String,
-    pub key: String,
-}
+/// A peer of a pool, as the site keeps it.
+pub type PeerRec = tern_types::api::MirrorPeer;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct PoolMirror {
@@ -166,19 +154,11 @@ pub struct SyncState {
     pub started: u64,
 }
 
+/// What a site's mirror daemon last reported of an image.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct SiteStatus {
-    pub site_name: String,
-    pub mirror_uuids: String,
-    pub state: MirrorStatusState,
-    pub description: String,
-    pub last_update: u64,
-    pub reason: StatusReason,
-    pub lag_seconds: f64,
-    pub last_sync: u64,
-    pub progress: f64,
-    pub daemon_id: String,
-    pub bytes_synced: u64,
+    #[serde(flatten)]
+    pub report: tern_types::api::MirrorSiteStatus,
     /// Set by the site when it stored the report (its own clock).
     #[serde(default)]
     pub received: u64,
