@@ -3,6 +3,7 @@
 //! a Ceph keyring), connects over TLS pinned to the site's certificate
 //! fingerprint, and sends the caller's identity with every call.
 
+mod api;
 pub mod config;
 pub mod connect;
 mod error;
@@ -11,7 +12,7 @@ pub mod rbd_diff;
 mod site;
 pub mod transfer;
 
+pub use api::*;
 pub use config::{ClusterConfig, Keyring};
 pub use error::{ClientError, io_error_kind};
-pub use site::{SiteClient, image_ref, snap_ref};
-pub use tern_proto::v1 as pb;
+pub use site::{SiteClient, Transport, Wire};

@@ -1,14 +1,15 @@
 //! The writer's side of an exclusive lock: take it, keep renewing it while
 //! the writer lives, and stop writing the moment the site says we are fenced.
 
-use crate::{ClientError, SiteClient, pb};
+use crate::{ClientError, SiteClient};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use tern_types::ImageSpec;
 
 pub struct LockGuard {
     client: SiteClient,
-    image: pb::ImageRef,
+    image: ImageSpec,
     cookie: String,
     lost: Arc<AtomicBool>,
     renewer: tokio::task::JoinHandle<()>,
@@ -18,24 +19,20 @@ impl LockGuard {
     /// Takes the lock on `image` or fails with Busy naming the holder.
     pub async fn acquire(
         client: &SiteClient,
-        image: pb::ImageRef,
+        image: ImageSpec,
         address: &str,
     ) -> Result<LockGuard, ClientError> {
         let cookie = format!("auto {}", random_id());
-        let req = pb::LockRequest {
-            image: Some(image.clone()),
-            cookie: cookie.clone(),
-            address: address.to_string(),
-        };
-        let info = client.lock_acquire(req.clone()).await?;
+        let info = client.lock().acquire(&image, &cookie, address).await?;
         let lost = Arc::new(AtomicBool::new(false));
         // Renew at a third of the lease so two missed renewals still keep it.
         let every = Duration::from_millis((info.lease_ms / 3).max(100));
         let (c, l) = (client.clone(), lost.clone());
+        let (i, k, a) = (image.clone(), cookie.clone(), address.to_string());
         let renewer = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                match c.lock_acquire(req.clone()).await {
+                match c.lock().acquire(&i, &k, &a).await {
                     Ok(_) => {}
                     Err(e) if e.kind == tern_types::ErrorKind::Unavailable => {}
                     Err(_) => {
@@ -65,12 +62,7 @@ impl LockGuard {
 
     pub async fn release(self) {
         self.renewer.abort();
-        let req = pb::LockRequest {
-            image: Some(self.image.clone()),
-            cookie: self.cookie.clone(),
-            address: String::new(),
-        };
-        let _ = self.client.lock_release(req).await;
+        let _ = self.client.lock().release(&self.image, &self.cookie).await;
     }
 }
 

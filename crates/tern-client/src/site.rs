@@ -7,6 +7,7 @@ use tern_proto::v1::{
     auth_client, config_client, image_client, io_client, journal_client, lock_client,
     mirror_client, mirror_daemon_client, pool_client, site_client, snap_client,
 };
+use tern_types::api::Hello;
 use tern_types::{API_VERSION, ErrorKind};
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
@@ -36,7 +37,7 @@ pub type Transport = InterceptedService<Channel, Identity>;
 
 /// A connection to one site as one entity. One channel and one identity
 /// serve every service of the API; [`SiteClient::pool`], [`SiteClient::io`]
-/// and their siblings hand out the generated client of each service.
+/// and their siblings group its typed calls by service.
 #[derive(Clone)]
 pub struct SiteClient {
     channel: Channel,
@@ -46,18 +47,22 @@ pub struct SiteClient {
     entity: String,
 }
 
+/// The generated clients of every service, over one connection's channel
+/// and identity. Only tests of the wire itself (malformed or hostile
+/// requests that the typed API cannot express) should use these.
+pub struct Wire<'a>(&'a SiteClient);
+
 /// One accessor per service: the generated client over this connection's
 /// channel and identity, with its message limits and compression.
 macro_rules! services {
-    ($($(#[$doc:meta])* $name:ident => $module:ident::$client:ident;)*) => {
-        impl SiteClient {
+    ($($name:ident => $module:ident::$client:ident;)*) => {
+        impl Wire<'_> {
             $(
-                $(#[$doc])*
                 pub fn $name(&self) -> $module::$client<Transport> {
-                    let c = $module::$client::with_interceptor(self.channel.clone(), self.ident.clone())
+                    let c = $module::$client::with_interceptor(self.0.channel.clone(), self.0.ident.clone())
                         .max_decoding_message_size(tern_proto::MAX_MESSAGE)
                         .max_encoding_message_size(tern_proto::MAX_MESSAGE);
-                    if self.compressed {
+                    if self.0.compressed {
                         use tonic::codec::CompressionEncoding::Zstd;
                         c.send_compressed(Zstd).accept_compressed(Zstd)
                     } else {
@@ -70,20 +75,16 @@ macro_rules! services {
 }
 
 services! {
-    /// Hello and status.
     site => site_client::SiteClient;
     pool => pool_client::PoolClient;
     image => image_client::ImageClient;
-    /// Image data: small I/O and the read and write streams.
     io => io_client::IoClient;
     journal => journal_client::JournalClient;
     snap => snap_client::SnapClient;
     lock => lock_client::LockClient;
     auth => auth_client::AuthClient;
     config => config_client::ConfigClient;
-    /// Mirroring administration and status.
     mirror => mirror_client::MirrorClient;
-    /// What mirror daemons and peer sites call.
     mirror_daemon => mirror_daemon_client::MirrorDaemonClient;
 }
 
@@ -159,20 +160,22 @@ impl SiteClient {
         &self.entity
     }
 
+    /// The generated clients: for tests of the wire itself only.
+    pub fn wire(&self) -> Wire<'_> {
+        Wire(self)
+    }
+
     pub fn err(&self, s: tonic::Status) -> ClientError {
         crate::error::from_status(s, &self.endpoint)
     }
 
     /// Checks that the site speaks our API version and accepts our key.
-    pub async fn hello(&self) -> Result<pb::HelloReply, ClientError> {
-        let r = self
-            .site()
-            .hello(pb::HelloRequest {
+    pub async fn hello(&self) -> Result<Hello, ClientError> {
+        let r: Hello = self
+            .call(self.wire().site().hello(pb::HelloRequest {
                 api_version: API_VERSION,
-            })
-            .await
-            .map_err(|s| self.err(s))?
-            .into_inner();
+            }))
+            .await?;
         if r.api_version != API_VERSION {
             return Err(ClientError::new(
                 ErrorKind::VersionMismatch,
@@ -183,132 +186,5 @@ impl SiteClient {
             ));
         }
         Ok(r)
-    }
-}
-
-/// Wrappers that return the reply or a [`ClientError`], grouped by service.
-macro_rules! rpc {
-    ($($svc:ident { $($name:ident($req:ty) -> $resp:ty;)* })*) => {
-        impl SiteClient {
-            $($(
-                pub async fn $name(&self, req: $req) -> Result<$resp, ClientError> {
-                    self.$svc().$name(req).await.map(|r| r.into_inner()).map_err(|s| self.err(s))
-                }
-            )*)*
-        }
-    };
-}
-
-rpc! {
-    site {
-        status(pb::StatusRequest) -> pb::StatusReply;
-    }
-    pool {
-        pool_create(pb::PoolRequest) -> pb::PoolInfo;
-        pool_init(pb::PoolInitRequest) -> pb::PoolInfo;
-        pool_list(pb::Empty) -> pb::PoolListReply;
-        pool_stats(pb::PoolRequest) -> pb::PoolStatsReply;
-        pool_remove(pb::PoolRemoveRequest) -> pb::Empty;
-    }
-    image {
-        image_create(pb::ImageCreateRequest) -> pb::ImageInfo;
-        image_list(pb::PoolRequest) -> pb::ImageListReply;
-        image_get(pb::ImageRef) -> pb::ImageInfo;
-        image_resize(pb::ImageResizeRequest) -> pb::ImageInfo;
-        image_rename(pb::ImageRenameRequest) -> pb::Empty;
-        image_remove(pb::ImageRef) -> pb::Empty;
-        image_features(pb::ImageFeaturesRequest) -> pb::ImageInfo;
-        image_checksum(pb::ChecksumRequest) -> pb::ChecksumReply;
-    }
-    io {
-        read(pb::ReadRequest) -> pb::ReadReply;
-        write(pb::WriteRequest) -> pb::Empty;
-        discard(pb::RangeRequest) -> pb::Empty;
-        write_zeroes(pb::RangeRequest) -> pb::Empty;
-        flush(pb::ImageRef) -> pb::Empty;
-    }
-    journal {
-        journal_info(pb::ImageRef) -> pb::JournalInfoReply;
-        journal_inspect(pb::ImageRef) -> pb::JournalInspectReply;
-        journal_client(pb::JournalClientRequest) -> pb::JournalClientInfo;
-        journal_extents(pb::JournalExtentsRequest) -> pb::DiffReply;
-    }
-    snap {
-        snap_create(pb::SnapRequest) -> pb::SnapInfo;
-        snap_list(pb::SnapListRequest) -> pb::SnapListReply;
-        snap_remove(pb::SnapRequest) -> pb::Empty;
-        snap_rename(pb::SnapRenameRequest) -> pb::Empty;
-        snap_rollback(pb::SnapRequest) -> pb::Empty;
-        snap_protect(pb::SnapProtectRequest) -> pb::Empty;
-        snap_purge(pb::ImageRef) -> pb::SnapPurgeReply;
-        diff(pb::DiffRequest) -> pb::DiffReply;
-    }
-    lock {
-        lock_acquire(pb::LockRequest) -> pb::LockInfo;
-        lock_release(pb::LockRequest) -> pb::Empty;
-        lock_list(pb::ImageRef) -> pb::LockListReply;
-        lock_break(pb::LockBreakRequest) -> pb::Empty;
-    }
-    auth {
-        auth_get_or_create(pb::AuthGetOrCreateRequest) -> pb::AuthEntity;
-        auth_get(pb::AuthName) -> pb::AuthEntity;
-        auth_list(pb::Empty) -> pb::AuthListReply;
-        auth_remove(pb::AuthName) -> pb::Empty;
-        auth_caps(pb::AuthGetOrCreateRequest) -> pb::AuthEntity;
-    }
-    config {
-        config_set(pb::ConfigSetRequest) -> pb::Empty;
-        config_get(pb::ConfigGetRequest) -> pb::ConfigListReply;
-        config_remove(pb::ConfigGetRequest) -> pb::Empty;
-        config_dump(pb::Empty) -> pb::ConfigListReply;
-    }
-    mirror {
-        mirror_pool_enable(pb::MirrorPoolEnableRequest) -> pb::MirrorPoolInfo;
-        mirror_pool_disable(pb::PoolRequest) -> pb::Empty;
-        mirror_pool_get(pb::MirrorPoolInfoRequest) -> pb::MirrorPoolInfo;
-        mirror_peer_add(pb::MirrorPeerAddRequest) -> pb::MirrorPeer;
-        mirror_peer_remove(pb::MirrorPeerRemoveRequest) -> pb::Empty;
-        mirror_peer_set(pb::MirrorPeerSetRequest) -> pb::Empty;
-        mirror_bootstrap_create(pb::MirrorBootstrapCreateRequest) -> pb::MirrorBootstrapToken;
-        mirror_bootstrap_import(pb::MirrorBootstrapImportRequest) -> pb::MirrorPeer;
-        mirror_image_enable(pb::MirrorImageEnableRequest) -> pb::MirrorImageInfo;
-        mirror_image_disable(pb::MirrorImageDisableRequest) -> pb::Empty;
-        mirror_image_promote(pb::MirrorImagePromoteRequest) -> pb::MirrorImageInfo;
-        mirror_image_demote(pb::ImageRef) -> pb::MirrorImageInfo;
-        mirror_image_resync(pb::MirrorImageResyncRequest) -> pb::Empty;
-        mirror_image_snapshot(pb::ImageRef) -> pb::SnapInfo;
-        mirror_image_get(pb::ImageRef) -> pb::MirrorImageInfo;
-        mirror_image_list(pb::PoolRequest) -> pb::MirrorImageListReply;
-        mirror_image_status_get(pb::ImageRef) -> pb::MirrorImageStatus;
-        mirror_pool_status(pb::MirrorPoolStatusRequest) -> pb::MirrorPoolStatusReply;
-        mirror_schedule_add(pb::MirrorScheduleRequest) -> pb::Empty;
-        mirror_schedule_remove(pb::MirrorScheduleRequest) -> pb::Empty;
-        mirror_schedule_list(pb::MirrorScheduleRequest) -> pb::MirrorScheduleListReply;
-        mirror_schedule_status(pb::MirrorScheduleRequest) -> pb::MirrorScheduleStatusReply;
-    }
-    mirror_daemon {
-        mirror_peer_register(pb::MirrorPeerRegisterRequest) -> pb::MirrorPeerRegisterReply;
-        mirror_status_report(pb::MirrorStatusReportRequest) -> pb::Empty;
-        mirror_daemon_heartbeat(pb::MirrorDaemonInfo) -> pb::Empty;
-        mirror_image_adopt(pb::MirrorImageAdoptRequest) -> pb::MirrorImageInfo;
-        mirror_sync_begin(pb::MirrorSyncBeginRequest) -> pb::MirrorSyncState;
-        mirror_sync_progress(pb::MirrorSyncProgressRequest) -> pb::Empty;
-        mirror_sync_complete(pb::MirrorSyncProgressRequest) -> pb::SnapInfo;
-        mirror_snapshot_ack(pb::MirrorSnapshotAckRequest) -> pb::Empty;
-        mirror_journal_apply(pb::MirrorJournalApplyRequest) -> pb::MirrorJournalApplyReply;
-        mirror_journal_position(pb::MirrorJournalPositionRequest) -> pb::Empty;
-    }
-}
-
-pub fn image_ref(pool: &str, image: &str) -> pb::ImageRef {
-    snap_ref(pool, image, None)
-}
-
-/// A reference to `pool/image@snap` (no snap: the head).
-pub fn snap_ref(pool: &str, image: &str, snap: Option<&str>) -> pb::ImageRef {
-    pb::ImageRef {
-        pool: pool.to_string(),
-        image: image.to_string(),
-        snap: snap.unwrap_or("").to_string(),
     }
 }

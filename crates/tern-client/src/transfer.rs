@@ -2,9 +2,11 @@
 //! runs of zeros are neither sent nor stored on import, and holes come back
 //! as zero extents on export and are written as holes to a file.
 
-use crate::{ClientError, SiteClient, pb};
+use crate::{ClientError, SiteClient};
+use futures::StreamExt;
 use std::io::SeekFrom;
-use tern_types::ErrorKind;
+use tern_types::api::{DataChunk, ImageCreate, ReadStream, WriteMessage, WriteOpen, Written};
+use tern_types::{ErrorKind, ImageSpec};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 
 /// Bytes per message on the data path (DESIGN §4: 1–4 MiB).
@@ -41,9 +43,9 @@ async fn read_full<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> std::io::
 /// What to import into.
 pub enum ImportTarget {
     /// Create a new image; `size` 0 means "as long as the input".
-    Create(pb::ImageCreateRequest),
+    Create(ImageCreate),
     /// Overwrite an existing image from offset 0.
-    Existing(pb::ImageRef),
+    Existing(ImageSpec),
 }
 
 /// Streams `input` into the site. With [`ImportTarget::Create`] the image
@@ -53,25 +55,24 @@ pub async fn import<R: AsyncRead + Unpin>(
     mut input: R,
     target: ImportTarget,
     progress: &(dyn Fn(u64) + Sync),
-) -> Result<pb::WriteStreamReply, ClientError> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::WriteStreamMessage>(4);
+) -> Result<Written, ClientError> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<WriteMessage>(4);
     let creating = matches!(target, ImportTarget::Create(_));
     let open = match target {
-        ImportTarget::Create(c) => pb::WriteStreamOpen {
+        ImportTarget::Create(c) => WriteOpen {
             create: Some(c),
             ..Default::default()
         },
-        ImportTarget::Existing(r) => pb::WriteStreamOpen {
+        ImportTarget::Existing(r) => WriteOpen {
             image: Some(r),
             ..Default::default()
         },
     };
-    let msg = |m| pb::WriteStreamMessage { msg: Some(m) };
-    use pb::write_stream_message::Msg;
-    tx.send(msg(Msg::Open(open))).await.ok();
-    let mut io = client.io();
+    tx.send(WriteMessage::Open(Box::new(open))).await.ok();
+    let c = client.clone();
     let call = tokio::spawn(async move {
-        io.write_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        c.io()
+            .write_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
     });
     let mut buf = vec![0u8; CHUNK];
@@ -88,7 +89,7 @@ pub async fn import<R: AsyncRead + Unpin>(
                 break;
             }
             for (off, len, zero) in zero_runs(&buf[..n]) {
-                let chunk = pb::DataChunk {
+                let chunk = DataChunk {
                     offset: offset + off as u64,
                     length: len as u64,
                     zero,
@@ -98,7 +99,7 @@ pub async fn import<R: AsyncRead + Unpin>(
                         bytes::Bytes::copy_from_slice(&buf[off..off + len])
                     },
                 };
-                if tx.send(msg(Msg::Chunk(chunk))).await.is_err() {
+                if tx.send(WriteMessage::Chunk(chunk)).await.is_err() {
                     // The server ended the call; its status says why.
                     return Ok(());
                 }
@@ -106,11 +107,11 @@ pub async fn import<R: AsyncRead + Unpin>(
             offset += n as u64;
             progress(offset);
         }
-        let commit = pb::WriteStreamCommit {
+        let commit = WriteMessage::Commit {
             final_size: if creating { offset } else { 0 },
             total_bytes: offset,
         };
-        tx.send(msg(Msg::Commit(commit))).await.ok();
+        tx.send(commit).await.ok();
         Ok(())
     }
     .await;
@@ -120,7 +121,7 @@ pub async fn import<R: AsyncRead + Unpin>(
         .await
         .map_err(|e| ClientError::new(ErrorKind::Internal, e.to_string()))?;
     read_result?;
-    reply.map(|r| r.into_inner()).map_err(|s| client.err(s))
+    reply
 }
 
 /// Where an export goes.
@@ -134,21 +135,18 @@ pub enum ExportSink<W> {
 /// Streams an image (or a range of it) out of the site. Returns (data bytes, zero bytes).
 pub async fn export<W: AsyncWrite + Unpin>(
     client: &SiteClient,
-    image: pb::ImageRef,
+    image: &ImageSpec,
     mut sink: ExportSink<W>,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<(u64, u64), ClientError> {
-    let info = client.image_get(image.clone()).await?;
+    let info = client.image().info(image).await?;
     let mut stream = client
         .io()
-        .read_stream(pb::ReadStreamRequest {
-            image: Some(image),
-            offset: 0,
+        .read_stream(ReadStream {
+            image: image.clone(),
             ..Default::default()
         })
-        .await
-        .map_err(|s| client.err(s))?
-        .into_inner();
+        .await?;
     let io_err = |e: std::io::Error| {
         let kind = match crate::error::io_error_kind(&e) {
             ErrorKind::NoSpace => ErrorKind::NoSpace,
@@ -163,7 +161,7 @@ pub async fn export<W: AsyncWrite + Unpin>(
     };
     let zeros = vec![0u8; CHUNK];
     let (mut data_bytes, mut zero_bytes, mut pos) = (0u64, 0u64, 0u64);
-    while let Some(chunk) = stream.message().await.map_err(|s| client.err(s))? {
+    while let Some(chunk) = stream.next().await.transpose()? {
         if chunk.offset != pos {
             return Err(ClientError::new(
                 ErrorKind::Corrupt,

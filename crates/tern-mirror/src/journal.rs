@@ -21,11 +21,16 @@
 
 use crate::replay::{ImageReplay, Plan, sync_to};
 use crate::{DaemonState, now};
+use futures::StreamExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tern_client::{ClientError, pb, snap_ref};
+use tern_client::ClientError;
 use tern_store::journal::{JournalEntry, JournalOp};
+use tern_types::ImageSpec;
+use tern_types::api::{JournalApply, JournalPosition, MirrorImageInfo};
 use tern_types::error::ErrorKind;
+use tern_types::journal::JournalClientAction as Action;
+use tern_types::mirror::{MirrorStatusState as State, StatusReason as Reason};
 
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
 const REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -97,7 +102,11 @@ fn replaying_status(
         "replay_lag_seconds": lag,
         "replay_state": if behind > 0 { "replaying" } else { "idle" },
     });
-    let mut r = job.status("replaying", "replaying", format!("replaying, {d}"));
+    let mut r = job.status(
+        State::Replaying,
+        Reason::Replaying,
+        format!("replaying, {d}"),
+    );
     r.status.lag_seconds = lag;
     r.status.last_sync = now();
     r
@@ -106,33 +115,42 @@ fn replaying_status(
 pub(crate) async fn run(
     sh: &Arc<DaemonState>,
     job: &ImageReplay,
-    local: pb::MirrorImageInfo,
+    local: MirrorImageInfo,
     plan: Plan,
 ) -> Result<(), ClientError> {
-    let remote_ref = snap_ref(&job.peer.remote_pool, &job.remote_image.name, None);
+    let remote_ref = ImageSpec::new(&job.peer.remote_pool, &job.remote_image.name);
     let peer_limit = sh.peer_limiter(&job.peer.uuid).await;
-    let local_ref = snap_ref(&job.pool, &local.name, None);
+    let local_ref = ImageSpec::new(&job.pool, &local.name);
     // Every step into the local copy carries the epoch it had when this
     // run began: once it is promoted here, the site refuses the rest.
     let fence = Some(local.epoch);
     let me = job.local_mirror_uuid.clone();
-    let client_req = |action: &str, tid: u64| pb::JournalClientRequest {
-        image: Some(remote_ref.clone()),
-        client: me.clone(),
-        action: action.into(),
+    let (rr, me) = (&remote_ref, &me);
+    let journal_client =
+        move |action, tid| async move { job.remote.journal().client(rr, me, action, tid).await };
+    let position = |tid, skip_to, timestamp_us| JournalPosition {
+        image: local_ref.clone(),
+        primary_mirror_uuid: job.remote_mirror_uuid.clone(),
         tid,
+        skip_to,
+        timestamp_us,
+        expect_epoch: fence,
+    };
+    let apply = |entries, persist| JournalApply {
+        image: local_ref.clone(),
+        primary_mirror_uuid: job.remote_mirror_uuid.clone(),
+        entries,
+        persist,
+        expect_epoch: fence,
+        primary_epoch: job.remote_image.epoch,
     };
     // The site we follow now registered on this copy's journal while it
     // followed us: it reads from us no more, and its position would hold
     // back trimming here until rbd_journal_max_size cut it off.
     match sh
         .local
-        .journal_client(pb::JournalClientRequest {
-            image: Some(local_ref.clone()),
-            client: job.remote_mirror_uuid.clone(),
-            action: "unregister".into(),
-            tid: 0,
-        })
+        .journal()
+        .client(&local_ref, &job.remote_mirror_uuid, Action::Unregister, 0)
         .await
     {
         Ok(_) => {
@@ -150,15 +168,15 @@ pub(crate) async fn run(
         && local.journal_tid > 0
         && plan.resync.is_none()
     {
-        match job.remote.journal_client(client_req("get", 0)).await {
+        match journal_client(Action::Get, 0).await {
             Ok(c) if !c.disconnected && c.commit_tid <= local.journal_tid => {
                 resume = Some(local.journal_tid);
             }
             Ok(c) if c.disconnected => {
                 tracing::warn!(image = %job.spec(), "fell behind the primary's journal: catching up by a delta copy");
                 let r = job.status(
-                    "syncing",
-                    "catching-up",
+                    State::Syncing,
+                    Reason::CatchingUp,
                     format!(
                         "fell behind: {} disconnected this site from its journal (past rbd_journal_max_size) \
                          at tid {}; catching up by copying the extents changed since the last common snapshot",
@@ -184,9 +202,9 @@ pub(crate) async fn run(
             return crate::replay::snapshot_pass(sh, job, &local, &plan).await;
         }
         None => {
-            let reg = job.remote.journal_client(client_req("register", 0)).await?;
-            let point = job.remote.mirror_image_snapshot(remote_ref.clone()).await?;
-            let rimg = job.remote.mirror_image_get(remote_ref.clone()).await?;
+            let reg = journal_client(Action::Register, 0).await?;
+            let point = job.remote.mirror().image_snapshot(&remote_ref).await?;
+            let rimg = job.remote.mirror().image_info(&remote_ref).await?;
             let target = rimg
                 .mirror_snaps
                 .iter()
@@ -202,32 +220,20 @@ pub(crate) async fn run(
             // The copy holds everything up to the sync point: from the
             // registration point on, skip to the snapshot's own entry.
             sh.local
-                .mirror_journal_position(pb::MirrorJournalPositionRequest {
-                    image: Some(local_ref.clone()),
-                    primary_mirror_uuid: job.remote_mirror_uuid.clone(),
-                    tid: reg.commit_tid.max(1),
-                    skip_to: target.name.clone(),
-                    timestamp_us: 0,
-                    expect_epoch: fence,
-                })
+                .mirror_daemon()
+                .journal_position(position(reg.commit_tid.max(1), target.name.clone(), 0))
                 .await?;
             (reg.commit_tid + 1, Some(target.name))
         }
     };
     tracing::info!(image = %job.spec(), from = next, skipping_to = ?skip_to, "replaying the journal of {}", job.peer.site_name);
+    let max_bytes =
+        (sh.memory_target.load(std::sync::atomic::Ordering::Relaxed) / 64).clamp(64 << 10, 4 << 20);
     let mut stream = job
         .remote
         .journal()
-        .journal_read(pb::JournalReadRequest {
-            image: Some(remote_ref.clone()),
-            from_tid: next,
-            follow: true,
-            max_bytes: (sh.memory_target.load(std::sync::atomic::Ordering::Relaxed) / 64)
-                .clamp(64 << 10, 4 << 20),
-        })
-        .await
-        .map_err(|s| job.remote.err(s))?
-        .into_inner();
+        .read(&remote_ref, next, true, max_bytes)
+        .await?;
     let mut rates = Rates::new();
     let (mut last_commit, mut last_report) = (Instant::now(), Instant::now() - REPORT_EVERY);
     let (mut applied_tid, mut applied_ts) = (next - 1, 0u64);
@@ -235,31 +241,24 @@ pub(crate) async fn run(
     let mut committed = applied_tid;
     let mut pending_commit = false;
     loop {
-        let msg = tokio::time::timeout(Duration::from_secs(2), stream.message()).await;
+        let msg = tokio::time::timeout(Duration::from_secs(2), stream.next()).await;
         let chunk = match msg {
-            Ok(Ok(Some(c))) => Some(c),
-            Ok(Ok(None)) => {
+            Ok(Some(Ok(c))) => Some(c),
+            Ok(None) => {
                 return Err(ClientError::new(
                     ErrorKind::Unavailable,
                     "the primary ended the journal stream".to_string(),
                 ));
             }
-            Ok(Err(s)) => {
-                let e = job.remote.err(s);
+            Ok(Some(Err(e))) => {
                 if e.kind == ErrorKind::Fenced {
                     // Disconnected for falling behind: the next run catches
                     // up by a delta copy instead of the lost entries.
-                    let _ = sh
-                        .local
-                        .mirror_journal_position(pb::MirrorJournalPositionRequest {
-                            image: Some(local_ref.clone()),
-                            primary_mirror_uuid: String::new(),
-                            tid: 0,
-                            skip_to: String::new(),
-                            timestamp_us: 0,
-                            expect_epoch: fence,
-                        })
-                        .await;
+                    let forget = JournalPosition {
+                        primary_mirror_uuid: String::new(),
+                        ..position(0, String::new(), 0)
+                    };
+                    let _ = sh.local.mirror_daemon().journal_position(forget).await;
                 }
                 return Err(e);
             }
@@ -280,7 +279,7 @@ pub(crate) async fn run(
                 tokio::select! {
                     _ = &mut wait => break,
                     _ = tokio::time::sleep(REPORT_EVERY) => {
-                        if let Ok(ci) = job.remote.journal_client(client_req("get", 0)).await {
+                        if let Ok(ci) = journal_client(Action::Get, 0).await {
                             primary_tid = primary_tid.max(ci.commit_tid + ci.entries_behind);
                         }
                         if skip_to.is_none() {
@@ -311,14 +310,8 @@ pub(crate) async fn run(
                 let persist = last_commit.elapsed() >= COMMIT_EVERY;
                 let a = sh
                     .local
-                    .mirror_journal_apply(pb::MirrorJournalApplyRequest {
-                        image: Some(local_ref.clone()),
-                        primary_mirror_uuid: job.remote_mirror_uuid.clone(),
-                        entries: bytes.to_vec(),
-                        persist,
-                        expect_epoch: fence,
-                        primary_epoch: job.remote_image.epoch,
-                    })
+                    .mirror_daemon()
+                    .journal_apply(apply(bytes.to_vec(), persist))
                     .await?;
                 rates.add(a.entries, a.bytes);
                 sh.count_replicated(
@@ -340,40 +333,27 @@ pub(crate) async fn run(
         // Durable here first (persist flushed it), then the primary may trim.
         if pending_commit && (last_commit.elapsed() >= COMMIT_EVERY || demoted) {
             if committed < applied_tid {
-                sh.local
-                    .mirror_journal_apply(pb::MirrorJournalApplyRequest {
-                        image: Some(local_ref.clone()),
-                        primary_mirror_uuid: job.remote_mirror_uuid.clone(),
-                        entries: Vec::new(),
-                        persist: true,
-                        expect_epoch: fence,
-                        primary_epoch: job.remote_image.epoch,
-                    })
-                    .await?;
-                sh.local
-                    .mirror_journal_position(pb::MirrorJournalPositionRequest {
-                        image: Some(local_ref.clone()),
-                        primary_mirror_uuid: job.remote_mirror_uuid.clone(),
-                        tid: applied_tid,
-                        skip_to: skip_to.clone().unwrap_or_default(),
-                        timestamp_us: applied_ts,
-                        expect_epoch: fence,
-                    })
+                let daemon = sh.local.mirror_daemon();
+                daemon.journal_apply(apply(Vec::new(), true)).await?;
+                daemon
+                    .journal_position(position(
+                        applied_tid,
+                        skip_to.clone().unwrap_or_default(),
+                        applied_ts,
+                    ))
                     .await?;
                 committed = applied_tid;
             }
             if skip_to.is_none() {
-                job.remote
-                    .journal_client(client_req("commit", committed))
-                    .await?;
+                journal_client(Action::Commit, committed).await?;
             }
             last_commit = Instant::now();
             pending_commit = false;
         }
         if demoted {
             let r = job.status(
-                "stopped",
-                "demoted",
+                State::Stopped,
+                Reason::Demoted,
                 format!(
                     "replay stopped: {} demoted the image (journal tid {applied_tid} replayed); \
                      promote here to fail over without data loss",
@@ -388,7 +368,7 @@ pub(crate) async fn run(
             if skip_to.is_none() {
                 // What the primary holds now, not only what reached us: a
                 // backed-up stream must not look caught up.
-                if let Ok(ci) = job.remote.journal_client(client_req("get", 0)).await {
+                if let Ok(ci) = journal_client(Action::Get, 0).await {
                     primary_tid = primary_tid.max(ci.commit_tid + ci.entries_behind);
                 }
                 let r = replaying_status(job, &rates, applied_tid, applied_ts, primary_tid);
@@ -396,15 +376,15 @@ pub(crate) async fn run(
             }
             // Promoted here meanwhile: stop replaying into it. Asked to
             // resync: stop, and the next pass starts over with a resync.
-            let me_now = sh.local.mirror_image_get(local_ref.clone()).await?;
+            let me_now = sh.local.mirror().image_info(&local_ref).await?;
             if me_now.primary {
                 return Ok(());
             }
             if me_now.resync_requested {
                 tracing::warn!(image = %job.spec(), "resync requested: restarting replay from a new sync point");
                 let r = job.status(
-                    "syncing",
-                    "resync-requested",
+                    State::Syncing,
+                    Reason::ResyncRequested,
                     format!(
                         "resync requested: replay of {}'s journal stopped at entry {applied_tid}; \
                          starting over from a new sync point",

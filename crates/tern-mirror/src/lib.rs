@@ -20,9 +20,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tern_client::config::TlsMode;
-use tern_client::{ClientError, ClusterConfig, SiteClient, pb};
+use tern_client::{ClientError, ClusterConfig, SiteClient};
 use tern_daemon::Tasks;
 use tern_types::ErrorKind;
+use tern_types::api::{
+    MirrorDaemonInfo, MirrorImageInfo, MirrorImageList, MirrorPeer, MirrorPoolInfo,
+    MirrorSiteStatus, StatusReport,
+};
+use tern_types::mirror::{
+    MirrorHealth, MirrorStatusState as State, PeerDirection, PoolMirrorMode, StatusReason as Reason,
+};
+use tern_types::site::Profile;
 use tokio::sync::{Mutex, Semaphore};
 
 pub struct Options {
@@ -47,8 +55,8 @@ pub(crate) struct DaemonIdentity {
 }
 
 impl DaemonIdentity {
-    pub fn info(&self, site_name: &str) -> pb::MirrorDaemonInfo {
-        pb::MirrorDaemonInfo {
+    pub fn info(&self, site_name: &str) -> MirrorDaemonInfo {
+        MirrorDaemonInfo {
             service_id: self.service_id.clone(),
             instance_id: self.instance_id.clone(),
             client_id: self.client_id.clone(),
@@ -56,7 +64,7 @@ impl DaemonIdentity {
             version: env!("CARGO_PKG_VERSION").into(),
             last_heartbeat: now(),
             up: true,
-            health: "OK".into(),
+            health: MirrorHealth::Ok,
             site_name: site_name.into(),
         }
     }
@@ -99,7 +107,7 @@ pub(crate) struct Reported {
     /// For metrics: the image's name and the site it copies from.
     pub image: String,
     pub source: String,
-    pub status: pb::MirrorSiteStatus,
+    pub status: MirrorSiteStatus,
     /// (peer client, peer's pool) to report to as well.
     pub peers: Vec<(SiteClient, String)>,
 }
@@ -162,17 +170,17 @@ impl DaemonState {
 }
 
 async fn push(sh: &DaemonState, r: &Reported) {
-    let req = |pool: &str| pb::MirrorStatusReportRequest {
+    let req = |pool: &str| StatusReport {
         pool: pool.to_string(),
         global_id: r.global_id.clone(),
-        status: Some(r.status.clone()),
+        status: r.status.clone(),
         daemon: None,
     };
-    if let Err(e) = sh.local.mirror_status_report(req(&r.pool)).await {
+    if let Err(e) = sh.local.mirror_daemon().status_report(req(&r.pool)).await {
         tracing::debug!(error = %e, "status report to the local site failed");
     }
     for (peer, pool) in &r.peers {
-        if let Err(e) = peer.mirror_status_report(req(pool)).await {
+        if let Err(e) = peer.mirror_daemon().status_report(req(pool)).await {
             tracing::debug!(peer = %peer.endpoint(), error = %e, "status report to a peer failed");
         }
     }
@@ -189,7 +197,7 @@ pub async fn run(opts: Options) -> Result<(), ClientError> {
     let entity = format!("client.{}", opts.id);
     let local = SiteClient::connect(&conf, &entity, opts.keyring.as_deref())?;
     let hello = local.hello().await?;
-    if hello.profile != "rbd-mirror" && hello.profile != "admin" {
+    if !matches!(hello.profile, Profile::RbdMirror | Profile::Admin) {
         return Err(ClientError::new(
             ErrorKind::PermissionDenied,
             format!(
@@ -200,17 +208,11 @@ pub async fn run(opts: Options) -> Result<(), ClientError> {
         ));
     }
     let syncs = local
-        .config_get(pb::ConfigGetRequest {
-            who: entity.clone(),
-            key: "rbd_mirror_concurrent_image_syncs".into(),
-        })
+        .config()
+        .get(&entity, "rbd_mirror_concurrent_image_syncs")
         .await
         .ok()
-        .and_then(|r| {
-            r.entries
-                .first()
-                .and_then(|e| e.value.parse::<usize>().ok())
-        })
+        .and_then(|r| r.first().and_then(|e| e.value.parse::<usize>().ok()))
         .unwrap_or(tern_types::defaults::MIRROR_CONCURRENT_IMAGE_SYNCS as usize)
         .max(1);
     let me = DaemonIdentity {
@@ -275,7 +277,7 @@ pub async fn run(opts: Options) -> Result<(), ClientError> {
     Ok(())
 }
 
-fn peer_client(p: &pb::MirrorPeer, compress: bool) -> Result<SiteClient, ClientError> {
+fn peer_client(p: &MirrorPeer, compress: bool) -> Result<SiteClient, ClientError> {
     let ep = p
         .mon_host
         .first()
@@ -298,13 +300,11 @@ async fn refresh_limits(sh: &Arc<DaemonState>, entity: &str) {
         let who = entity.to_string();
         async move {
             local
-                .config_get(pb::ConfigGetRequest {
-                    who,
-                    key: key.into(),
-                })
+                .config()
+                .get(&who, key)
                 .await
                 .ok()
-                .and_then(|r| r.entries.first().map(|e| e.value.clone()))
+                .and_then(|r| r.first().map(|e| e.value.clone()))
                 .unwrap_or_default()
         }
     };
@@ -333,29 +333,19 @@ async fn scan(
     tasks: &Tasks,
     peers: &mut HashMap<String, SiteClient>,
 ) -> Result<(), ClientError> {
-    let pools = sh.local.pool_list(pb::Empty {}).await?.pools;
+    let pools = sh.local.pool().list().await?;
     for p in pools {
-        let info = sh
-            .local
-            .mirror_pool_get(pb::MirrorPoolInfoRequest {
-                pool: p.name.clone(),
-                with_keys: true,
-            })
-            .await?;
-        if info.mode == "disabled" || info.mode.is_empty() {
+        let info = sh.local.mirror().pool_info(&p.name, true).await?;
+        if info.mode == PoolMirrorMode::Disabled {
             continue;
         }
         // Send heartbeats under the pool's site name so the site matches them.
         let _ = sh
             .local
-            .mirror_daemon_heartbeat(sh.me.info(&info.site_name))
+            .mirror_daemon()
+            .heartbeat(sh.me.info(&info.site_name))
             .await;
-        let local_list = sh
-            .local
-            .mirror_image_list(pb::PoolRequest {
-                pool: p.name.clone(),
-            })
-            .await?;
+        let local_list = sh.local.mirror().image_list(&p.name).await?;
         let mut peer_clients = Vec::new();
         for peer in &info.peers {
             let compress = sh.compress.load(std::sync::atomic::Ordering::Relaxed);
@@ -387,12 +377,12 @@ async fn scan(
                 global_id: img.global_id.clone(),
                 image: img.name.clone(),
                 source: String::new(),
-                status: pb::MirrorSiteStatus {
+                status: MirrorSiteStatus {
                     site_name: info.site_name.clone(),
                     mirror_uuids: info.mirror_uuid.clone(),
-                    state: "stopped".into(),
+                    state: State::Stopped,
                     description: "local image is primary".into(),
-                    reason: "primary".into(),
+                    reason: Reason::Primary,
                     up: true,
                     ..Default::default()
                 },
@@ -403,12 +393,12 @@ async fn scan(
             // it every pass while it lasts) is not overwritten with "primary":
             // flapping between the two would make status lie half the time.
             let split_brain = |old: &Reported| {
-                old.status.reason == "split-brain"
+                old.status.reason == Reason::SplitBrain
                     && now().saturating_sub(old.status.last_update) <= 3
             };
             let (changed, keep) = match sh.statuses.lock().await.get(&key) {
                 None => (true, false),
-                Some(old) => (old.status.state != "stopped", split_brain(old)),
+                Some(old) => (old.status.state != State::Stopped, split_brain(old)),
             };
             if keep {
                 continue;
@@ -420,18 +410,12 @@ async fn scan(
             }
         }
         // What every peer holds as primary (or has just demoted), by image.
-        let mut sources: HashMap<String, Vec<(usize, pb::MirrorImageInfo, String)>> =
-            HashMap::new();
+        let mut sources: HashMap<String, Vec<(usize, MirrorImageInfo, String)>> = HashMap::new();
         for (i, (peer, client)) in peer_clients.iter().enumerate() {
-            if peer.direction == "tx-only" {
+            if peer.direction == PeerDirection::TxOnly {
                 continue;
             }
-            let remote = match client
-                .mirror_image_list(pb::PoolRequest {
-                    pool: peer.remote_pool.clone(),
-                })
-                .await
-            {
+            let remote = match client.mirror().image_list(&peer.remote_pool).await {
                 Ok(r) => r,
                 Err(e) => {
                     mark_unreachable(sh, &p.name, &info, &local_list, peer, &report_to, &e).await;
@@ -479,16 +463,16 @@ async fn scan(
                             global_id: global_id.clone(),
                             image: cands[0].1.name.clone(),
                             source: String::new(),
-                            status: pb::MirrorSiteStatus {
+                            status: MirrorSiteStatus {
                                 site_name: info.site_name.clone(),
                                 mirror_uuids: info.mirror_uuid.clone(),
-                                state: "error".into(),
+                                state: State::Error,
                                 description: format!(
                                     "split-brain: {} all claim to be primary for this image. Nothing was \
                                      overwritten. Demote all but one of them, then resync the demoted ones",
                                     names.join(" and ")
                                 ),
-                                reason: "split-brain".into(),
+                                reason: Reason::SplitBrain,
                                 up: true,
                                 ..Default::default()
                             },
@@ -534,9 +518,9 @@ async fn scan(
 async fn mark_unreachable(
     sh: &Arc<DaemonState>,
     pool: &str,
-    info: &pb::MirrorPoolInfo,
-    local: &pb::MirrorImageListReply,
-    peer: &pb::MirrorPeer,
+    info: &MirrorPoolInfo,
+    local: &MirrorImageList,
+    peer: &MirrorPeer,
     report_to: &[(SiteClient, String)],
     e: &ClientError,
 ) {
@@ -553,15 +537,15 @@ async fn mark_unreachable(
             global_id: img.global_id.clone(),
             image: img.name.clone(),
             source: peer.site_name.clone(),
-            status: pb::MirrorSiteStatus {
+            status: MirrorSiteStatus {
                 site_name: info.site_name.clone(),
                 mirror_uuids: info.mirror_uuid.clone(),
-                state: "unknown".into(),
+                state: State::Unknown,
                 description: format!(
                     "cannot reach the primary site {}: {}",
                     peer.site_name, e.message
                 ),
-                reason: "peer-unreachable".into(),
+                reason: Reason::PeerUnreachable,
                 up: true,
                 ..Default::default()
             },

@@ -15,6 +15,7 @@ use std::sync::atomic::AtomicU64;
 use tern_client::ClientError;
 use tern_daemon::Tasks;
 use tern_daemon::metrics::{Labels, entries_behind};
+use tern_types::mirror::StatusReason;
 
 type FGauge = Gauge<f64, AtomicU64>;
 
@@ -76,14 +77,15 @@ async fn render(sh: &DaemonState, site: &str) -> String {
             ("source".into(), r.source.as_str().into()),
         ];
         let mut ls = l.clone();
-        let st = if r.status.reason == "primary" {
+        let primary = r.status.reason == StatusReason::Primary;
+        let st = if primary {
             "primary"
         } else {
             r.status.state.as_str()
         };
         ls.push(("state".into(), st.into()));
         state.get_or_create(&ls).set(1.0);
-        if r.status.reason == "primary" {
+        if primary {
             continue;
         }
         lag.get_or_create(&l).set(r.status.lag_seconds);

@@ -3,35 +3,45 @@
 //! that changed since the newest snapshot both sites share.
 
 use crate::{DaemonState, Reported};
+use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Instant;
-use tern_client::{ClientError, SiteClient, pb, snap_ref};
+use tern_client::{ClientError, SiteClient};
+use tern_types::ImageSpec;
+use tern_types::api::{
+    DataChunk, DiffExtent, DiffRequest, ImageAdopt, MirrorImageInfo, MirrorPeer, MirrorSiteStatus,
+    ReadStream, SnapInfo, SnapshotAck, SyncBegin, SyncProgress, WriteMessage, WriteOpen, Written,
+};
+use tern_types::mirror::{
+    ImageMirrorMode, MirrorSnapState, MirrorStatusState as State, SnapNamespaceType,
+    StatusReason as Reason,
+};
 
 pub(crate) struct ImageReplay {
     pub pool: String,
     pub local_mirror_uuid: String,
     pub site_name: String,
-    pub peer: pb::MirrorPeer,
+    pub peer: MirrorPeer,
     pub remote: SiteClient,
     pub remote_mirror_uuid: String,
-    pub remote_image: pb::MirrorImageInfo,
-    pub local_image: Option<pb::MirrorImageInfo>,
+    pub remote_image: MirrorImageInfo,
+    pub local_image: Option<MirrorImageInfo>,
     pub report_to: Vec<(SiteClient, String)>,
 }
 
 impl ImageReplay {
-    pub(crate) fn status(&self, state: &str, reason: &str, description: String) -> Reported {
+    pub(crate) fn status(&self, state: State, reason: Reason, description: String) -> Reported {
         Reported {
             pool: self.pool.clone(),
             global_id: self.remote_image.global_id.clone(),
             image: self.remote_image.name.clone(),
             source: self.peer.site_name.clone(),
-            status: pb::MirrorSiteStatus {
+            status: MirrorSiteStatus {
                 site_name: self.site_name.clone(),
                 mirror_uuids: self.local_mirror_uuid.clone(),
-                state: state.into(),
+                state,
                 description,
-                reason: reason.into(),
+                reason,
                 up: true,
                 ..Default::default()
             },
@@ -49,8 +59,8 @@ pub(crate) async fn run(sh: &Arc<DaemonState>, job: ImageReplay) {
         // Promoted here meanwhile (the site fenced a step begun before):
         // the image is no longer ours to write. Stop; the next pass reports
         // its new role.
-        let local_ref = snap_ref(&job.pool, &job.remote_image.name, None);
-        let promoted = match sh.local.mirror_image_get(local_ref).await {
+        let local_ref = ImageSpec::new(&job.pool, &job.remote_image.name);
+        let promoted = match sh.local.mirror().image_info(&local_ref).await {
             Ok(now) => {
                 now.primary
                     || job
@@ -66,13 +76,9 @@ pub(crate) async fn run(sh: &Arc<DaemonState>, job: ImageReplay) {
             return;
         }
         tracing::warn!(image = %job.spec(), error = %e.chain(), "replay failed");
-        let r = job.status("error", "error", format!("error: {}", e.message));
+        let r = job.status(State::Error, Reason::Error, format!("error: {}", e.message));
         sh.report(r).await;
     }
-}
-
-fn is_primary_state(s: &str) -> bool {
-    s == "primary" || s == "demoted"
 }
 
 async fn replay(sh: &Arc<DaemonState>, job: &ImageReplay) -> Result<(), ClientError> {
@@ -82,18 +88,19 @@ async fn replay(sh: &Arc<DaemonState>, job: &ImageReplay) -> Result<(), ClientEr
         Some(l) => l.clone(),
         None => {
             sh.report(job.status(
-                "starting_replay",
-                "starting",
+                State::StartingReplay,
+                Reason::Starting,
                 "starting replay: creating the local copy".into(),
             ))
             .await;
             tracing::info!(image = %job.spec(), from = %job.peer.site_name, "creating the local non-primary image");
             sh.local
-                .mirror_image_adopt(pb::MirrorImageAdoptRequest {
+                .mirror_daemon()
+                .adopt(ImageAdopt {
                     pool: job.pool.clone(),
                     name: rimg.name.clone(),
                     global_id: rimg.global_id.clone(),
-                    mode: rimg.mode.clone(),
+                    mode: rimg.mode,
                     size: rimg.size,
                     object_size: rimg.object_size,
                     stripe_unit: rimg.stripe_unit,
@@ -110,8 +117,8 @@ async fn replay(sh: &Arc<DaemonState>, job: &ImageReplay) -> Result<(), ClientEr
     }
     if local.primary {
         let r = job.status(
-            "error",
-            "split-brain",
+            State::Error,
+            Reason::SplitBrain,
             format!(
                 "split-brain: the image is primary both here and at {}. Neither side was overwritten. \
                  Demote the side whose writes you give up, then `tern mirror image resync` it",
@@ -127,8 +134,8 @@ async fn replay(sh: &Arc<DaemonState>, job: &ImageReplay) -> Result<(), ClientEr
             let spec = job.spec();
             tracing::warn!(image = %spec, peer = %job.peer.site_name, "split-brain: {why}");
             let r = job.status(
-                "error",
-                "split-brain",
+                State::Error,
+                Reason::SplitBrain,
                 format!(
                     "split-brain: {why}. Nothing was overwritten. To keep {peer}'s data, run `tern mirror image resync {spec}` here: only what diverged is copied",
                     peer = job.peer.site_name
@@ -138,7 +145,7 @@ async fn replay(sh: &Arc<DaemonState>, job: &ImageReplay) -> Result<(), ClientEr
             return Ok(());
         }
     };
-    if rimg.mode == "journal" {
+    if rimg.mode == ImageMirrorMode::Journal {
         return crate::journal::run(sh, job, local, plan).await;
     }
     snapshot_pass(sh, job, &local, &plan).await
@@ -149,7 +156,7 @@ async fn replay(sh: &Arc<DaemonState>, job: &ImageReplay) -> Result<(), ClientEr
 pub(crate) async fn snapshot_pass(
     sh: &Arc<DaemonState>,
     job: &ImageReplay,
-    local: &pb::MirrorImageInfo,
+    local: &MirrorImageInfo,
     plan: &Plan,
 ) -> Result<(), ClientError> {
     let rimg = &job.remote_image;
@@ -157,13 +164,14 @@ pub(crate) async fn snapshot_pass(
         .mirror_snaps
         .iter()
         .filter(|s| {
-            s.namespace == "mirror" && is_primary_state(&s.mirror_state) && s.mirror_complete
+            s.namespace == SnapNamespaceType::Mirror
+                && s.is_complete_mirror(MirrorSnapState::is_primary)
         })
         .max_by_key(|s| s.id)
     else {
         sh.report(job.status(
-            "starting_replay",
-            "starting",
+            State::StartingReplay,
+            Reason::Starting,
             "waiting for the primary's first mirror snapshot".into(),
         ))
         .await;
@@ -174,8 +182,7 @@ pub(crate) async fn snapshot_pass(
         .mirror_snaps
         .iter()
         .filter(|s| {
-            s.mirror_state.starts_with("non-primary")
-                && s.mirror_complete
+            s.is_complete_mirror(|m| !m.is_primary())
                 && s.primary_mirror_uuid == job.remote_mirror_uuid
         })
         .max_by_key(|s| s.id);
@@ -184,11 +191,11 @@ pub(crate) async fn snapshot_pass(
         return Ok(());
     }
     let (sent, secs) = sync_to(sh, job, local, rimg, target, plan).await?;
-    let local_ref = snap_ref(&job.pool, &local.name, None);
-    let local_now = sh.local.mirror_image_get(local_ref).await?;
+    let local_ref = ImageSpec::new(&job.pool, &local.name);
+    let local_now = sh.local.mirror().image_info(&local_ref).await?;
     let mut r = job.status(
-        "replaying",
-        "replaying",
+        State::Replaying,
+        Reason::Replaying,
         replaying_description(&local_now, target, sent, secs),
     );
     r.status.bytes_synced = sent;
@@ -205,23 +212,25 @@ pub(crate) async fn snapshot_pass(
 pub(crate) async fn sync_to(
     sh: &Arc<DaemonState>,
     job: &ImageReplay,
-    local: &pb::MirrorImageInfo,
-    rimg: &pb::MirrorImageInfo,
-    target: &pb::SnapInfo,
+    local: &MirrorImageInfo,
+    rimg: &MirrorImageInfo,
+    target: &SnapInfo,
     plan: &Plan,
 ) -> Result<(u64, f64), ClientError> {
     let base = plan.base.clone();
     let fence = Some(local.epoch);
     let _permit = sh.syncs.acquire().await.expect("semaphore");
+    let local_ref = ImageSpec::new(&job.pool, &local.name);
     let state = sh
         .local
-        .mirror_sync_begin(pb::MirrorSyncBeginRequest {
-            image: Some(snap_ref(&job.pool, &local.name, None)),
+        .mirror_daemon()
+        .sync_begin(SyncBegin {
+            image: local_ref.clone(),
             snap_name: target.name.clone(),
             primary_mirror_uuid: job.remote_mirror_uuid.clone(),
             primary_snap_id: target.id,
             size: target.size,
-            demoted: target.mirror_state == "demoted",
+            demoted: target.mirror_state == Some(MirrorSnapState::PrimaryDemoted),
             expect_epoch: fence,
             primary_epoch: rimg.epoch,
         })
@@ -238,30 +247,23 @@ pub(crate) async fn sync_to(
     let mut stream = job
         .remote
         .io()
-        .read_stream(pb::ReadStreamRequest {
-            image: Some(snap_ref(
-                &job.peer.remote_pool,
-                &rimg.name,
-                Some(&target.name),
-            )),
-            offset: 0,
-            length: 0,
-            chunk_size: 0,
+        .read_stream(ReadStream {
+            image: ImageSpec {
+                snap: Some(target.name.clone()),
+                ..ImageSpec::new(&job.peer.remote_pool, &rimg.name)
+            },
             diff: true,
             diff_from: base.clone().unwrap_or_default(),
-            whole_object: false,
             extra: plan.extra.clone(),
+            ..Default::default()
         })
-        .await
-        .map_err(|s| job.remote.err(s))?
-        .into_inner();
-    let local_ref = snap_ref(&job.pool, &local.name, None);
+        .await?;
     let peer_limit = sh.peer_limiter(&job.peer.uuid).await;
     let mut writer: Option<Writer> = None;
     let (mut sent, mut since_ckpt) = (0u64, 0u64);
     let mut pos;
     let mut last_report = Instant::now();
-    while let Some(ch) = stream.message().await.map_err(|s| job.remote.err(s))? {
+    while let Some(ch) = stream.next().await.transpose()? {
         let end = ch.offset + ch.length;
         if end <= resume_from {
             continue;
@@ -286,8 +288,9 @@ pub(crate) async fn sync_to(
             writer.take().expect("writer").commit().await?;
             since_ckpt = 0;
             sh.local
-                .mirror_sync_progress(pb::MirrorSyncProgressRequest {
-                    image: Some(local_ref.clone()),
+                .mirror_daemon()
+                .sync_progress(SyncProgress {
+                    image: local_ref.clone(),
                     snap_id: target.id,
                     last_copied_object_number: pos / unit,
                     resync_summary: String::new(),
@@ -307,8 +310,8 @@ pub(crate) async fn sync_to(
                 None => "syncing".into(),
             };
             let mut r = job.status(
-                "syncing",
-                "syncing",
+                State::Syncing,
+                Reason::Syncing,
                 format!("{what}, {:.0}% ({} bytes copied)", pct * 100.0, sent),
             );
             r.status.progress = pct;
@@ -334,8 +337,9 @@ pub(crate) async fn sync_to(
         tracing::warn!(image = %job.spec(), "resync done: {resync_summary}");
     }
     sh.local
-        .mirror_sync_complete(pb::MirrorSyncProgressRequest {
-            image: Some(local_ref.clone()),
+        .mirror_daemon()
+        .sync_complete(SyncProgress {
+            image: local_ref.clone(),
             snap_id: target.id,
             last_copied_object_number: target.size.div_ceil(unit),
             resync_summary,
@@ -345,7 +349,8 @@ pub(crate) async fn sync_to(
     // Tell the primary we hold this snapshot, so it may prune older ones but never this base.
     let _ = job
         .remote
-        .mirror_snapshot_ack(pb::MirrorSnapshotAckRequest {
+        .mirror_daemon()
+        .snapshot_ack(SnapshotAck {
             pool: job.peer.remote_pool.clone(),
             global_id: rimg.global_id.clone(),
             peer_mirror_uuid: job.local_mirror_uuid.clone(),
@@ -364,7 +369,7 @@ pub(crate) struct Plan {
     pub base: Option<String>,
     /// Local ranges to bring back to the primary's content as well: what
     /// this copy holds beyond the common point.
-    pub extra: Vec<pb::DiffExtent>,
+    pub extra: Vec<DiffExtent>,
     /// A requested resync: "delta …" or "full copy …", for status.
     pub resync: Option<String>,
 }
@@ -379,11 +384,11 @@ pub(crate) enum Standing {
 /// A complete mirror snapshot's identity across sites: the site (mirror
 /// uuid) and snapshot id where its content was taken. A copy's content is
 /// its origin's.
-fn origin(s: &pb::SnapInfo, site_uuid: &str) -> Option<(String, u64)> {
-    if s.namespace != "mirror" || !s.mirror_complete {
+fn origin(s: &SnapInfo, site_uuid: &str) -> Option<(String, u64)> {
+    if s.namespace != SnapNamespaceType::Mirror || !s.mirror_complete {
         return None;
     }
-    Some(if is_primary_state(&s.mirror_state) {
+    Some(if s.mirror_state.is_some_and(MirrorSnapState::is_primary) {
         (site_uuid.to_string(), s.id)
     } else {
         (s.primary_mirror_uuid.clone(), s.primary_snap_id)
@@ -393,12 +398,12 @@ fn origin(s: &pb::SnapInfo, site_uuid: &str) -> Option<(String, u64)> {
 /// The newest snapshot both sites hold with the same content: (local
 /// snapshot, the primary's snapshot name).
 fn common_point<'a>(
-    local: &'a pb::MirrorImageInfo,
-    rimg: &pb::MirrorImageInfo,
+    local: &'a MirrorImageInfo,
+    rimg: &MirrorImageInfo,
     local_uuid: &str,
     remote_uuid: &str,
-) -> Option<(&'a pb::SnapInfo, String)> {
-    let remote: std::collections::HashMap<(String, u64), &pb::SnapInfo> = rimg
+) -> Option<(&'a SnapInfo, String)> {
+    let remote: std::collections::HashMap<(String, u64), &SnapInfo> = rimg
         .mirror_snaps
         .iter()
         .filter_map(|s| origin(s, remote_uuid).map(|o| (o, s)))
@@ -416,17 +421,16 @@ fn common_point<'a>(
 async fn local_changes(
     sh: &DaemonState,
     job: &ImageReplay,
-    local: &pb::MirrorImageInfo,
+    local: &MirrorImageInfo,
     from: Option<&str>,
-) -> Result<Vec<pb::DiffExtent>, ClientError> {
+) -> Result<Vec<DiffExtent>, ClientError> {
     let d = sh
         .local
-        .diff(pb::DiffRequest {
-            image: Some(snap_ref(&job.pool, &local.name, None)),
+        .snap()
+        .diff(DiffRequest {
+            image: ImageSpec::new(&job.pool, &local.name),
             from_snap: from.unwrap_or_default().to_string(),
-            whole_object: false,
-            offset: 0,
-            length: 0,
+            ..Default::default()
         })
         .await?;
     Ok(d.extents)
@@ -439,7 +443,7 @@ async fn local_changes(
 pub(crate) async fn assess(
     sh: &DaemonState,
     job: &ImageReplay,
-    local: &pb::MirrorImageInfo,
+    local: &MirrorImageInfo,
 ) -> Result<Standing, ClientError> {
     let (lu, ru) = (&job.local_mirror_uuid, &job.remote_mirror_uuid);
     let rimg = &job.remote_image;
@@ -495,7 +499,7 @@ pub(crate) async fn assess(
         }
         None if holds_newest => None,
         None => Some(match newest {
-            Some(n) if is_primary_state(&n.mirror_state) => format!(
+            Some(n) if n.mirror_state.is_some_and(MirrorSnapState::is_primary) => format!(
                 "this image was primary here until it was demoted, and {peer} was promoted without its last writes (a forced promotion): this site's writes after {} are not on {peer}",
                 common
                     .as_ref()
@@ -549,10 +553,11 @@ pub(crate) async fn assess(
             {
                 match sh
                     .local
-                    .journal_extents(pb::JournalExtentsRequest {
-                        image: Some(snap_ref(&job.pool, &local.name, None)),
-                        after_tid: rimg.fork_journal_tid,
-                    })
+                    .journal()
+                    .extents(
+                        &ImageSpec::new(&job.pool, &local.name),
+                        rimg.fork_journal_tid,
+                    )
                     .await
                 {
                     Ok(d) => {
@@ -590,8 +595,8 @@ pub(crate) async fn assess(
 }
 
 fn replaying_description(
-    local: &pb::MirrorImageInfo,
-    target: &pb::SnapInfo,
+    local: &MirrorImageInfo,
+    target: &SnapInfo,
     bytes: u64,
     secs: f64,
 ) -> String {
@@ -616,15 +621,15 @@ fn replaying_description(
 async fn report_idle(
     sh: &Arc<DaemonState>,
     job: &ImageReplay,
-    local: &pb::MirrorImageInfo,
-    target: &pb::SnapInfo,
+    local: &MirrorImageInfo,
+    target: &SnapInfo,
 ) {
     let key = format!("{}/{}", job.pool, job.remote_image.global_id);
     let prev = sh.statuses.lock().await.get(&key).map(|r| r.status.clone());
     // Keep the byte figures of the last sync in the description.
     if let Some(p) = &prev
-        && p.state == "replaying"
-        && p.reason == "replaying"
+        && p.state == State::Replaying
+        && p.reason == Reason::Replaying
     {
         return;
     }
@@ -635,8 +640,8 @@ async fn report_idle(
         .max()
         .unwrap_or(0);
     let mut r = job.status(
-        "replaying",
-        "replaying",
+        State::Replaying,
+        Reason::Replaying,
         replaying_description(local, target, 0, 0.0),
     );
     r.status.last_sync = last_sync;
@@ -645,53 +650,36 @@ async fn report_idle(
 
 /// A write stream into the local non-primary image (mirror sync mode).
 struct Writer {
-    tx: tokio::sync::mpsc::Sender<pb::WriteStreamMessage>,
-    call: tokio::task::JoinHandle<Result<pb::WriteStreamReply, ClientError>>,
+    tx: tokio::sync::mpsc::Sender<WriteMessage>,
+    call: tokio::task::JoinHandle<Result<Written, ClientError>>,
     total: u64,
 }
 
 impl Writer {
     async fn open(
         local: &SiteClient,
-        image: pb::ImageRef,
+        image: ImageSpec,
         expect_epoch: Option<u64>,
     ) -> Result<Writer, ClientError> {
-        use pb::write_stream_message::Msg;
-        let (tx, rx) = tokio::sync::mpsc::channel::<pb::WriteStreamMessage>(8);
-        let open = pb::WriteStreamOpen {
+        let (tx, rx) = tokio::sync::mpsc::channel::<WriteMessage>(8);
+        let open = WriteOpen {
             image: Some(image),
             mirror_sync: true,
             expect_epoch,
             ..Default::default()
         };
-        tx.send(pb::WriteStreamMessage {
-            msg: Some(Msg::Open(open)),
-        })
-        .await
-        .ok();
+        tx.send(WriteMessage::Open(Box::new(open))).await.ok();
         let c = local.clone();
         let call = tokio::spawn(async move {
             let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-            c.io()
-                .write_stream(stream)
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| c.err(s))
+            c.io().write_stream(stream).await
         });
         Ok(Writer { tx, call, total: 0 })
     }
 
-    async fn send(&mut self, ch: pb::DataChunk) -> Result<(), ClientError> {
-        use pb::write_stream_message::Msg;
+    async fn send(&mut self, ch: DataChunk) -> Result<(), ClientError> {
         self.total += ch.length;
-        if self
-            .tx
-            .send(pb::WriteStreamMessage {
-                msg: Some(Msg::Chunk(ch)),
-            })
-            .await
-            .is_err()
-        {
+        if self.tx.send(WriteMessage::Chunk(ch)).await.is_err() {
             // The local site ended the call: its status says why.
             return Err(match (&mut self.call).await {
                 Ok(Err(e)) => e,
@@ -706,17 +694,11 @@ impl Writer {
     }
 
     async fn commit(self) -> Result<(), ClientError> {
-        use pb::write_stream_message::Msg;
-        let commit = pb::WriteStreamCommit {
+        let commit = WriteMessage::Commit {
             final_size: 0,
             total_bytes: self.total,
         };
-        let _ = self
-            .tx
-            .send(pb::WriteStreamMessage {
-                msg: Some(Msg::Commit(commit)),
-            })
-            .await;
+        let _ = self.tx.send(commit).await;
         drop(self.tx);
         match self.call.await {
             Ok(r) => r.map(|_| ()),
@@ -732,12 +714,12 @@ impl Writer {
 mod tests {
     use super::*;
 
-    fn snap(id: u64, state: &str, origin: Option<(&str, u64)>) -> pb::SnapInfo {
-        pb::SnapInfo {
+    fn snap(id: u64, state: &str, origin: Option<(&str, u64)>) -> SnapInfo {
+        SnapInfo {
             id,
             name: format!("s{id}"),
-            namespace: "mirror".into(),
-            mirror_state: state.into(),
+            namespace: SnapNamespaceType::Mirror,
+            mirror_state: MirrorSnapState::parse(state),
             mirror_complete: true,
             primary_mirror_uuid: origin.map(|o| o.0.to_string()).unwrap_or_default(),
             primary_snap_id: origin.map_or(0, |o| o.1),
@@ -745,8 +727,8 @@ mod tests {
         }
     }
 
-    fn image(snaps: Vec<pb::SnapInfo>) -> pb::MirrorImageInfo {
-        pb::MirrorImageInfo {
+    fn image(snaps: Vec<SnapInfo>) -> MirrorImageInfo {
+        MirrorImageInfo {
             mirror_snaps: snaps,
             ..Default::default()
         }
@@ -800,7 +782,7 @@ mod tests {
         let mut incomplete = snap(9, "non-primary", Some(("A", 2)));
         incomplete.mirror_complete = false;
         let mut user = snap(10, "", None);
-        user.namespace = "user".into();
+        user.namespace = SnapNamespaceType::User;
         let b = image(vec![incomplete, user, snap(11, "primary", None)]);
         assert!(common_point(&a, &b, "A", "B").is_none());
     }

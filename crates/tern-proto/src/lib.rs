@@ -2,8 +2,9 @@
 //! defines it; [`API_VERSION`](tern_types::API_VERSION) is carried in the
 //! `x-tern-api-version` header of every call and in `Hello`.
 
-#![allow(clippy::all)]
+pub mod convert;
 
+#[allow(clippy::all)]
 pub mod v1 {
     tonic::include_proto!("tern.v1");
 }

@@ -99,22 +99,4 @@ pub struct MirrorSnap {
     pub last_copied_object_number: u64,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum MirrorSnapState {
-    #[default]
-    Primary,
-    PrimaryDemoted,
-    NonPrimary,
-    NonPrimaryDemoted,
-}
-
-impl std::fmt::Display for MirrorSnapState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            MirrorSnapState::Primary => "primary",
-            MirrorSnapState::PrimaryDemoted => "demoted",
-            MirrorSnapState::NonPrimary => "non-primary",
-            MirrorSnapState::NonPrimaryDemoted => "non-primary demoted",
-        })
-    }
-}
+pub use tern_types::mirror::MirrorSnapState;

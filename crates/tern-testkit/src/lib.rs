@@ -615,29 +615,34 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 /// in `pool` mirroring mode), each with 64 KiB of its own data and a
 /// mirror snapshot: the scale tests' fleet.
 pub fn mirrored_fleet(site: &Site, n: u64) {
-    use tern_client::{image_ref, pb};
+    use tern_types::ImageSpec;
+    use tern_types::api::ImageCreate;
     let rt = rt();
     let c = site.client(&rt);
     rt.block_on(async {
         for i in 0..n {
             let name = format!("img{i:03}");
-            c.image_create(pb::ImageCreateRequest {
-                pool: "rbd".into(),
-                image: name.clone(),
-                size: 4 << 20,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-            c.write(pb::WriteRequest {
-                image: Some(image_ref("rbd", &name)),
-                offset: i * 4096,
-                data: random_bytes(i, 64 * 1024),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-            c.mirror_image_snapshot(image_ref("rbd", &name))
+            c.image()
+                .create(ImageCreate {
+                    pool: "rbd".into(),
+                    image: name.clone(),
+                    size: 4 << 20,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            c.io()
+                .write(
+                    &ImageSpec::new("rbd", &name),
+                    i * 4096,
+                    random_bytes(i, 64 * 1024),
+                    false,
+                    "",
+                )
+                .await
+                .unwrap();
+            c.mirror()
+                .image_snapshot(&ImageSpec::new("rbd", &name))
                 .await
                 .unwrap();
         }

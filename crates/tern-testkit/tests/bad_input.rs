@@ -2,8 +2,8 @@
 
 use std::io::Write;
 use std::time::Duration;
-use tern_client::pb;
 use tern_testkit::{Site, random_bytes, rt, wait_until};
+use tern_types::api::{DataChunk, ImageCreate, WriteMessage, WriteOpen};
 
 fn site() -> Site {
     let s = Site::start("site-a");
@@ -158,25 +158,13 @@ fn io_past_the_end_is_refused() {
     let s = site();
     let rt = rt();
     let c = s.client(&rt);
-    let r = tern_client::image_ref("rbd", "keep");
+    let r = tern_types::ImageSpec::new("rbd", "keep");
     let e = rt
-        .block_on(c.write(pb::WriteRequest {
-            image: Some(r.clone()),
-            offset: (1 << 30) - 100,
-            data: vec![1; 4096],
-            fua: false,
-            ..Default::default()
-        }))
+        .block_on(c.io().write(&r, (1 << 30) - 100, vec![1; 4096], false, ""))
         .unwrap_err();
     assert_eq!(e.kind, tern_types::ErrorKind::InvalidArgument, "{e}");
     assert!(e.message.contains("past the end"), "{e}");
-    let e = rt
-        .block_on(c.read(pb::ReadRequest {
-            image: Some(r.clone()),
-            offset: 1 << 30,
-            length: 1,
-        }))
-        .unwrap_err();
+    let e = rt.block_on(c.io().read(&r, 1 << 30, 1)).unwrap_err();
     assert_eq!(e.kind, tern_types::ErrorKind::InvalidArgument, "{e}");
     assert_eq!(s.object_bytes(), 0, "a refused write stored data");
     assert_unchanged(&s);
@@ -192,35 +180,30 @@ fn truncated_imports_leave_nothing() {
     let rt = rt();
     let c = s.client(&rt);
     let e = rt.block_on(async {
-        use pb::write_stream_message::Msg;
         let msgs = vec![
-            pb::WriteStreamMessage {
-                msg: Some(Msg::Open(pb::WriteStreamOpen {
-                    create: Some(pb::ImageCreateRequest {
-                        pool: "rbd".into(),
-                        image: "partial".into(),
-                        size: 8 << 20,
-                        ..Default::default()
-                    }),
-                    image: None,
+            WriteMessage::Open(Box::new(WriteOpen {
+                create: Some(ImageCreate {
+                    pool: "rbd".into(),
+                    image: "partial".into(),
+                    size: 8 << 20,
                     ..Default::default()
-                })),
-            },
-            pb::WriteStreamMessage {
-                msg: Some(Msg::Chunk(pb::DataChunk {
-                    offset: 0,
-                    length: 1 << 20,
-                    zero: false,
-                    data: random_bytes(1, 1 << 20).into(),
-                })),
-            },
+                }),
+                image: None,
+                ..Default::default()
+            })),
+            WriteMessage::Chunk(DataChunk {
+                offset: 0,
+                length: 1 << 20,
+                zero: false,
+                data: random_bytes(1, 1 << 20).into(),
+            }),
         ];
         c.io()
             .write_stream(futures::stream::iter(msgs))
             .await
             .unwrap_err()
     });
-    assert!(e.message().contains("ended before its commit"), "{e:?}");
+    assert!(e.message.contains("ended before its commit"), "{e:?}");
     assert_unchanged(&s);
     assert!(
         wait_until(Duration::from_secs(5), || s.object_bytes() == 0),
@@ -251,33 +234,26 @@ fn truncated_imports_leave_nothing() {
     // 3. A stdin import whose input ends early is simply shorter; a commit
     //    that claims more bytes than arrived is refused.
     let e = rt.block_on(async {
-        use pb::write_stream_message::Msg;
         let msgs = vec![
-            pb::WriteStreamMessage {
-                msg: Some(Msg::Open(pb::WriteStreamOpen {
-                    create: Some(pb::ImageCreateRequest {
-                        pool: "rbd".into(),
-                        image: "short".into(),
-                        size: 0,
-                        ..Default::default()
-                    }),
-                    image: None,
+            WriteMessage::Open(Box::new(WriteOpen {
+                create: Some(ImageCreate {
+                    pool: "rbd".into(),
+                    image: "short".into(),
+                    size: 0,
                     ..Default::default()
-                })),
-            },
-            pb::WriteStreamMessage {
-                msg: Some(Msg::Chunk(pb::DataChunk {
-                    offset: 0,
-                    length: 4096,
-                    zero: false,
-                    data: vec![7; 4096].into(),
-                })),
-            },
-            pb::WriteStreamMessage {
-                msg: Some(Msg::Commit(pb::WriteStreamCommit {
-                    final_size: 8192,
-                    total_bytes: 8192,
-                })),
+                }),
+                image: None,
+                ..Default::default()
+            })),
+            WriteMessage::Chunk(DataChunk {
+                offset: 0,
+                length: 4096,
+                zero: false,
+                data: vec![7; 4096].into(),
+            }),
+            WriteMessage::Commit {
+                final_size: 8192,
+                total_bytes: 8192,
             },
         ];
         c.io()
@@ -285,7 +261,7 @@ fn truncated_imports_leave_nothing() {
             .await
             .unwrap_err()
     });
-    assert!(e.message().contains("import incomplete"), "{e:?}");
+    assert!(e.message.contains("import incomplete"), "{e:?}");
     assert_unchanged(&s);
 
     // 4. ternd dies mid-import: after restart the half import is gone.

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use tern_client::{image_ref, pb};
 use tern_testkit::nbd::NbdClient;
 use tern_testkit::{Pair, Site, random_bytes, rt, wait_until};
+use tern_types::ImageSpec;
 
 const GIB: u64 = 1 << 30;
 const DIVERGE: u64 = 8 << 20;
@@ -22,12 +22,9 @@ fn spec(name: &str) -> String {
 fn sums(s: &Site, name: &str) -> Vec<Vec<u8>> {
     let rt = rt();
     let c = s.client(&rt);
-    rt.block_on(c.image_checksum(pb::ChecksumRequest {
-        image: Some(image_ref("rbd", name)),
-        chunk_size: 4 << 20,
-    }))
-    .map(|r| r.hashes)
-    .unwrap_or_default()
+    rt.block_on(c.image().checksum(&ImageSpec::new("rbd", name), 4 << 20))
+        .map(|r| r.hashes)
+        .unwrap_or_default()
 }
 
 fn export_sum(s: &Site, name: &str) -> String {
@@ -84,22 +81,24 @@ fn scatter(s: &Site, name: &str, seed: u64, total: u64) {
     let c = s.client(&rt);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let size = rt
-        .block_on(c.image_get(image_ref("rbd", name)))
+        .block_on(c.image().info(&ImageSpec::new("rbd", name)))
         .unwrap()
         .size;
     rt.block_on(async {
         for i in 0..total / PIECE {
             let off = rng.random_range(0..size / PIECE) * PIECE;
-            c.write(pb::WriteRequest {
-                image: Some(image_ref("rbd", name)),
-                offset: off,
-                data: random_bytes(seed * 1_000_000 + i, PIECE as usize),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+            c.io()
+                .write(
+                    &ImageSpec::new("rbd", name),
+                    off,
+                    random_bytes(seed * 1_000_000 + i, PIECE as usize),
+                    false,
+                    "",
+                )
+                .await
+                .unwrap();
         }
-        c.flush(image_ref("rbd", name)).await.unwrap();
+        c.io().flush(&ImageSpec::new("rbd", name)).await.unwrap();
     });
 }
 
@@ -544,7 +543,7 @@ fn seed_failover_and_failback_scripts() {
 fn primaries(s: &Site) -> usize {
     let rt = rt();
     let c = s.client(&rt);
-    rt.block_on(c.mirror_image_list(pb::PoolRequest { pool: "rbd".into() }))
+    rt.block_on(c.mirror().image_list("rbd"))
         .map(|l| l.images.iter().filter(|i| i.primary).count())
         .unwrap_or(0)
 }
@@ -624,7 +623,7 @@ fn dr_failover_interrupted_then_finished() {
     let mut ok = false;
     let cb = b.client(&rt);
     let count = || {
-        rt.block_on(cb.mirror_image_list(pb::PoolRequest { pool: "rbd".into() }))
+        rt.block_on(cb.mirror().image_list("rbd"))
             .map(|l| l.images.iter().filter(|i| i.primary).count())
             .unwrap_or(0)
     };
@@ -679,12 +678,10 @@ fn dr_failover_interrupted_then_finished() {
     let ca = a.client(&rt);
     rt.block_on(async {
         for i in 0..N {
-            ca.mirror_image_resync(pb::MirrorImageResyncRequest {
-                image: Some(image_ref("rbd", &format!("img{i:03}"))),
-                full: false,
-            })
-            .await
-            .unwrap();
+            ca.mirror()
+                .image_resync(&ImageSpec::new("rbd", &format!("img{i:03}")), false)
+                .await
+                .unwrap();
         }
     });
     let ok = wait_until(Duration::from_secs(120), || {

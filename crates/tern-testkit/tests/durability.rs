@@ -7,8 +7,8 @@ use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tern_client::{image_ref, pb};
 use tern_testkit::{Site, rt};
+use tern_types::ImageSpec;
 
 const BLOCK: u64 = 4096;
 const IMAGE: u64 = 32 << 20;
@@ -51,7 +51,7 @@ fn kill9_loses_no_flushed_write() {
     let mut created: Vec<String> = Vec::new();
     for round in 0..20 {
         let c = s.client(&rt);
-        let r = image_ref("rbd", "dur");
+        let r = ImageSpec::new("rbd", "dur");
         let run_ms = rng.random_range(30..400);
         let wseed: u64 = rng.random();
         let l = ledger.clone();
@@ -65,7 +65,7 @@ fn kill9_loses_no_flushed_write() {
                 if rng.random_range(0..8) == 0 {
                     // Everything acknowledged before this flush must survive once it returns.
                     let acked = std::mem::take(&mut since_flush);
-                    if c.flush(r.clone()).await.is_err() {
+                    if c.io().flush(&r).await.is_err() {
                         // Unknown outcome: these stay "maybe".
                         return seq;
                     }
@@ -88,15 +88,7 @@ fn kill9_loses_no_flushed_write() {
                         led.maybe.entry(b).or_default().push(seq);
                     }
                 }
-                let res = c
-                    .write(pb::WriteRequest {
-                        image: Some(r.clone()),
-                        offset: first * BLOCK,
-                        data,
-                        fua: false,
-                        ..Default::default()
-                    })
-                    .await;
+                let res = c.io().write(&r, first * BLOCK, data, false, "").await;
                 if res.is_err() {
                     return seq + 1;
                 }
@@ -119,12 +111,8 @@ fn kill9_loses_no_flushed_write() {
         let c = s.client(&rt);
         let mut data = Vec::with_capacity(IMAGE as usize);
         for off in (0..IMAGE).step_by(8 << 20) {
-            let r = pb::ReadRequest {
-                image: Some(image_ref("rbd", "dur")),
-                offset: off,
-                length: 8 << 20,
-            };
-            data.extend(rt.block_on(c.read(r)).unwrap().data);
+            let r = ImageSpec::new("rbd", "dur");
+            data.extend(rt.block_on(c.io().read(&r, off, 8 << 20)).unwrap());
         }
         let led = ledger.lock().unwrap();
         for b in 0..IMAGE / BLOCK {
@@ -167,7 +155,8 @@ fn kill9_loses_no_flushed_write() {
         }
         led.maybe.clear();
         drop(led);
-        rt.block_on(c.flush(image_ref("rbd", "dur"))).unwrap();
+        rt.block_on(c.io().flush(&ImageSpec::new("rbd", "dur")))
+            .unwrap();
 
         // Metadata: every image whose create returned exists, the pool is intact.
         let mut listed: Vec<String> = serde_json::from_value(s.tern_json(&["ls", "rbd"])).unwrap();

@@ -12,10 +12,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use tern_client::SiteClient;
 use tern_client::config::TlsMode;
-use tern_client::{SiteClient, image_ref, pb};
 use tern_testkit::nbd::NbdClient;
 use tern_testkit::{Site, http_get, random_bytes, rt, wait_until};
+use tern_types::ImageSpec;
+use tern_types::api::{MirrorSiteStatus, StatusReport};
 
 fn keyring_key(ring: &str) -> String {
     ring.lines()
@@ -338,13 +340,13 @@ fn tampered_token_site_name_is_refused_and_nothing_stored() {
     )
     .unwrap();
     let e = rt
-        .block_on(peer.mirror_status_report(pb::MirrorStatusReportRequest {
+        .block_on(peer.mirror_daemon().status_report(StatusReport {
             pool: "rbd".into(),
             global_id: "g".into(),
-            status: Some(pb::MirrorSiteStatus {
+            status: MirrorSiteStatus {
                 site_name: "site-b\nforged: OK".into(),
                 ..Default::default()
-            }),
+            },
             daemon: None,
         }))
         .unwrap_err();
@@ -464,28 +466,33 @@ fn mirror_snapshots_stay_under_their_cap_and_a_late_peer_ends_equal() {
     rt.block_on(async {
         for i in 0..150u64 {
             admin
-                .write(pb::WriteRequest {
-                    image: Some(image_ref("rbd", "snap")),
-                    offset: (i % 32) << 20,
-                    data: random_bytes(i, 64 << 10),
-                    ..Default::default()
-                })
+                .io()
+                .write(
+                    &ImageSpec::new("rbd", "snap"),
+                    (i % 32) << 20,
+                    random_bytes(i, 64 << 10),
+                    false,
+                    "",
+                )
                 .await
                 .unwrap();
             admin
-                .mirror_image_snapshot(image_ref("rbd", "snap"))
+                .mirror()
+                .image_snapshot(&ImageSpec::new("rbd", "snap"))
                 .await
                 .unwrap();
         }
         // A peer key may not take snapshots of a snapshot-mode image...
         let e = peer
-            .mirror_image_snapshot(image_ref("rbd", "snap"))
+            .mirror()
+            .image_snapshot(&ImageSpec::new("rbd", "snap"))
             .await
             .unwrap_err();
         assert_eq!(e.kind, tern_types::ErrorKind::PermissionDenied, "{e}");
         // ...and its sync points on a journal-mode image stay under the cap.
         for _ in 0..150 {
-            peer.mirror_image_snapshot(image_ref("rbd", "jrnl"))
+            peer.mirror()
+                .image_snapshot(&ImageSpec::new("rbd", "jrnl"))
                 .await
                 .unwrap();
         }

@@ -2,13 +2,16 @@
 //! Descriptors (item 2), idle connections (item 3), NBD memory (item 4)
 //! and huge sparse exports (item 5), each against a real ternd.
 
+use futures::StreamExt;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
-use tern_client::{image_ref, pb};
+use tern_client::ClientError;
 use tern_testkit::nbd::{NbdClient, handshake};
 use tern_testkit::{Site, http_get, rt, wait_until};
+use tern_types::ImageSpec;
+use tern_types::api::{DataChunk, ReadStream};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -267,15 +270,14 @@ fn huge_sparse_exports_start_at_once_and_stop_with_their_client() {
     let (pos, found) = rt.block_on(async {
         let mut st = client
             .io()
-            .read_stream(pb::ReadStreamRequest {
-                image: Some(image_ref("rbd", "huge")),
+            .read_stream(ReadStream {
+                image: ImageSpec::new("rbd", "huge"),
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .unwrap();
         let (mut pos, mut found) = (0u64, Vec::new());
-        while let Some(ch) = st.message().await.unwrap() {
+        while let Some(ch) = st.next().await.transpose().unwrap() {
             assert_eq!(ch.offset, pos, "stream skipped");
             if !ch.zero {
                 found.push((ch.offset, ch.data));
@@ -482,48 +484,46 @@ fn stream_site(budget: &str) -> (Site, Vec<u8>) {
     let rt = rt();
     let c = s.client(&rt);
     for (i, piece) in data.chunks(8 << 20).enumerate() {
-        rt.block_on(c.write(pb::WriteRequest {
-            image: Some(image_ref("rbd", "m")),
-            offset: i as u64 * (8 << 20),
-            data: piece.to_vec(),
-            fua: false,
-            ..Default::default()
-        }))
+        rt.block_on(c.io().write(
+            &ImageSpec::new("rbd", "m"),
+            i as u64 * (8 << 20),
+            piece.to_vec(),
+            false,
+            "",
+        ))
         .unwrap();
     }
-    rt.block_on(c.flush(image_ref("rbd", "m"))).unwrap();
+    rt.block_on(c.io().flush(&ImageSpec::new("rbd", "m")))
+        .unwrap();
     (s, data)
 }
 
 /// Opens `n` whole-image read streams in 8 MiB chunks, four per connection,
 /// and reads none of them.
-fn open_unread_streams(
-    s: &Site,
-    rt: &tokio::runtime::Runtime,
-    n: usize,
-) -> Vec<tonic::Streaming<pb::DataChunk>> {
+fn open_unread_streams(s: &Site, rt: &tokio::runtime::Runtime, n: usize) -> Vec<ChunkStream> {
     let mut c = s.client(rt);
     (0..n)
         .map(|i| {
             if i > 0 && i % 4 == 0 {
                 c = s.client(rt);
             }
-            rt.block_on(c.io().read_stream(pb::ReadStreamRequest {
-                image: Some(image_ref("rbd", "m")),
+            rt.block_on(c.io().read_stream(ReadStream {
+                image: ImageSpec::new("rbd", "m"),
                 chunk_size: 8 << 20,
                 ..Default::default()
             }))
             .unwrap()
-            .into_inner()
         })
         .collect()
 }
 
 /// Reads a whole stream into an image-sized buffer.
-async fn read_all(mut st: tonic::Streaming<pb::DataChunk>) -> Result<Vec<u8>, tonic::Status> {
+type ChunkStream = futures::stream::BoxStream<'static, Result<DataChunk, ClientError>>;
+
+async fn read_all(mut st: ChunkStream) -> Result<Vec<u8>, ClientError> {
     let mut out = vec![0u8; STREAM_IMAGE as usize];
     let mut pos = 0u64;
-    while let Some(ch) = st.message().await? {
+    while let Some(ch) = st.next().await.transpose()? {
         assert_eq!(ch.offset, pos, "stream skipped");
         if !ch.zero {
             out[pos as usize..pos as usize + ch.data.len()].copy_from_slice(&ch.data);

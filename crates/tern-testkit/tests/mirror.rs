@@ -2,8 +2,8 @@
 //! along the seed's steps 1-5 (snapshot mode).
 
 use std::time::{Duration, Instant};
-use tern_client::{image_ref, pb};
 use tern_testkit::{Site, random_bytes, rt, wait_until};
+use tern_types::ImageSpec;
 
 const MIB: u64 = 1 << 20;
 
@@ -134,18 +134,14 @@ fn write_random(s: &Site, image: &str, seed: u64, total: u64, chunk: u64, size: 
         while done < total {
             let off = rng.random_range(0..(size - chunk) / 4096) * 4096;
             let data = random_bytes(seed * 100_000 + i, chunk as usize);
-            c.write(pb::WriteRequest {
-                image: Some(image_ref("rbd", image)),
-                offset: off,
-                data,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+            c.io()
+                .write(&ImageSpec::new("rbd", image), off, data, false, "")
+                .await
+                .unwrap();
             done += chunk;
             i += 1;
         }
-        c.flush(image_ref("rbd", image)).await.unwrap();
+        c.io().flush(&ImageSpec::new("rbd", image)).await.unwrap();
     });
 }
 
@@ -832,15 +828,13 @@ fn compression_and_bandwidth_limit() {
         let c = a.client(&rt);
         rt.block_on(async {
             for (i, piece) in data.chunks(4 << 20).enumerate() {
-                let w = pb::WriteRequest {
-                    image: Some(image_ref("rbd", "c")),
-                    offset: off + i as u64 * (4 << 20),
-                    data: piece.to_vec(),
-                    ..Default::default()
-                };
-                c.write(w).await.unwrap();
+                let at = off + i as u64 * (4 << 20);
+                c.io()
+                    .write(&ImageSpec::new("rbd", "c"), at, piece.to_vec(), false, "")
+                    .await
+                    .unwrap();
             }
-            c.flush(image_ref("rbd", "c")).await.unwrap();
+            c.io().flush(&ImageSpec::new("rbd", "c")).await.unwrap();
         });
     };
     let sync_bytes = |off: u64, data: &[u8]| {

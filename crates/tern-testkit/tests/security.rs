@@ -2,9 +2,10 @@
 //! a read-only user writing, a removed user and a certificate that does not
 //! match the pinned fingerprint are refused, and nothing changes.
 
+use tern_client::SiteClient;
 use tern_client::config::TlsMode;
-use tern_client::{SiteClient, image_ref, pb};
 use tern_testkit::{Site, random_bytes, rt, sha256_file};
+use tern_types::ImageSpec;
 
 fn setup() -> (Site, String) {
     let s = Site::start("site-a");
@@ -55,7 +56,7 @@ fn wrong_or_missing_keys_are_refused() {
     let _g = rt.enter();
     let c = SiteClient::connect_with(&s.addr, &conf.tls, "", "").unwrap();
     let e = rt
-        .block_on(c.image_remove(image_ref("rbd", "img")))
+        .block_on(c.image().remove(&ImageSpec::new("rbd", "img")))
         .unwrap_err();
     assert_eq!(e.kind, tern_types::ErrorKind::Unauthenticated, "{e}");
     assert!(e.message.contains("no credentials"), "{e}");
@@ -67,7 +68,7 @@ fn wrong_or_missing_keys_are_refused() {
         "AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==",
     )
     .unwrap();
-    let e = rt.block_on(c.pool_list(pb::Empty {})).unwrap_err();
+    let e = rt.block_on(c.pool().list()).unwrap_err();
     assert_eq!(e.kind, tern_types::ErrorKind::Unauthenticated);
     assert_eq!(image_sum(&s), sum);
     assert_eq!(s.tern_ok(&["ls"]).trim(), "img");
@@ -154,13 +155,10 @@ fn read_only_user_cannot_write_and_removed_user_is_locked_out() {
     let _g = rt.enter();
     let c = SiteClient::connect_with(&s.addr, &conf.tls, "client.ro", &key).unwrap();
     let e = rt
-        .block_on(c.write(pb::WriteRequest {
-            image: Some(image_ref("rbd", "img")),
-            offset: 0,
-            data: vec![1; 4096],
-            fua: false,
-            ..Default::default()
-        }))
+        .block_on(
+            c.io()
+                .write(&ImageSpec::new("rbd", "img"), 0, vec![1; 4096], false, ""),
+        )
         .unwrap_err();
     assert_eq!(e.kind, tern_types::ErrorKind::PermissionDenied);
     assert_eq!(image_sum(&s), sum);
@@ -243,7 +241,7 @@ fn certificate_fingerprint_mismatch_is_refused() {
     let rt = rt();
     let _g = rt.enter();
     let c = SiteClient::connect_with(&s.addr, &TlsMode::Insecure, "client.admin", "x").unwrap();
-    assert!(rt.block_on(c.pool_list(pb::Empty {})).is_err());
+    assert!(rt.block_on(c.pool().list()).is_err());
     assert_eq!(image_sum(&s), sum);
 }
 

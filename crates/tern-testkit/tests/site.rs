@@ -2,8 +2,8 @@
 //! import/export, sparse handling and random I/O against a model.
 
 use std::time::Instant;
-use tern_client::{image_ref, pb};
 use tern_testkit::{Site, random_bytes, rt, sha256_file};
+use tern_types::ImageSpec;
 
 #[test]
 fn pools_and_images_through_the_cli() {
@@ -196,24 +196,19 @@ fn sparse_10gib_image_exports_fast_and_stays_small() {
     s.tern_ok(&["create", "rbd/sparse", "--size", "10G"]);
     let rt = rt();
     let c = s.client(&rt);
-    let r = image_ref("rbd", "sparse");
+    let r = ImageSpec::new("rbd", "sparse");
     let mut written = Vec::new();
     rt.block_on(async {
         for i in 0..10u64 {
             let off = i * (1000 << 20) + 12345 * 4096;
             let data = random_bytes(i, 1 << 20);
-            c.write(pb::WriteRequest {
-                image: Some(r.clone()),
-                offset: off,
-                data: data.clone(),
-                fua: false,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+            c.io()
+                .write(&r, off, data.clone(), false, "")
+                .await
+                .unwrap();
             written.push((off, data));
         }
-        c.flush(r.clone()).await.unwrap();
+        c.io().flush(&r).await.unwrap();
     });
     let used = s.object_bytes();
     assert!(
@@ -275,7 +270,7 @@ fn random_io_matches_model() {
             ]);
         }
         s.tern_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        let r = image_ref("rbd", &name);
+        let r = ImageSpec::new("rbd", &name);
         let mut model = vec![0u8; size as usize];
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         rt.block_on(async {
@@ -286,51 +281,24 @@ fn random_io_matches_model() {
                     0..=4 => {
                         let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
                         model[off as usize..(off + len) as usize].copy_from_slice(&data);
-                        c.write(pb::WriteRequest {
-                            image: Some(r.clone()),
-                            offset: off,
-                            data,
-                            fua: rng.random_bool(0.1),
-                            ..Default::default()
-                        })
-                        .await
-                        .unwrap();
+                        c.io()
+                            .write(&r, off, data, rng.random_bool(0.1), "")
+                            .await
+                            .unwrap();
                     }
                     5 => {
                         model[off as usize..(off + len) as usize].fill(0);
-                        c.discard(pb::RangeRequest {
-                            image: Some(r.clone()),
-                            offset: off,
-                            length: len,
-                            ..Default::default()
-                        })
-                        .await
-                        .unwrap();
+                        c.io().discard(&r, off, len, "").await.unwrap();
                     }
                     6 => {
                         model[off as usize..(off + len) as usize].fill(0);
-                        c.write_zeroes(pb::RangeRequest {
-                            image: Some(r.clone()),
-                            offset: off,
-                            length: len,
-                            ..Default::default()
-                        })
-                        .await
-                        .unwrap();
+                        c.io().write_zeroes(&r, off, len, "").await.unwrap();
                     }
                     7 => {
-                        c.flush(r.clone()).await.unwrap();
+                        c.io().flush(&r).await.unwrap();
                     }
                     _ => {
-                        let got = c
-                            .read(pb::ReadRequest {
-                                image: Some(r.clone()),
-                                offset: off,
-                                length: len,
-                            })
-                            .await
-                            .unwrap()
-                            .data;
+                        let got = c.io().read(&r, off, len).await.unwrap();
                         assert!(
                             got == model[off as usize..(off + len) as usize],
                             "seed {seed} op {op}: read {off}+{len} differs"

@@ -5,8 +5,9 @@
 use rand::{Rng, SeedableRng};
 use std::io::Write;
 use std::time::Duration;
-use tern_client::{image_ref, pb, snap_ref};
 use tern_testkit::{Site, random_bytes, rt};
+use tern_types::ImageSpec;
+use tern_types::api::DiffRequest;
 
 const MIB: u64 = 1 << 20;
 
@@ -19,17 +20,10 @@ fn write_random(s: &Site, image: &str, seed: u64, count: usize, size: u64) {
             let len = rng.random_range(1..64 * 1024u64);
             let off = rng.random_range(0..size - len);
             let data = random_bytes(seed * 1000 + i as u64, len as usize);
-            let r = image_ref("rbd", image);
-            c.write(pb::WriteRequest {
-                image: Some(r),
-                offset: off,
-                data,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+            let r = ImageSpec::new("rbd", image);
+            c.io().write(&r, off, data, false, "").await.unwrap();
         }
-        c.flush(image_ref("rbd", image)).await.unwrap();
+        c.io().flush(&ImageSpec::new("rbd", image)).await.unwrap();
     });
 }
 
@@ -67,11 +61,13 @@ fn snapshot_lifecycle_through_the_cli() {
     let rt = rt();
     let c = s.client(&rt);
     let e = rt
-        .block_on(c.write(pb::WriteRequest {
-            image: Some(snap_ref("rbd", "img", Some("s1"))),
-            data: vec![1; 512],
-            ..Default::default()
-        }))
+        .block_on(c.io().write(
+            &ImageSpec::new("rbd", "img").at(Some("s1")),
+            0,
+            vec![1; 512],
+            false,
+            "",
+        ))
         .unwrap_err();
     assert_eq!(e.kind, tern_types::ErrorKind::ReadOnly, "{e}");
     s.tern_ok(&["snap", "protect", "rbd/img@s1"]);
@@ -130,12 +126,10 @@ fn export_diff_import_diff_between_two_sites() {
     write_random(&a, "vol", 11, 100, size);
     let rt = rt();
     let c = a.client(&rt);
-    rt.block_on(c.discard(pb::RangeRequest {
-        image: Some(image_ref("rbd", "vol")),
-        offset: 3 * MIB,
-        length: 2 * MIB,
-        ..Default::default()
-    }))
+    rt.block_on(
+        c.io()
+            .discard(&ImageSpec::new("rbd", "vol"), 3 * MIB, 2 * MIB, ""),
+    )
     .unwrap();
     a.tern_ok(&["snap", "create", "rbd/vol@s2"]);
     let incr = a.root.path().join("s1-s2.diff");
@@ -421,11 +415,13 @@ fn exclusive_lock_one_writer() {
     let rt = rt();
     let c = s.client(&rt);
     let e = rt
-        .block_on(c.write(pb::WriteRequest {
-            image: Some(image_ref("rbd", "locked")),
-            data: vec![1; 4096],
-            ..Default::default()
-        }))
+        .block_on(c.io().write(
+            &ImageSpec::new("rbd", "locked"),
+            0,
+            vec![1; 4096],
+            false,
+            "",
+        ))
         .unwrap_err();
     assert_eq!(e.kind, tern_types::ErrorKind::Busy);
     // Breaking the lock fences writer 1: its next writes are refused and it stops.
@@ -443,12 +439,13 @@ fn exclusive_lock_one_writer() {
         String::from_utf8_lossy(&out.stderr)
     );
     let e = rt
-        .block_on(c.write(pb::WriteRequest {
-            image: Some(image_ref("rbd", "locked")),
-            data: vec![1; 4096],
-            lock_cookie: id.clone(),
-            ..Default::default()
-        }))
+        .block_on(c.io().write(
+            &ImageSpec::new("rbd", "locked"),
+            0,
+            vec![1; 4096],
+            false,
+            &id,
+        ))
         .unwrap_err();
     assert_eq!(e.kind, tern_types::ErrorKind::Fenced);
     // A writer killed with -9 loses the lock when its lease (3 s) runs out.
@@ -463,7 +460,7 @@ fn exclusive_lock_one_writer() {
     let killed = std::time::Instant::now();
     let got = rt.block_on(async {
         loop {
-            match tern_client::lock::LockGuard::acquire(&c, image_ref("rbd", "locked"), "test")
+            match tern_client::lock::LockGuard::acquire(&c, ImageSpec::new("rbd", "locked"), "test")
                 .await
             {
                 Ok(g) => return g,
@@ -482,12 +479,13 @@ fn exclusive_lock_one_writer() {
         "lock taken over {:?} after the holder was killed (lease 3 s)",
         killed.elapsed()
     );
-    rt.block_on(c.write(pb::WriteRequest {
-        image: Some(image_ref("rbd", "locked")),
-        data: vec![7; 4096],
-        lock_cookie: got.cookie().to_string(),
-        ..Default::default()
-    }))
+    rt.block_on(c.io().write(
+        &ImageSpec::new("rbd", "locked"),
+        0,
+        vec![7; 4096],
+        false,
+        got.cookie(),
+    ))
     .unwrap();
 }
 
@@ -519,19 +517,14 @@ fn kill9_during_snapshots_keeps_them_and_their_diffs() {
                     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
                 });
             }
-            let r = image_ref("rbd", "k");
+            let r = ImageSpec::new("rbd", "k");
             let res = match rng.random_range(0..10) {
                 0..=6 => {
                     let len = rng.random_range(1..100_000u64);
                     let off = rng.random_range(0..size - len);
                     let data = random_bytes(n, len as usize);
                     n += 1;
-                    let res = rt.block_on(c.write(pb::WriteRequest {
-                        image: Some(r),
-                        offset: off,
-                        data: data.clone(),
-                        ..Default::default()
-                    }));
+                    let res = rt.block_on(c.io().write(&r, off, data.clone(), false, ""));
                     // A write that failed may or may not have landed; it is
                     // only in the model once acknowledged, and then checked
                     // only through snapshots taken after it.
@@ -540,13 +533,10 @@ fn kill9_during_snapshots_keeps_them_and_their_diffs() {
                     }
                     res.map(|_| ())
                 }
-                7 => rt.block_on(c.flush(r)).map(|_| ()),
+                7 => rt.block_on(c.io().flush(&r)).map(|_| ()),
                 _ => {
                     let name = format!("r{round}o{op}");
-                    let res = rt.block_on(c.snap_create(pb::SnapRequest {
-                        image: Some(r),
-                        snap: name.clone(),
-                    }));
+                    let res = rt.block_on(c.snap().create(&r, &name));
                     if res.is_ok() {
                         snaps.push((name, model.clone()));
                     }
@@ -567,12 +557,8 @@ fn kill9_during_snapshots_keeps_them_and_their_diffs() {
         model = head.clone();
         let c = s.client(&rt);
         let listed = rt
-            .block_on(c.snap_list(pb::SnapListRequest {
-                image: Some(image_ref("rbd", "k")),
-                all: true,
-            }))
-            .unwrap()
-            .snaps;
+            .block_on(c.snap().list(&ImageSpec::new("rbd", "k"), true))
+            .unwrap();
         for (name, content) in &snaps {
             assert!(
                 listed.iter().any(|x| &x.name == name),
@@ -582,8 +568,8 @@ fn kill9_during_snapshots_keeps_them_and_their_diffs() {
             assert!(&got == content, "round {round}: snapshot {name} changed");
             // diff(name -> head) covers every 4 KiB block that differs.
             let d = rt
-                .block_on(c.diff(pb::DiffRequest {
-                    image: Some(image_ref("rbd", "k")),
+                .block_on(c.snap().diff(DiffRequest {
+                    image: ImageSpec::new("rbd", "k"),
                     from_snap: name.clone(),
                     ..Default::default()
                 }))
@@ -610,12 +596,9 @@ fn read_all(s: &Site, rt: &tokio::runtime::Runtime, snap: Option<&str>, size: u6
     let c = s.client(rt);
     let mut out = Vec::with_capacity(size as usize);
     for off in (0..size).step_by(4 << 20) {
-        let r = pb::ReadRequest {
-            image: Some(snap_ref("rbd", "k", snap)),
-            offset: off,
-            length: (4 << 20).min(size - off),
-        };
-        out.extend(rt.block_on(c.read(r)).unwrap().data);
+        let r = ImageSpec::new("rbd", "k").at(snap);
+        let len = (4 << 20).min(size - off);
+        out.extend(rt.block_on(c.io().read(&r, off, len)).unwrap());
     }
     out
 }

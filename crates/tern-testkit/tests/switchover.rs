@@ -6,9 +6,9 @@
 //! test promotes.
 
 use std::time::{Duration, Instant};
-use tern_client::{image_ref, pb};
 use tern_testkit::nbd::NbdClient;
 use tern_testkit::{Pair, Site, random_bytes, rt, wait_until};
+use tern_types::ImageSpec;
 
 const MIB: u64 = 1 << 20;
 
@@ -39,13 +39,8 @@ fn nbd_write(s: &Site, name: &str, offset: u64, data: &[u8]) {
 fn read(s: &Site, name: &str, offset: u64, len: u64) -> Vec<u8> {
     let rt = rt();
     let c = s.client(&rt);
-    rt.block_on(c.read(pb::ReadRequest {
-        image: Some(image_ref("rbd", name)),
-        offset,
-        length: len,
-    }))
-    .expect("read")
-    .data
+    rt.block_on(c.io().read(&ImageSpec::new("rbd", name), offset, len))
+        .expect("read")
 }
 
 /// An API write and flush; the error text if refused.
@@ -53,15 +48,18 @@ fn try_write(s: &Site, name: &str, offset: u64, data: &[u8]) -> Result<(), Strin
     let rt = rt();
     let c = s.client(&rt);
     rt.block_on(async {
-        c.write(pb::WriteRequest {
-            image: Some(image_ref("rbd", name)),
-            offset,
-            data: data.to_vec(),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        c.flush(image_ref("rbd", name))
+        c.io()
+            .write(
+                &ImageSpec::new("rbd", name),
+                offset,
+                data.to_vec(),
+                false,
+                "",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        c.io()
+            .flush(&ImageSpec::new("rbd", name))
             .await
             .map_err(|e| e.to_string())?;
         Ok(())
@@ -91,12 +89,9 @@ fn is_split_brain(s: &Site, name: &str) -> bool {
 fn sums(s: &Site, name: &str) -> Vec<Vec<u8>> {
     let rt = rt();
     let c = s.client(&rt);
-    rt.block_on(c.image_checksum(pb::ChecksumRequest {
-        image: Some(image_ref("rbd", name)),
-        chunk_size: 4 << 20,
-    }))
-    .map(|r| r.hashes)
-    .unwrap_or_default()
+    rt.block_on(c.image().checksum(&ImageSpec::new("rbd", name), 4 << 20))
+        .map(|r| r.hashes)
+        .unwrap_or_default()
 }
 
 fn wait_same(src: &Site, dst: &Site, name: &str, timeout: Duration) {

@@ -4,11 +4,18 @@
 //! and API boundaries. Nothing here does I/O.
 
 pub mod defaults;
+#[macro_use]
+pub mod named;
+
+pub mod api;
 pub mod error;
 pub mod features;
 pub mod ids;
+pub mod journal;
 pub mod layout;
+pub mod mirror;
 pub mod mutate;
+pub mod site;
 pub mod size;
 pub mod spec;
 pub mod text;
@@ -23,4 +30,4 @@ pub use spec::{ImageSpec, validate_name};
 pub use text::{escaped, validate_visible};
 
 /// Version of the wire API. A client and a site must agree on the major part.
-pub const API_VERSION: u32 = 2;
+pub const API_VERSION: u32 = 3;

@@ -25,7 +25,7 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), Error> {
 }
 
 /// `pool/image` or `pool/image@snap`, as rbd writes them.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct ImageSpec {
     pub pool: String,
     pub image: String,
@@ -38,6 +38,20 @@ impl ImageSpec {
             pool: pool.into(),
             image: image.into(),
             snap: None,
+        }
+    }
+
+    /// The same image's head (no snapshot).
+    pub fn head(&self) -> ImageSpec {
+        self.at(None)
+    }
+
+    /// The same image at `snap` (none: the head).
+    pub fn at(&self, snap: Option<&str>) -> ImageSpec {
+        ImageSpec {
+            pool: self.pool.clone(),
+            image: self.image.clone(),
+            snap: snap.map(String::from),
         }
     }
 

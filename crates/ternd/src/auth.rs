@@ -16,34 +16,7 @@ use std::collections::BTreeMap;
 use tern_types::ErrorKind;
 use tern_types::error::Error;
 
-/// What an entity may do. Ordered from most to least powerful for display only.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Profile {
-    /// Everything, including pools, users and config.
-    Admin,
-    /// Read and write images (create, resize, remove) in its pools.
-    Rbd,
-    /// Read images, list and inspect.
-    RbdReadOnly,
-    /// The local mirror daemon: like rbd, plus mirror bookkeeping.
-    RbdMirror,
-    /// A remote site's mirror daemon: read images, snapshots and journals,
-    /// report peer status; never write image data.
-    RbdMirrorPeer,
-}
-
-impl Profile {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Profile::Admin => "admin",
-            Profile::Rbd => "rbd",
-            Profile::RbdReadOnly => "rbd-read-only",
-            Profile::RbdMirror => "rbd-mirror",
-            Profile::RbdMirrorPeer => "rbd-mirror-peer",
-        }
-    }
-}
+pub use tern_types::site::Profile;
 
 /// What a call needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

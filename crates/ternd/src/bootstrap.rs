@@ -3,14 +3,16 @@
 //! against that site, storing the peer, and for rx-tx registering this
 //! site there as its peer.
 
-use crate::mirror::{self, Mirror};
+use crate::mirror::{self, Mirror, PeerDirection, PoolMirrorMode};
 use crate::site::Site;
 use crate::work::blocking;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use tern_proto::convert::FromWire;
 use tern_proto::v1 as pb;
 use tern_store::KvTable;
 use tern_types::ErrorKind;
+use tern_types::api::MirrorPeer;
 use tern_types::error::Error;
 
 /// A token for `pool`, naming this site `site_name` if given (stored).
@@ -41,12 +43,7 @@ pub async fn import(
     site: &Arc<Site>,
     r: pb::MirrorBootstrapImportRequest,
 ) -> Result<mirror::PeerRec, Error> {
-    let direction = if r.direction.is_empty() {
-        "rx-tx".to_string()
-    } else {
-        r.direction.clone()
-    };
-    mirror::valid_direction(&direction)?;
+    let direction: PeerDirection = FromWire::from_wire(r.direction)?;
     if !r.site_name.is_empty() {
         mirror::valid_site_name(&r.site_name)?;
     }
@@ -90,13 +87,11 @@ pub async fn import(
         ));
     }
     let rp = remote
-        .mirror_pool_get(pb::MirrorPoolInfoRequest {
-            pool: remote_pool.clone(),
-            with_keys: false,
-        })
+        .mirror()
+        .pool_info(&remote_pool, false)
         .await
         .map_err(|e| token_error(&token, e))?;
-    if rp.mode == "disabled" || rp.mode.is_empty() {
+    if rp.mode == PoolMirrorMode::Disabled {
         return Err(Error::invalid(format!(
             "mirroring is not enabled on pool '{remote_pool}' at site {}: run `tern mirror pool enable {remote_pool} image` there first",
             tern_types::escaped(&hello.site_name)
@@ -137,7 +132,7 @@ pub async fn import(
         uuid: String::new(),
         site_name: remote_name,
         client_name: entity.clone(),
-        direction: direction.clone(),
+        direction,
         mirror_uuid: rp.mirror_uuid.clone(),
         fsid: token.fsid.clone(),
         mon_host: endpoints.clone(),
@@ -147,16 +142,16 @@ pub async fn import(
     };
     let (m, pool) = (Mirror { site: site.clone() }, r.pool.clone());
     let stored = blocking(move || m.peer_upsert(&pool, peer)).await?;
-    if direction == "rx-tx" {
+    if direction == PeerDirection::RxTx {
         // The reverse direction: a key minted here for the other site's daemon.
         let site = site.clone();
         let me = blocking(move || {
             let (user, _) = site.get_or_create_user(mirror::PEER_CLIENT, &peer_caps())?;
-            Ok::<_, Error>(pb::MirrorPeer {
+            Ok::<_, Error>(MirrorPeer {
                 uuid: String::new(),
                 site_name: local.site_name.clone(),
                 client_name: mirror::PEER_CLIENT.into(),
-                direction: "rx-tx".into(),
+                direction: PeerDirection::RxTx,
                 mirror_uuid: local.mirror_uuid.clone(),
                 fsid: site.site_id.clone(),
                 mon_host: site_endpoints(&site)?,
@@ -167,10 +162,8 @@ pub async fn import(
         })
         .await?;
         remote
-            .mirror_peer_register(pb::MirrorPeerRegisterRequest {
-                pool: remote_pool,
-                peer: Some(me),
-            })
+            .mirror_daemon()
+            .peer_register(&remote_pool, me)
             .await
             .map_err(|e| token_error(&token, e))?;
     }

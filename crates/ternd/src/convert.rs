@@ -3,8 +3,11 @@
 use crate::auth::UserRecord;
 use crate::mirror;
 use crate::site::Site;
+use tern_proto::convert::{FromWire, IntoWire};
 use tern_proto::v1 as pb;
 use tern_store::{SnapInfo, SnapNamespace};
+use tern_types::error::Error;
+use tern_types::mirror::SnapNamespaceType;
 
 pub fn image_info_pb(info: &tern_store::ImageInfo, used: Option<u64>) -> pb::ImageInfo {
     pb::ImageInfo {
@@ -49,13 +52,6 @@ pub fn journal_client_pb(c: &tern_store::journal::ClientInfo) -> pb::JournalClie
     }
 }
 
-pub fn durability_name(d: tern_store::JournalDurability) -> &'static str {
-    match d {
-        tern_store::JournalDurability::Strict => "strict",
-        tern_store::JournalDurability::OnFlush => "flush",
-    }
-}
-
 pub fn snap_pb(s: &SnapInfo) -> pb::SnapInfo {
     let mut out = pb::SnapInfo {
         id: s.id,
@@ -63,12 +59,12 @@ pub fn snap_pb(s: &SnapInfo) -> pb::SnapInfo {
         size: s.size,
         created: s.created,
         protected: s.protected,
-        namespace: "user".into(),
+        namespace: SnapNamespaceType::User.into_wire(),
         ..Default::default()
     };
     if let SnapNamespace::Mirror(m) = &s.namespace {
-        out.namespace = "mirror".into();
-        out.mirror_state = m.state.to_string();
+        out.namespace = SnapNamespaceType::Mirror.into_wire();
+        out.mirror_state = m.state.into_wire();
         out.mirror_complete = m.complete;
         out.mirror_peer_uuids = m.mirror_peer_uuids.clone();
         out.primary_snap_id = m.primary_snap_id;
@@ -89,46 +85,22 @@ pub fn lock_pb(l: &crate::locks::Lock, lease: std::time::Duration) -> pb::LockIn
     }
 }
 
-pub fn peer_rec(p: pb::MirrorPeer) -> mirror::PeerRec {
-    mirror::PeerRec {
-        uuid: p.uuid,
-        site_name: p.site_name,
-        client_name: if p.client_name.is_empty() {
-            mirror::PEER_CLIENT.into()
-        } else {
-            p.client_name
-        },
-        direction: if p.direction.is_empty() {
-            "rx-tx".into()
-        } else {
-            p.direction
-        },
-        mirror_uuid: p.mirror_uuid,
-        fsid: p.fsid,
-        mon_host: p.mon_host,
-        tls_fingerprint: p.tls_fingerprint,
-        remote_pool: p.remote_pool,
-        key: p.key,
+/// A peer as given; without a client, the peer client.
+pub fn peer_rec(p: pb::MirrorPeer) -> Result<mirror::PeerRec, Error> {
+    let mut p = mirror::PeerRec::from_wire(p)?;
+    if p.client_name.is_empty() {
+        p.client_name = mirror::PEER_CLIENT.into();
     }
+    Ok(p)
 }
 
+/// A peer as shown; its key only to those who may have it.
 pub fn peer_pb(p: &mirror::PeerRec, with_key: bool) -> pb::MirrorPeer {
-    pb::MirrorPeer {
-        uuid: p.uuid.clone(),
-        site_name: p.site_name.clone(),
-        client_name: p.client_name.clone(),
-        direction: p.direction.clone(),
-        mirror_uuid: p.mirror_uuid.clone(),
-        fsid: p.fsid.clone(),
-        mon_host: p.mon_host.clone(),
-        tls_fingerprint: p.tls_fingerprint.clone(),
-        remote_pool: p.remote_pool.clone(),
-        key: if with_key {
-            p.key.clone()
-        } else {
-            String::new()
-        },
+    let mut p = p.clone();
+    if !with_key {
+        p.key.clear();
     }
+    p.into_wire()
 }
 
 pub fn daemon_rec(d: pb::MirrorDaemonInfo) -> mirror::Daemon {
@@ -153,8 +125,8 @@ pub fn mirror_info_pb(
         pool: img.pool.clone(),
         name: img.name.clone(),
         global_id: im.global_id.clone(),
-        mode: im.mode.clone(),
-        state: im.state.clone(),
+        mode: im.mode.into_wire(),
+        state: im.state.into_wire(),
         primary: im.primary,
         epoch: im.epoch,
         mirror_snaps: snaps.iter().map(|(s, _)| snap_pb(s)).collect(),
@@ -219,7 +191,7 @@ pub fn journal_info_pb(
         clients: i.clients.iter().map(journal_client_pb).collect(),
         segment_size: i.options.segment_size,
         max_size: i.options.max_size,
-        durability: durability_name(i.options.durability).into(),
+        durability: i.options.durability.into_wire(),
         syncs: i.syncs,
         commit_age,
         splay_width,
@@ -231,7 +203,7 @@ pub fn entity_pb(site: &Site, rec: &UserRecord, created: bool) -> pb::AuthEntity
         entity: rec.entity.clone(),
         key: site.key_of(rec),
         caps: rec.caps.clone().into_iter().collect(),
-        profile: rec.profile.as_str().to_string(),
+        profile: rec.profile.into_wire(),
         created,
     }
 }
@@ -244,11 +216,7 @@ pub fn pool_mirror_pb(
 ) -> pb::MirrorPoolInfo {
     pb::MirrorPoolInfo {
         pool: pool.to_string(),
-        mode: if p.mode.is_empty() {
-            "disabled".into()
-        } else {
-            p.mode.clone()
-        },
+        mode: p.mode.into_wire(),
         site_name: p.site_name.clone(),
         mirror_uuid: p.mirror_uuid.clone(),
         peers: p.peers.iter().map(|x| peer_pb(x, with_keys)).collect(),
@@ -257,21 +225,11 @@ pub fn pool_mirror_pb(
 }
 
 /// A daemon's report, as the site keeps it.
-pub fn site_status_rec(s: pb::MirrorSiteStatus) -> mirror::SiteStatus {
-    mirror::SiteStatus {
-        site_name: s.site_name,
-        mirror_uuids: s.mirror_uuids,
-        state: s.state,
-        description: s.description,
-        last_update: s.last_update,
-        reason: s.reason,
-        lag_seconds: s.lag_seconds,
-        last_sync: s.last_sync,
-        progress: s.progress,
-        daemon_id: s.daemon_id,
-        bytes_synced: s.bytes_synced,
+pub fn site_status_rec(s: pb::MirrorSiteStatus) -> Result<mirror::SiteStatus, Error> {
+    Ok(mirror::SiteStatus {
+        report: FromWire::from_wire(s)?,
         received: 0,
-    }
+    })
 }
 
 pub fn applied_pb(a: mirror::Applied) -> pb::MirrorJournalApplyReply {

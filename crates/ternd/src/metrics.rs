@@ -15,9 +15,10 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use tern_client::pb;
 use tern_daemon::metrics::{LabelValue, Labels, entries_behind};
+use tern_types::api::{MirrorPoolStatus, MirrorSiteStatus};
 use tern_types::error::Error;
+use tern_types::mirror::{MirrorHealth, MirrorStatusState, StatusReason};
 
 type FGauge = Gauge<f64, AtomicU64>;
 
@@ -65,16 +66,21 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
         .collect()
 }
 
-fn health_value(h: &str) -> f64 {
+fn health_value(h: MirrorHealth) -> f64 {
     match h {
-        "ERROR" => 2.0,
-        "WARNING" => 1.0,
-        _ => 0.0,
+        MirrorHealth::Error => 2.0,
+        MirrorHealth::Warning => 1.0,
+        MirrorHealth::Ok => 0.0,
     }
 }
 
+/// The state a site's copy is shown in: what its daemon does, or down.
+fn shown_state(s: &MirrorSiteStatus) -> &'static str {
+    if s.up { s.state.as_str() } else { "down" }
+}
+
 /// Every mirrored pool's status, as `mirror pool status --verbose` has it.
-pub async fn mirrored_pools(svc: &Api) -> Vec<(String, pb::MirrorPoolStatusReply)> {
+pub async fn mirrored_pools(svc: &Api) -> Vec<(String, MirrorPoolStatus)> {
     let pools = svc.site.store.pool_list().unwrap_or_default();
     let mut out = Vec::new();
     for p in pools {
@@ -306,9 +312,9 @@ pub async fn render(svc: &Arc<Api>) -> String {
     let now_ms = crate::mirror::now_ms();
     for (pool, st) in mirrored_pools(svc).await {
         for (kind, h) in [
-            ("health", &st.health),
-            ("daemon", &st.daemon_health),
-            ("image", &st.image_health),
+            ("health", st.health),
+            ("daemon", st.daemon_health),
+            ("image", st.image_health),
         ] {
             pool_health
                 .get_or_create(&labels(&[("pool", &pool), ("kind", kind)]))
@@ -331,13 +337,13 @@ pub async fn render(svc: &Arc<Api>) -> String {
                 .set((now_ms / 1000).saturating_sub(d.last_heartbeat) as f64);
         }
         for img in &st.images {
-            let primary = img.local.as_ref().is_some_and(|l| {
-                l.reason == "primary" || l.description == "local image is primary"
-            });
+            let l = &img.local;
+            let primary =
+                l.reason == StatusReason::Primary || l.description == "local image is primary";
             img_primary
                 .get_or_create(&labels(&[("pool", &pool), ("image", &img.name)]))
                 .set(if primary { 1.0 } else { 0.0 });
-            for s in img.local.iter().chain(img.peer_sites.iter()) {
+            for s in std::iter::once(&img.local).chain(img.peer_sites.iter()) {
                 if s.site_name.is_empty() {
                     continue;
                 }
@@ -346,16 +352,12 @@ pub async fn render(svc: &Arc<Api>) -> String {
                     ("image", &img.name),
                     ("site", &s.site_name),
                 ]);
-                let state = if s.up {
-                    crate::status::strip_state(&s.state)
-                } else {
-                    "down"
-                };
+                let state = shown_state(s);
                 let mut ls = l.clone();
                 ls.push(("state".into(), state.into()));
                 img_state.get_or_create(&ls).set(1.0);
                 img_up.get_or_create(&l).set(if s.up { 1.0 } else { 0.0 });
-                if s.reason == "primary" {
+                if s.reason == StatusReason::Primary {
                     continue;
                 }
                 img_lag.get_or_create(&l).set(s.lag_seconds);
@@ -442,13 +444,12 @@ th{background:#eef1f4;font-weight:600}
         h.push_str(&format!(
             "<h2>Pool {} <span class=\"b {}\">{}</span></h2>",
             esc(pool),
-            esc(&st.health),
-            esc(&st.health)
+            st.health,
+            st.health
         ));
         h.push_str(&format!(
             "<div class=\"sub\">daemon health <span class=\"b {0}\">{0}</span> · image health <span class=\"b {1}\">{1}</span> · ",
-            esc(&st.daemon_health),
-            esc(&st.image_health)
+            st.daemon_health, st.image_health
         ));
         if st.daemons.is_empty() {
             h.push_str("no mirror daemon has reported");
@@ -464,24 +465,13 @@ th{background:#eef1f4;font-weight:600}
         }
         h.push_str("</div><table><tr><th>image</th><th>site</th><th>state</th><th>lag</th><th>last sync</th><th>progress</th><th>description</th></tr>");
         for img in &st.images {
-            let rows: Vec<&pb::MirrorSiteStatus> =
-                img.local.iter().chain(img.peer_sites.iter()).collect();
+            let rows: Vec<&MirrorSiteStatus> = std::iter::once(&img.local)
+                .chain(img.peer_sites.iter())
+                .collect();
             for (i, s) in rows.iter().enumerate() {
-                let state = if s.up {
-                    crate::status::strip_state(&s.state)
-                } else {
-                    "down"
-                };
-                let class = if s.reason == "primary" {
-                    "primary"
-                } else {
-                    state
-                };
-                let label = if s.reason == "primary" {
-                    "primary"
-                } else {
-                    state
-                };
+                let primary = s.reason == StatusReason::Primary;
+                let label = if primary { "primary" } else { shown_state(s) };
+                let class = label;
                 h.push_str("<tr>");
                 if i == 0 {
                     h.push_str(&format!(
@@ -490,7 +480,7 @@ th{background:#eef1f4;font-weight:600}
                         esc(&img.name)
                     ));
                 }
-                let progress = if crate::status::strip_state(&s.state) == "syncing" {
+                let progress = if s.state == MirrorStatusState::Syncing {
                     format!(
                         "<span class=\"bar\"><i style=\"width:{:.0}%\"></i></span> {:.0}%",
                         s.progress * 100.0,
@@ -499,7 +489,7 @@ th{background:#eef1f4;font-weight:600}
                 } else {
                     String::new()
                 };
-                let lag = if s.reason == "primary" {
+                let lag = if primary {
                     String::new()
                 } else {
                     format!("{:.1} s", s.lag_seconds)
@@ -519,7 +509,7 @@ th{background:#eef1f4;font-weight:600}
                     esc(class),
                     esc(label),
                     lag,
-                    if s.reason == "primary" { String::new() } else { ago(now, s.last_sync) },
+                    if primary { String::new() } else { ago(now, s.last_sync) },
                     progress,
                     esc(&desc)
                 ));

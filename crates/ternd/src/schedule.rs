@@ -8,7 +8,7 @@
 //! promotion the new primary's images are due, the demoted side's are not
 //! primary and are skipped.
 
-use crate::mirror::Mirror;
+use crate::mirror::{ImageMirrorMode, Mirror, PoolMirrorMode};
 use serde::{Deserialize, Serialize};
 use tern_store::{KvTable, MirrorSnapState};
 use tern_types::ErrorKind;
@@ -189,7 +189,10 @@ impl Mirror {
         let pools: std::collections::BTreeSet<String> =
             all.iter().map(|(p, _, _)| p.clone()).collect();
         for pool in pools {
-            if self.pool(&pool)?.is_none_or(|p| p.mode == "disabled") {
+            if self
+                .pool(&pool)?
+                .is_none_or(|p| p.mode == PoolMirrorMode::Disabled)
+            {
                 continue;
             }
             let pool_level: Vec<Schedule> = all
@@ -201,7 +204,7 @@ impl Mirror {
                 let Some(m) = self.image(&img.id.to_string())? else {
                     continue;
                 };
-                if !m.primary || m.mode != "snapshot" {
+                if !m.primary || m.mode != ImageMirrorMode::Snapshot {
                     continue;
                 }
                 let mut scheds = pool_level.clone();

@@ -2,14 +2,18 @@
 //! status` / `mirror pool status` say, built from the store and from what
 //! mirror daemons reported, never from a silent daemon's last word.
 
-use crate::mirror::{self, Mirror};
+use crate::mirror::{self, Mirror, MirrorStatusState as State, StatusReason as Reason};
 use crate::site::Site;
-use tern_proto::v1 as pb;
 use tern_store::KvTable;
+use tern_types::api::{
+    MirrorDaemonInfo, MirrorImageStatus, MirrorPoolStatus, MirrorSiteStatus, SiteStatus,
+};
 use tern_types::error::Error;
+use tern_types::mirror::MirrorHealth;
+use tern_types::site::Health;
 
 /// The site's status and health.
-pub fn site(site: &Site) -> Result<pb::StatusReply, Error> {
+pub fn site(site: &Site) -> Result<SiteStatus, Error> {
     let pools = site.store.pool_list()?;
     let mut checks = Vec::new();
     let (mut images, mut provisioned) = (0, 0);
@@ -33,27 +37,27 @@ pub fn site(site: &Site) -> Result<pb::StatusReply, Error> {
     let used = site.store.used_bytes()?;
     let (total, avail) = statvfs(&site.data_dir);
     let mut health = if checks.is_empty() {
-        "HEALTH_OK"
+        Health::Ok
     } else {
-        "HEALTH_WARN"
+        Health::Warn
     };
     if total > 0 && avail * 100 / total < 3 {
         checks.push(format!(
             "OSD_FULL: data disk has {} free",
             tern_types::format_size(avail)
         ));
-        health = "HEALTH_ERR";
+        health = Health::Err;
     } else if total > 0 && avail * 100 / total < 10 {
         checks.push(format!(
             "OSD_NEARFULL: data disk has {} free",
             tern_types::format_size(avail)
         ));
-        health = "HEALTH_WARN";
+        health = Health::Warn;
     }
-    Ok(pb::StatusReply {
+    Ok(SiteStatus {
         site_id: site.site_id.clone(),
         site_name: site.site_name.clone(),
-        health: health.into(),
+        health,
         health_checks: checks,
         version: env!("CARGO_PKG_VERSION").into(),
         uptime_secs: site.started.elapsed().as_secs(),
@@ -91,13 +95,8 @@ fn statvfs(path: &std::path::Path) -> (u64, u64) {
 /// intervals (plus slack for scheduling) and it is down.
 const STALE_MS: u64 = 2500;
 
-/// A daemon-reported state without its `up+`/`down+` prefix.
-pub(crate) fn strip_state(s: &str) -> &str {
-    s.trim_start_matches("up+").trim_start_matches("down+")
-}
-
 /// One mirrored image's status.
-pub fn image(m: &Mirror, pool: &str, image: &str) -> Result<pb::MirrorImageStatus, Error> {
+pub fn image(m: &Mirror, pool: &str, image: &str) -> Result<MirrorImageStatus, Error> {
     let pm = m.pool_enabled(pool)?;
     let (img, im) = m.image_of(pool, image)?;
     let im = im.ok_or_else(|| {
@@ -110,12 +109,12 @@ pub fn image(m: &Mirror, pool: &str, image: &str) -> Result<pb::MirrorImageStatu
 }
 
 /// A mirrored pool's status: its images, its daemons, their health.
-pub fn pool(m: &Mirror, pool: &str) -> Result<pb::MirrorPoolStatusReply, Error> {
+pub fn pool(m: &Mirror, pool: &str) -> Result<MirrorPoolStatus, Error> {
     let pm = m.pool_enabled(pool)?;
     let daemons = m.daemons()?;
     let now = mirror::now_ms();
     let mut images = Vec::new();
-    let mut states: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut states = std::collections::BTreeMap::<String, u64>::new();
     let (mut errors, mut warnings) = (0, 0);
     for img in m.site.store.image_list(pool)? {
         let Some(im) = m.image(&img.id.to_string())? else {
@@ -124,32 +123,24 @@ pub fn pool(m: &Mirror, pool: &str) -> Result<pb::MirrorPoolStatusReply, Error> 
         let st = build_status(m, &img, &im, &pm, &daemons)?;
         // Count what matters for the image: its copies' states on a
         // primary, its own state on a non-primary.
-        let mut counted: Vec<&pb::MirrorSiteStatus> = if im.primary {
+        let mut counted: Vec<&MirrorSiteStatus> = if im.primary {
             st.peer_sites.iter().collect()
         } else {
-            st.local.iter().collect()
+            vec![&st.local]
         };
         // A primary in split-brain is in error itself, whatever
         // its peers last said.
-        if im.primary
-            && let Some(l) = st.local.as_ref()
-            && l.up
-            && strip_state(&l.state) == "error"
-        {
-            counted.push(l);
+        if im.primary && st.local.up && st.local.state == State::Error {
+            counted.push(&st.local);
         }
         for c in counted {
-            let key = if c.up {
-                strip_state(&c.state).to_string()
-            } else {
-                "unknown".to_string()
-            };
-            match key.as_str() {
-                "error" => errors += 1,
-                "replaying" | "stopped" => {}
+            let key = if c.up { c.state } else { State::Unknown };
+            match key {
+                State::Error => errors += 1,
+                State::Replaying | State::Stopped => {}
                 _ => warnings += 1,
             }
-            *states.entry(key).or_default() += 1;
+            *states.entry(key.to_string()).or_default() += 1;
         }
         images.push(st);
     }
@@ -157,11 +148,11 @@ pub fn pool(m: &Mirror, pool: &str) -> Result<pb::MirrorPoolStatusReply, Error> 
         .iter()
         .filter(|d| d.site_name == pm.site_name)
         .collect();
-    let daemon_pb: Vec<pb::MirrorDaemonInfo> = mine
+    let daemons: Vec<MirrorDaemonInfo> = mine
         .iter()
         .map(|d| {
             let up = now.saturating_sub(d.received_ms) <= STALE_MS;
-            pb::MirrorDaemonInfo {
+            MirrorDaemonInfo {
                 service_id: d.service_id.clone(),
                 instance_id: d.instance_id.clone(),
                 client_id: d.client_id.clone(),
@@ -169,41 +160,36 @@ pub fn pool(m: &Mirror, pool: &str) -> Result<pb::MirrorPoolStatusReply, Error> 
                 version: d.version.clone(),
                 last_heartbeat: d.received_ms / 1000,
                 up,
-                health: if up { "OK".into() } else { "ERROR".into() },
+                health: if up {
+                    MirrorHealth::Ok
+                } else {
+                    MirrorHealth::Error
+                },
                 site_name: d.site_name.clone(),
             }
         })
         .collect();
-    let daemon_health = if daemon_pb.iter().any(|d| d.up) {
-        "OK"
+    let daemon_health = if daemons.iter().any(|d| d.up) {
+        MirrorHealth::Ok
     } else {
-        "WARNING"
+        MirrorHealth::Warning
     };
     let image_health = if errors > 0 {
-        "ERROR"
+        MirrorHealth::Error
     } else if warnings > 0 {
-        "WARNING"
+        MirrorHealth::Warning
     } else {
-        "OK"
+        MirrorHealth::Ok
     };
-    let rank = |h: &str| match h {
-        "ERROR" => 2,
-        "WARNING" => 1,
-        _ => 0,
-    };
-    let health = if rank(daemon_health) >= rank(image_health) {
-        daemon_health
-    } else {
-        image_health
-    };
-    Ok(pb::MirrorPoolStatusReply {
-        health: health.into(),
-        daemon_health: daemon_health.into(),
-        image_health: image_health.into(),
-        states: states.into_iter().collect(),
+    Ok(MirrorPoolStatus {
+        // The variants go from good to bad.
+        health: daemon_health.max(image_health),
+        daemon_health,
+        image_health,
+        states,
         // Live daemons, and for ten minutes the ones that went
         // silent (shown down): a restarted daemon has a new id.
-        daemons: daemon_pb
+        daemons: daemons
             .into_iter()
             .filter(|d| {
                 d.up || now.saturating_sub(d.last_heartbeat * 1000) < mirror::DAEMON_FORGET_MS
@@ -221,87 +207,72 @@ fn build_status(
     im: &mirror::ImageMirror,
     pm: &mirror::PoolMirror,
     daemons: &[mirror::Daemon],
-) -> Result<pb::MirrorImageStatus, Error> {
+) -> Result<MirrorImageStatus, Error> {
     let now = mirror::now_ms();
     let statuses = m.statuses(&im.global_id)?;
     let local_daemon = daemons
         .iter()
         .filter(|d| d.site_name == pm.site_name && now.saturating_sub(d.received_ms) <= STALE_MS)
         .max_by_key(|d| d.received_ms);
-    let site_status = |name: &str| statuses.iter().find(|s| s.site_name == name);
+    let site_status = |name: &str| statuses.iter().find(|s| s.report.site_name == name);
     let mut local = match site_status(&pm.site_name) {
-        Some(s) => s.clone(),
-        None if im.primary => mirror::SiteStatus {
-            state: "stopped".into(),
+        Some(s) => s.report.clone(),
+        None if im.primary => MirrorSiteStatus {
+            state: State::Stopped,
             description: "local image is primary".into(),
-            reason: "primary".into(),
+            reason: Reason::Primary,
             ..Default::default()
         },
-        None => mirror::SiteStatus {
-            state: "unknown".into(),
+        None => MirrorSiteStatus {
+            state: State::Unknown,
             description: "no status reported yet".into(),
-            reason: "unknown".into(),
+            reason: Reason::Unknown,
             ..Default::default()
         },
     };
-    if im.primary && local.reason != "split-brain" && local.reason != "error" {
-        local.state = "stopped".into();
+    if im.primary && !matches!(local.reason, Reason::SplitBrain | Reason::Error) {
+        local.state = State::Stopped;
         local.description = "local image is primary".into();
-        local.reason = "primary".into();
+        local.reason = Reason::Primary;
     }
     let local_up = local_daemon.is_some();
-    let to_pb =
-        |s: &mirror::SiteStatus, up: bool, site_name: &str, uuid: &str| pb::MirrorSiteStatus {
-            site_name: site_name.to_string(),
-            mirror_uuids: uuid.to_string(),
-            state: format!(
-                "{}+{}",
-                if up { "up" } else { "down" },
-                strip_state(&s.state)
-            ),
-            description: s.description.clone(),
-            last_update: if s.last_update == 0 {
-                now / 1000
-            } else {
-                s.last_update
-            },
-            reason: if up {
-                s.reason.clone()
-            } else {
-                "daemon-down".into()
-            },
-            lag_seconds: s.lag_seconds,
-            last_sync: s.last_sync,
-            progress: s.progress,
-            daemon_id: s.daemon_id.clone(),
-            bytes_synced: s.bytes_synced,
-            up,
-        };
-    let local_pb = to_pb(&local, local_up, &pm.site_name, &pm.mirror_uuid);
+    let shown = |s: &MirrorSiteStatus, up: bool, site_name: &str, uuid: &str| MirrorSiteStatus {
+        site_name: site_name.to_string(),
+        mirror_uuids: uuid.to_string(),
+        last_update: if s.last_update == 0 {
+            now / 1000
+        } else {
+            s.last_update
+        },
+        reason: if up { s.reason } else { Reason::DaemonDown },
+        up,
+        ..s.clone()
+    };
+    let local = shown(&local, local_up, &pm.site_name, &pm.mirror_uuid);
     let mut peers = Vec::new();
     for p in &pm.peers {
         let st = match site_status(&p.site_name) {
             Some(s) => {
                 let age = now.saturating_sub(s.received);
-                let mut x = to_pb(s, age <= STALE_MS, &p.site_name, &p.mirror_uuid);
+                let mut x = shown(&s.report, age <= STALE_MS, &p.site_name, &p.mirror_uuid);
                 if age > STALE_MS {
-                    x.reason = "unreachable".into();
+                    x.reason = Reason::Unreachable;
                     x.description = format!(
                         "no report from {}'s mirror daemon for {:.0} s (it said: {})",
                         p.site_name,
                         age as f64 / 1000.0,
-                        s.description
+                        s.report.description
                     );
                 }
                 x
             }
-            None => pb::MirrorSiteStatus {
+            None => MirrorSiteStatus {
                 site_name: p.site_name.clone(),
                 mirror_uuids: p.mirror_uuid.clone(),
-                state: "down+unknown".into(),
+                state: State::Unknown,
                 description: format!("no report from {}'s mirror daemon yet", p.site_name),
                 last_update: 0,
-                reason: "unreachable".into(),
+                reason: Reason::Unreachable,
                 up: false,
                 ..Default::default()
             },
@@ -310,7 +281,7 @@ fn build_status(
         if im.primary
             && let Some(b) = m.behind(&im.global_id, &p.uuid)?
         {
-            st.reason = "behind".into();
+            st.reason = Reason::Behind;
             st.description = format!(
                 "fell behind: {} mirror snapshot(s) {} had not synced were pruned (rbd_mirroring_max_mirroring_snapshots={}); {} (it said: {})",
                 b.pruned_unsynced,
@@ -334,10 +305,10 @@ fn build_status(
         }
         peers.push(st);
     }
-    Ok(pb::MirrorImageStatus {
+    Ok(MirrorImageStatus {
         name: img.name.clone(),
         global_id: im.global_id.clone(),
-        local: Some(local_pb),
+        local,
         peer_sites: peers,
         daemon_id: local_daemon
             .map(|d| d.service_id.clone())

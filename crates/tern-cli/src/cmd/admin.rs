@@ -2,24 +2,18 @@ use crate::cli::{AuthCmd, ConfigCmd};
 use crate::ctx::{Ctx, Result, invalid};
 use crate::out::table;
 use serde_json::json;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use tern_client::config::{Keyring, KeyringEntry, write_private};
-use tern_client::pb;
+use tern_types::api::AuthEntity;
 use tern_types::format_size;
 
 pub async fn status(ctx: &Ctx) -> Result<()> {
     let c = ctx.connect().await?;
-    let s = c.status(pb::StatusRequest {}).await?;
+    let s = c.site().status().await?;
     // Mirroring: every mirrored pool's health and the daemons seen.
     let mut mirroring = Vec::new();
-    for p in c.pool_list(pb::Empty {}).await?.pools {
-        if let Ok(m) = c
-            .mirror_pool_status(pb::MirrorPoolStatusRequest {
-                pool: p.name.clone(),
-                verbose: false,
-            })
-            .await
-        {
+    for p in c.pool().list().await? {
+        if let Ok(m) = c.mirror().pool_status(&p.name, false).await {
             mirroring.push((p.name, m));
         }
     }
@@ -136,12 +130,10 @@ pub async fn config(ctx: &Ctx, cmd: ConfigCmd) -> Result<()> {
         // Help is local knowledge of the options; ask the site so it is never stale.
         let c = ctx.connect().await?;
         let all = c
-            .config_get(pb::ConfigGetRequest {
-                who: "global".into(),
-                key: key.clone().unwrap_or_default(),
-            })
+            .config()
+            .get("global", key.as_deref().unwrap_or_default())
             .await?;
-        for e in all.entries {
+        for e in all {
             println!("{} (default/effective: {})", e.key, e.value);
         }
         return Ok(());
@@ -152,41 +144,28 @@ pub async fn config(ctx: &Ctx, cmd: ConfigCmd) -> Result<()> {
     let c = ctx.connect().await?;
     match cmd {
         ConfigCmd::Set { who, key, value } => {
-            c.config_set(pb::ConfigSetRequest { who, key, value })
-                .await?;
+            c.config().set(&who, &key, &value).await?;
         }
         ConfigCmd::Get { who, key } => {
             let single = key.is_some();
             let r = c
-                .config_get(pb::ConfigGetRequest {
-                    who,
-                    key: key.unwrap_or_default(),
-                })
+                .config()
+                .get(&who, key.as_deref().unwrap_or_default())
                 .await?;
             if ctx.json() {
                 if single {
                     ctx.print_json(&json!(
-                        r.entries
-                            .first()
-                            .map(|e| e.value.clone())
-                            .unwrap_or_default()
+                        r.first().map(|e| e.value.clone()).unwrap_or_default()
                     ));
                 } else {
-                    let m: HashMap<_, _> = r
-                        .entries
-                        .iter()
-                        .map(|e| (e.key.clone(), e.value.clone()))
-                        .collect();
+                    let m: HashMap<_, _> =
+                        r.iter().map(|e| (e.key.clone(), e.value.clone())).collect();
                     ctx.print_json(&json!(m));
                 }
             } else if single {
-                println!(
-                    "{}",
-                    r.entries.first().map(|e| e.value.as_str()).unwrap_or("")
-                );
+                println!("{}", r.first().map(|e| e.value.as_str()).unwrap_or(""));
             } else {
                 let rows: Vec<Vec<String>> = r
-                    .entries
                     .iter()
                     .map(|e| vec![e.key.clone(), e.value.clone()])
                     .collect();
@@ -194,20 +173,18 @@ pub async fn config(ctx: &Ctx, cmd: ConfigCmd) -> Result<()> {
             }
         }
         ConfigCmd::Rm { who, key } => {
-            c.config_remove(pb::ConfigGetRequest { who, key }).await?;
+            c.config().remove(&who, &key).await?;
         }
         ConfigCmd::Dump => {
-            let r = c.config_dump(pb::Empty {}).await?;
+            let r = c.config().dump().await?;
             if ctx.json() {
                 let v: Vec<_> = r
-                    .entries
                     .iter()
                     .map(|e| json!({"section": e.who, "name": e.key, "value": e.value}))
                     .collect();
                 ctx.print_json(&json!(v));
             } else {
                 let rows: Vec<Vec<String>> = r
-                    .entries
                     .iter()
                     .map(|e| vec![e.who.clone(), e.key.clone(), e.value.clone()])
                     .collect();
@@ -219,7 +196,7 @@ pub async fn config(ctx: &Ctx, cmd: ConfigCmd) -> Result<()> {
     Ok(())
 }
 
-fn entity_keyring(e: &pb::AuthEntity) -> Keyring {
+fn entity_keyring(e: &AuthEntity) -> Keyring {
     let mut caps: Vec<(String, String)> =
         e.caps.iter().map(|(a, b)| (a.clone(), b.clone())).collect();
     caps.sort();
@@ -232,7 +209,7 @@ fn entity_keyring(e: &pb::AuthEntity) -> Keyring {
     }
 }
 
-fn emit_entity(ctx: &Ctx, e: &pb::AuthEntity, out: Option<&std::path::Path>) -> Result<()> {
+fn emit_entity(ctx: &Ctx, e: &AuthEntity, out: Option<&std::path::Path>) -> Result<()> {
     let ring = entity_keyring(e);
     if let Some(path) = out {
         write_private(path, &ring.render())
@@ -250,7 +227,7 @@ fn emit_entity(ctx: &Ctx, e: &pb::AuthEntity, out: Option<&std::path::Path>) -> 
 }
 
 /// Ceph's cap arguments: SERVICE 'CAP' pairs.
-fn cap_pairs(caps: Vec<String>) -> Result<HashMap<String, String>> {
+fn cap_pairs(caps: Vec<String>) -> Result<BTreeMap<String, String>> {
     if !caps.len().is_multiple_of(2) {
         return Err(invalid(
             "caps come in pairs: SERVICE 'CAP' (e.g. mon 'profile rbd' osd 'profile rbd')",
@@ -267,30 +244,27 @@ pub async fn auth(ctx: &Ctx, cmd: AuthCmd) -> Result<()> {
     match cmd {
         AuthCmd::GetOrCreate { entity, caps, out } => {
             let caps = cap_pairs(caps)?;
-            let e = c
-                .auth_get_or_create(pb::AuthGetOrCreateRequest { entity, caps })
-                .await?;
+            let e = c.auth().get_or_create(&entity, caps).await?;
             emit_entity(ctx, &e, out.as_deref())?;
         }
         AuthCmd::Get { entity, out } => {
-            let e = c.auth_get(pb::AuthName { entity }).await?;
+            let e = c.auth().get(&entity).await?;
             emit_entity(ctx, &e, out.as_deref())?;
         }
         AuthCmd::PrintKey { entity } => {
-            let e = c.auth_get(pb::AuthName { entity }).await?;
+            let e = c.auth().get(&entity).await?;
             println!("{}", e.key);
         }
         AuthCmd::Ls => {
-            let l = c.auth_list(pb::Empty {}).await?;
+            let l = c.auth().list().await?;
             if ctx.json() {
                 let v: Vec<_> = l
-                    .entities
                     .iter()
                     .map(|e| json!({"entity": e.entity, "caps": e.caps, "profile": e.profile}))
                     .collect();
                 ctx.print_json(&json!({"auth_dump": v}));
             } else {
-                for e in &l.entities {
+                for e in &l {
                     println!("{}", e.entity);
                     let mut caps: Vec<_> = e.caps.iter().collect();
                     caps.sort();
@@ -302,9 +276,7 @@ pub async fn auth(ctx: &Ctx, cmd: AuthCmd) -> Result<()> {
         }
         AuthCmd::Caps { entity, caps } => {
             let caps = cap_pairs(caps)?;
-            let e = c
-                .auth_caps(pb::AuthGetOrCreateRequest { entity, caps })
-                .await?;
+            let e = c.auth().caps(&entity, caps).await?;
             if ctx.json() {
                 ctx.print_json(&json!({"entity": e.entity, "caps": e.caps, "profile": e.profile}));
             } else {
@@ -312,10 +284,7 @@ pub async fn auth(ctx: &Ctx, cmd: AuthCmd) -> Result<()> {
             }
         }
         AuthCmd::Rm { entity } => {
-            c.auth_remove(pb::AuthName {
-                entity: entity.clone(),
-            })
-            .await?;
+            c.auth().remove(&entity).await?;
             if !ctx.json() {
                 eprintln!("removed {entity}");
             }

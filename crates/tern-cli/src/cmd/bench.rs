@@ -8,7 +8,6 @@ use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tern_client::{image_ref, pb};
 use tern_types::format_size;
 use tern_types::size::parse_size_default_unit;
 
@@ -26,8 +25,8 @@ pub async fn run(ctx: &Ctx, a: BenchArgs) -> Result<()> {
         return Err(invalid("--rw-mix-read is a percentage (0-100)"));
     }
     let c = ctx.connect().await?;
-    let r = image_ref(&spec.pool, &spec.image);
-    let info = c.image_get(r.clone()).await?;
+    let r = spec.head();
+    let info = c.image().info(&r).await?;
     let size = info.size;
     // Writers hold the exclusive lock, as rbd bench does.
     let writes = a.io_type != IoType::Read;
@@ -91,21 +90,9 @@ pub async fn run(ctx: &Ctx, a: BenchArgs) -> Result<()> {
                 };
                 let t0 = Instant::now();
                 if read {
-                    c.read(pb::ReadRequest {
-                        image: Some(r.clone()),
-                        offset: off,
-                        length: io_size,
-                    })
-                    .await?;
+                    c.io().read(&r, off, io_size).await?;
                 } else {
-                    c.write(pb::WriteRequest {
-                        image: Some(r.clone()),
-                        offset: off,
-                        data: data.clone(),
-                        fua: false,
-                        lock_cookie: cookie.clone(),
-                    })
-                    .await?;
+                    c.io().write(&r, off, data.clone(), false, &cookie).await?;
                 }
                 lat.push(t0.elapsed().as_micros() as u64);
                 done.fetch_add(1, Ordering::Relaxed);

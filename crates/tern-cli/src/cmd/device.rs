@@ -15,7 +15,7 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tern_client::{ClientError, pb};
+use tern_client::ClientError;
 use tern_types::{ErrorKind, ImageSpec};
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -99,9 +99,8 @@ pub async fn run_cmd(ctx: &Ctx, cmd: DeviceCmd) -> Result<()> {
             let s = ImageSpec::parse(&spec)?;
             let c = ctx.connect().await?;
             // Fail early, with the site's words, on an unknown image or snapshot.
-            c.image_get(tern_client::snap_ref(&s.pool, &s.image, s.snap.as_deref()))
-                .await?;
-            let st = c.status(pb::StatusRequest {}).await?;
+            c.image().info(&s).await?;
+            let st = c.site().status().await?;
             if st.nbd_endpoint.is_empty() {
                 return Err(ClientError::new(
                     ErrorKind::Unavailable,

@@ -5,9 +5,13 @@ use super::image_spec;
 use crate::cli::ImportArgs;
 use crate::ctx::{Ctx, Result, invalid};
 use crate::out::table;
+use futures::StreamExt;
 use serde_json::json;
 use tern_client::rbd_diff::{DiffError, DiffReader, DiffWriter, ImageHeaderV2, Record};
-use tern_client::{ClientError, SiteClient, image_ref, pb, snap_ref};
+use tern_client::{ClientError, SiteClient};
+use tern_types::api::{
+    DataChunk, DiffRequest, DiffTarget, ImageCreate, ReadStream, SnapInfo, WriteMessage, WriteOpen,
+};
 use tern_types::{ErrorKind, ImageSpec};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
@@ -57,12 +61,12 @@ pub async fn list(ctx: &Ctx, spec: &str, from: Option<String>, whole_object: boo
     let s = ImageSpec::parse(spec)?;
     let c = ctx.connect().await?;
     let r = c
-        .diff(pb::DiffRequest {
-            image: Some(snap_ref(&s.pool, &s.image, s.snap.as_deref())),
+        .snap()
+        .diff(DiffRequest {
+            image: s,
             from_snap: from.unwrap_or_default(),
             whole_object,
-            offset: 0,
-            length: 0,
+            ..Default::default()
         })
         .await?;
     if ctx.json() {
@@ -93,28 +97,23 @@ pub async fn list(ctx: &Ctx, spec: &str, from: Option<String>, whole_object: boo
 async fn write_changes<W: AsyncWrite + Unpin>(
     c: &SiteClient,
     w: &mut DiffWriter<W>,
-    image: pb::ImageRef,
+    image: ImageSpec,
     from: Option<&str>,
     whole_object: bool,
 ) -> Result<u64> {
     let mut stream = c
         .io()
-        .read_stream(pb::ReadStreamRequest {
-            image: Some(image),
-            offset: 0,
-            length: 0,
-            chunk_size: 0,
+        .read_stream(ReadStream {
+            image,
             diff: true,
             diff_from: from.unwrap_or("").to_string(),
             whole_object,
-            extra: vec![],
+            ..Default::default()
         })
-        .await
-        .map_err(|s| c.err(s))?
-        .into_inner();
+        .await?;
     let mut bytes = 0;
     let werr = |e| io_err("writing the diff", e);
-    while let Some(ch) = stream.message().await.map_err(|s| c.err(s))? {
+    while let Some(ch) = stream.next().await.transpose()? {
         if ch.zero {
             w.zero(ch.offset, ch.length).await.map_err(werr)?;
         } else {
@@ -138,8 +137,7 @@ pub async fn export_diff(
     }
     let s = ImageSpec::parse(spec)?;
     let c = ctx.connect().await?;
-    let r = snap_ref(&s.pool, &s.image, s.snap.as_deref());
-    let info = c.image_get(r.clone()).await?;
+    let info = c.image().info(&s).await?;
     let out = open_out(path).await?;
     let werr = |e| io_err("writing the diff", e);
     let res: Result<u64> = async {
@@ -151,7 +149,7 @@ pub async fn export_diff(
             w.snap(false, t).await.map_err(werr)?;
         }
         w.size(info.size).await.map_err(werr)?;
-        let bytes = write_changes(&c, &mut w, r, from.as_deref(), whole_object).await?;
+        let bytes = write_changes(&c, &mut w, s.clone(), from.as_deref(), whole_object).await?;
         w.end().await.map_err(werr)?;
         Ok(bytes)
     }
@@ -204,26 +202,24 @@ async fn send_diff<R: AsyncRead + Unpin>(
     c: &SiteClient,
     r: &mut DiffReader<R>,
     meta: DiffMeta,
-    target: pb::ImageRef,
+    target: ImageSpec,
 ) -> Result<u64> {
     let size = meta
         .size
         .ok_or_else(|| invalid("the diff has no size record ('s'); nothing was changed"))?;
-    use pb::write_stream_message::Msg;
-    let msg = |m| pb::WriteStreamMessage { msg: Some(m) };
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::WriteStreamMessage>(4);
-    let open = pb::WriteStreamOpen {
+    let (tx, rx) = tokio::sync::mpsc::channel::<WriteMessage>(4);
+    let open = WriteOpen {
         image: Some(target),
-        diff: Some(pb::DiffTarget {
+        diff: Some(DiffTarget {
             from_snap: meta.from.clone().unwrap_or_default(),
             to_snap: meta.to.clone().unwrap_or_default(),
             size,
         }),
         ..Default::default()
     };
-    tx.send(msg(Msg::Open(open))).await.ok();
-    let mut io = c.io();
-    let call = tokio::spawn(async move { io.write_stream(tokio_stream_iter(rx)).await });
+    tx.send(WriteMessage::Open(Box::new(open))).await.ok();
+    let c2 = c.clone();
+    let call = tokio::spawn(async move { c2.io().write_stream(tokio_stream_iter(rx)).await });
     let mut total = 0u64;
     let mut rec = meta.first;
     let mut buf = vec![0u8; 4 << 20];
@@ -231,22 +227,22 @@ async fn send_diff<R: AsyncRead + Unpin>(
         loop {
             match rec {
                 Record::End => {
-                    let commit = pb::WriteStreamCommit {
+                    let commit = WriteMessage::Commit {
                         final_size: 0,
                         total_bytes: total,
                     };
-                    tx.send(msg(Msg::Commit(commit))).await.ok();
+                    tx.send(commit).await.ok();
                     return Ok(());
                 }
                 Record::Zero { offset, length } => {
                     total += length;
-                    let ch = pb::DataChunk {
+                    let ch = DataChunk {
                         offset,
                         length,
                         zero: true,
                         data: Default::default(),
                     };
-                    if tx.send(msg(Msg::Chunk(ch))).await.is_err() {
+                    if tx.send(WriteMessage::Chunk(ch)).await.is_err() {
                         return Ok(());
                     }
                 }
@@ -257,13 +253,13 @@ async fn send_diff<R: AsyncRead + Unpin>(
                         if n == 0 {
                             break;
                         }
-                        let ch = pb::DataChunk {
+                        let ch = DataChunk {
                             offset: at,
                             length: n as u64,
                             zero: false,
                             data: buf[..n].to_vec().into(),
                         };
-                        if tx.send(msg(Msg::Chunk(ch))).await.is_err() {
+                        if tx.send(WriteMessage::Chunk(ch)).await.is_err() {
                             return Ok(());
                         }
                         at += n as u64;
@@ -289,13 +285,13 @@ async fn send_diff<R: AsyncRead + Unpin>(
         .await
         .map_err(|e| ClientError::new(ErrorKind::Internal, e.to_string()))?;
     fed?;
-    reply.map_err(|s| c.err(s))?;
+    reply?;
     Ok(total)
 }
 
 fn tokio_stream_iter(
-    rx: tokio::sync::mpsc::Receiver<pb::WriteStreamMessage>,
-) -> impl futures::Stream<Item = pb::WriteStreamMessage> {
+    rx: tokio::sync::mpsc::Receiver<WriteMessage>,
+) -> impl futures::Stream<Item = WriteMessage> {
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })
 }
 
@@ -303,11 +299,11 @@ pub async fn import_diff(ctx: &Ctx, path: &str, spec: &str) -> Result<()> {
     let s = image_spec(spec)?;
     let c = ctx.connect().await?;
     // Fail early on an unknown image, before reading any input.
-    c.image_get(image_ref(&s.pool, &s.image)).await?;
+    c.image().info(&s.head()).await?;
     let input = open_in(path).await?;
     let mut r = DiffReader::new(input).await.map_err(diff_err)?;
     let meta = read_meta(&mut r).await?;
-    let total = send_diff(&c, &mut r, meta, image_ref(&s.pool, &s.image)).await?;
+    let total = send_diff(&c, &mut r, meta, s.head()).await?;
     if ctx.json() {
         ctx.print_json(&json!({"image": s.to_string(), "bytes": total}));
     } else {
@@ -319,15 +315,8 @@ pub async fn import_diff(ctx: &Ctx, path: &str, spec: &str) -> Result<()> {
 pub async fn export_v2(ctx: &Ctx, spec: &str, path: &str) -> Result<()> {
     let s = image_spec(spec)?;
     let c = ctx.connect().await?;
-    let r = image_ref(&s.pool, &s.image);
-    let info = c.image_get(r.clone()).await?;
-    let snaps = c
-        .snap_list(pb::SnapListRequest {
-            image: Some(r.clone()),
-            all: false,
-        })
-        .await?
-        .snaps;
+    let info = c.image().info(&s.head()).await?;
+    let snaps = c.snap().list(&s.head(), false).await?;
     let mut out = open_out(path).await?;
     let werr = |e| io_err("writing the export", e);
     let res: Result<()> = async {
@@ -343,7 +332,7 @@ pub async fn export_v2(ctx: &Ctx, spec: &str, path: &str) -> Result<()> {
         .await
         .map_err(werr)?;
         let mut prev: Option<String> = None;
-        let points: Vec<Option<&pb::SnapInfo>> = snaps
+        let points: Vec<Option<&SnapInfo>> = snaps
             .iter()
             .map(Some)
             .chain(std::iter::once(None))
@@ -365,7 +354,10 @@ pub async fn export_v2(ctx: &Ctx, spec: &str, path: &str) -> Result<()> {
                 w.protected(snap.protected).await.map_err(werr)?;
             }
             w.size(size).await.map_err(werr)?;
-            let at = snap_ref(&s.pool, &s.image, p.map(|x| x.name.as_str()));
+            let at = ImageSpec {
+                snap: p.map(|x| x.name.clone()),
+                ..s.head()
+            };
             write_changes(&c, &mut w, at, prev.as_deref(), false).await?;
             w.end().await.map_err(werr)?;
             prev = p.map(|x| x.name.clone());
@@ -396,26 +388,14 @@ pub async fn import_v2(ctx: &Ctx, a: ImportArgs) -> Result<()> {
     if let Err(e) = res {
         // All or nothing: remove what was created.
         if e.kind != ErrorKind::AlreadyExists {
-            let r = image_ref(&s.pool, &s.image);
-            if let Ok(l) = c
-                .snap_list(pb::SnapListRequest {
-                    image: Some(r.clone()),
-                    all: false,
-                })
-                .await
-            {
-                for snap in l.snaps.iter().filter(|x| x.protected) {
-                    let _ = c
-                        .snap_protect(pb::SnapProtectRequest {
-                            image: Some(r.clone()),
-                            snap: snap.name.clone(),
-                            protect: false,
-                        })
-                        .await;
+            let r = s.head();
+            if let Ok(l) = c.snap().list(&r, false).await {
+                for snap in l.iter().filter(|x| x.protected) {
+                    let _ = c.snap().protect(&r, &snap.name, false).await;
                 }
             }
-            let _ = c.snap_purge(r.clone()).await;
-            let _ = c.image_remove(r).await;
+            let _ = c.snap().purge(&r).await;
+            let _ = c.image().remove(&r).await;
         }
         return Err(e);
     }
@@ -444,7 +424,7 @@ async fn import_v2_into<R: AsyncRead + Unpin>(
     }
     let (order, features, su, sc, n) =
         (h.order, h.features, h.stripe_unit, h.stripe_count, h.diffs);
-    let target = image_ref(&s.pool, &s.image);
+    let target = s.head();
     for i in 0..n {
         let mut r = DiffReader::new(&mut *input).await.map_err(diff_err)?;
         if r.version != 2 {
@@ -457,7 +437,7 @@ async fn import_v2_into<R: AsyncRead + Unpin>(
             let size = meta
                 .size
                 .ok_or_else(|| invalid("the first diff has no size record"))?;
-            let mut req = pb::ImageCreateRequest {
+            let mut req = ImageCreate {
                 pool: s.pool.clone(),
                 image: s.image.clone(),
                 size,
@@ -472,17 +452,12 @@ async fn import_v2_into<R: AsyncRead + Unpin>(
             if !a.layout.features.is_empty() {
                 req.features = a.layout.features.clone();
             }
-            c.image_create(req).await?;
+            c.image().create(req).await?;
         }
         let (to, protected) = (meta.to.clone(), meta.protected);
         send_diff(c, &mut r, meta, target.clone()).await?;
         if protected && let Some(to) = to {
-            c.snap_protect(pb::SnapProtectRequest {
-                image: Some(target.clone()),
-                snap: to,
-                protect: true,
-            })
-            .await?;
+            c.snap().protect(&target, &to, true).await?;
         }
     }
     Ok(())

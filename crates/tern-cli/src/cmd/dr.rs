@@ -11,8 +11,11 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tern_client::config::TlsMode;
-use tern_client::{ClientError, ClusterConfig, SiteClient, image_ref, pb};
+use tern_client::{ClientError, ClusterConfig, SiteClient};
 use tern_types::ErrorKind;
+use tern_types::ImageSpec;
+use tern_types::api::{MirrorImageInfo, MirrorPeer, MirrorPoolInfo};
+use tern_types::mirror::{MirrorSnapState, PoolMirrorMode, StatusReason};
 
 pub async fn run(ctx: &Ctx, c: DrCmd) -> Result<()> {
     match c {
@@ -84,20 +87,15 @@ impl Log {
 
 /// A peer site as seen from here: its client and what it holds.
 struct PeerView {
-    peer: pb::MirrorPeer,
+    peer: MirrorPeer,
     client: Option<SiteClient>,
     /// Its mirrored images by global id; None: unreachable (why).
-    images: std::result::Result<BTreeMap<String, pb::MirrorImageInfo>, String>,
+    images: std::result::Result<BTreeMap<String, MirrorImageInfo>, String>,
 }
 
-async fn peers(c: &SiteClient, pool: &str) -> Result<(pb::MirrorPoolInfo, Vec<PeerView>)> {
-    let info = c
-        .mirror_pool_get(pb::MirrorPoolInfoRequest {
-            pool: pool.to_string(),
-            with_keys: true,
-        })
-        .await?;
-    if info.mode.is_empty() || info.mode == "disabled" {
+async fn peers(c: &SiteClient, pool: &str) -> Result<(MirrorPoolInfo, Vec<PeerView>)> {
+    let info = c.mirror().pool_info(pool, true).await?;
+    if info.mode == PoolMirrorMode::Disabled {
         return Err(invalid(format!(
             "mirroring is not enabled on pool '{pool}' here"
         )));
@@ -117,9 +115,7 @@ async fn peers(c: &SiteClient, pool: &str) -> Result<(pb::MirrorPoolInfo, Vec<Pe
             None => Err("no usable endpoint".to_string()),
             Some(cl) => match tokio::time::timeout(
                 Duration::from_secs(5),
-                cl.mirror_image_list(pb::PoolRequest {
-                    pool: p.remote_pool.clone(),
-                }),
+                cl.mirror().image_list(&p.remote_pool),
             )
             .await
             {
@@ -206,11 +202,8 @@ fn report(ctx: &Ctx, log: &mut Log, kind: &str, pool: &str, out: &[Outcome]) {
 }
 
 async fn local_status(c: &SiteClient, pool: &str, name: &str) -> String {
-    match c.mirror_image_status_get(image_ref(pool, name)).await {
-        Ok(s) => s
-            .local
-            .map(|l| format!("{}: {}", l.state, l.description))
-            .unwrap_or_default(),
+    match c.mirror().image_status(&ImageSpec::new(pool, name)).await {
+        Ok(s) => format!("{}: {}", s.local.state_label(), s.local.description),
         Err(e) => e.message,
     }
 }
@@ -244,9 +237,7 @@ async fn failover(ctx: &Ctx, a: DrArgs) -> Result<()> {
             Err(e) => log.line(format!("peer {} unreachable: {e}", v.peer.site_name)),
         }
     }
-    let list = c
-        .mirror_image_list(pb::PoolRequest { pool: pool.clone() })
-        .await?;
+    let list = c.mirror().image_list(&pool).await?;
     if list.images.is_empty() {
         log.line(format!("ERROR: no mirrored images in pool {pool}"));
         return Err(invalid(format!("no mirrored images in pool {pool}")));
@@ -254,7 +245,7 @@ async fn failover(ctx: &Ctx, a: DrArgs) -> Result<()> {
     let mut images = list.images.clone();
     images.sort_by(|x, y| x.name.cmp(&y.name));
     let mut problems = Vec::new();
-    let mut plan: Vec<(pb::MirrorImageInfo, &'static str)> = Vec::new();
+    let mut plan: Vec<(MirrorImageInfo, &'static str)> = Vec::new();
     for img in &images {
         if img.primary {
             plan.push((img.clone(), "skip: already primary here"));
@@ -328,10 +319,8 @@ async fn failover(ctx: &Ctx, a: DrArgs) -> Result<()> {
         let mut last_note = Instant::now();
         let res = loop {
             let r = c
-                .mirror_image_promote(pb::MirrorImagePromoteRequest {
-                    image: Some(image_ref(&pool, &name)),
-                    force: a.force,
-                })
+                .mirror()
+                .image_promote(&ImageSpec::new(&pool, &name), a.force)
                 .await;
             match r {
                 Err(e) if e.kind == ErrorKind::Busy && !a.force && Instant::now() < deadline => {
@@ -406,13 +395,7 @@ async fn failover(ctx: &Ctx, a: DrArgs) -> Result<()> {
             }
         }
     }
-    if let Ok(s) = c
-        .mirror_pool_status(pb::MirrorPoolStatusRequest {
-            pool: pool.clone(),
-            verbose: false,
-        })
-        .await
-    {
+    if let Ok(s) = c.mirror().pool_status(&pool, false).await {
         log.line(format!(
             "pool health: {} (daemon {}, images {})",
             s.health, s.daemon_health, s.image_health
@@ -490,10 +473,7 @@ async fn failback(ctx: &Ctx, a: DrArgs) -> Result<()> {
         "local site {} and {site} reachable",
         hello.site_name
     ));
-    let mut images = c
-        .mirror_image_list(pb::PoolRequest { pool: pool.clone() })
-        .await?
-        .images;
+    let mut images = c.mirror().image_list(&pool).await?.images;
     images.sort_by(|x, y| x.name.cmp(&y.name));
     let mut problems = Vec::new();
     for img in &images {
@@ -520,10 +500,11 @@ async fn failback(ctx: &Ctx, a: DrArgs) -> Result<()> {
         };
         if img.primary {
             let st = c
-                .mirror_image_status_get(image_ref(&pool, &img.name))
+                .mirror()
+                .image_status(&ImageSpec::new(&pool, &img.name))
                 .await?;
             if let Some(p) = st.peer_sites.iter().find(|p| p.site_name == site)
-                && p.reason == "split-brain"
+                && p.reason == StatusReason::SplitBrain
             {
                 problems.push(format!(
                     "{pool}/{}: {site} reports split-brain ({}): run `tern mirror image resync {}/{}` there first",
@@ -543,8 +524,8 @@ async fn failback(ctx: &Ctx, a: DrArgs) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(a.timeout);
     let remote_get = |name: &str| {
         let rc = remote_client.clone();
-        let r = image_ref(&view.peer.remote_pool, name);
-        async move { rc.mirror_image_get(r).await }
+        let r = ImageSpec::new(&view.peer.remote_pool, name);
+        async move { rc.mirror().image_info(&r).await }
     };
     // Phase 1: every copy at the other site replaying (not syncing, not in error).
     log.line(format!("phase 1: waiting until {site} is in sync"));
@@ -552,10 +533,11 @@ async fn failback(ctx: &Ctx, a: DrArgs) -> Result<()> {
         let mut last_note = Instant::now() - Duration::from_secs(10);
         loop {
             let st = c
-                .mirror_image_status_get(image_ref(&pool, &img.name))
+                .mirror()
+                .image_status(&ImageSpec::new(&pool, &img.name))
                 .await?;
             let p = st.peer_sites.iter().find(|p| p.site_name == site).cloned();
-            let state = p.as_ref().map(|p| p.state.clone()).unwrap_or_default();
+            let state = p.as_ref().map(|p| p.state_label()).unwrap_or_default();
             if state.ends_with("replaying") {
                 log.line(format!("  {}: {site} is replaying", img.name));
                 break;
@@ -573,7 +555,7 @@ async fn failback(ctx: &Ctx, a: DrArgs) -> Result<()> {
                 log.line(format!(
                     "  {}: {site}: {}",
                     img.name,
-                    p.map(|p| format!("{}: {}", p.state, p.description))
+                    p.map(|p| format!("{}: {}", p.state_label(), p.description))
                         .unwrap_or_else(|| "no status yet".into())
                 ));
             }
@@ -583,7 +565,8 @@ async fn failback(ctx: &Ctx, a: DrArgs) -> Result<()> {
     // Phase 2: demote here (idempotent: demoted ones are skipped).
     log.line("phase 2: demoting here");
     for img in images.iter().filter(|i| i.primary) {
-        c.mirror_image_demote(image_ref(&pool, &img.name))
+        c.mirror()
+            .image_demote(&ImageSpec::new(&pool, &img.name))
             .await
             .inspect_err(|e| log.line(format!("ERROR: {}: {}", img.name, e.message)))?;
         log.line(format!("  {}: demoted", img.name));
@@ -594,14 +577,17 @@ async fn failback(ctx: &Ctx, a: DrArgs) -> Result<()> {
     ));
     let mut out = Vec::new();
     for img in &images {
-        let mine = c.mirror_image_get(image_ref(&pool, &img.name)).await?;
+        let mine = c
+            .mirror()
+            .image_info(&ImageSpec::new(&pool, &img.name))
+            .await?;
         if mine.primary {
             continue;
         }
         let Some(demotion) = mine
             .mirror_snaps
             .iter()
-            .filter(|s| s.mirror_state == "demoted" && s.mirror_complete)
+            .filter(|s| s.is_complete_mirror(|m| m == MirrorSnapState::PrimaryDemoted))
             .max_by_key(|s| s.id)
             .cloned()
         else {
@@ -659,10 +645,8 @@ async fn failback(ctx: &Ctx, a: DrArgs) -> Result<()> {
         let mut result = format!("demoted here; {site} holds every write");
         if let Some(t) = &to_client {
             let r = t
-                .mirror_image_promote(pb::MirrorImagePromoteRequest {
-                    image: Some(image_ref(&view.peer.remote_pool, &img.name)),
-                    force: false,
-                })
+                .mirror()
+                .image_promote(&ImageSpec::new(&view.peer.remote_pool, &img.name), false)
                 .await;
             match r {
                 Ok(_) => result = format!("handed back: primary at {site} again, no data lost"),

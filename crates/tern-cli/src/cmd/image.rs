@@ -3,13 +3,13 @@ use crate::cli::{CreateArgs, LayoutArgs};
 use crate::ctx::{Ctx, Result, invalid};
 use crate::out::table;
 use serde_json::json;
-use tern_client::{image_ref, pb};
+use tern_types::api::{ImageCreate, ImageInfo};
 use tern_types::size::{parse_size, parse_size_default_unit};
 use tern_types::time::ctime;
 use tern_types::{format_size, validate_name};
 
 /// Fills the layout and feature fields of a create request.
-pub fn apply_layout(req: &mut pb::ImageCreateRequest, l: &LayoutArgs) -> Result<()> {
+pub fn apply_layout(req: &mut ImageCreate, l: &LayoutArgs) -> Result<()> {
     if let Some(os) = &l.object_size {
         req.object_size = parse_size_default_unit(os, 1)?;
     }
@@ -34,7 +34,7 @@ pub fn apply_layout(req: &mut pb::ImageCreateRequest, l: &LayoutArgs) -> Result<
     Ok(())
 }
 
-pub fn image_json(i: &pb::ImageInfo) -> serde_json::Value {
+pub fn image_json(i: &ImageInfo) -> serde_json::Value {
     let mut v = json!({
         "name": i.name,
         "id": i.id,
@@ -66,7 +66,7 @@ pub async fn create(ctx: &Ctx, a: CreateArgs) -> Result<()> {
             "image size must be greater than 0 (e.g. --size 10G)",
         ));
     }
-    let mut req = pb::ImageCreateRequest {
+    let mut req = ImageCreate {
         pool: spec.pool,
         image: spec.image,
         size,
@@ -74,7 +74,7 @@ pub async fn create(ctx: &Ctx, a: CreateArgs) -> Result<()> {
     };
     apply_layout(&mut req, &a.layout)?;
     let c = ctx.connect().await?;
-    let info = c.image_create(req).await?;
+    let info = c.image().create(req).await?;
     if ctx.json() {
         ctx.print_json(&image_json(&info));
     }
@@ -84,7 +84,7 @@ pub async fn create(ctx: &Ctx, a: CreateArgs) -> Result<()> {
 pub async fn ls(ctx: &Ctx, pool: String, long: bool) -> Result<()> {
     validate_name("pool", &pool)?;
     let c = ctx.connect().await?;
-    let images = c.image_list(pb::PoolRequest { pool }).await?.images;
+    let images = c.image().list(&pool).await?;
     match (ctx.json(), long) {
         (true, false) => ctx.print_json(&json!(images.iter().map(|i| &i.name).collect::<Vec<_>>())),
         (true, true) => ctx.print_json(&json!(
@@ -122,18 +122,10 @@ pub async fn ls(ctx: &Ctx, pool: String, long: bool) -> Result<()> {
 pub async fn info(ctx: &Ctx, spec: &str) -> Result<()> {
     let spec = tern_types::ImageSpec::parse(spec)?;
     let c = ctx.connect().await?;
-    let i = c
-        .image_get(tern_client::snap_ref(
-            &spec.pool,
-            &spec.image,
-            spec.snap.as_deref(),
-        ))
-        .await?;
+    let i = c.image().info(&spec).await?;
     // Mirroring, as rbd info shows it (plus how it became primary).
     let m = if i.snap.is_empty() {
-        c.mirror_image_get(tern_client::image_ref(&spec.pool, &spec.image))
-            .await
-            .ok()
+        c.mirror().image_info(&spec.head()).await.ok()
     } else {
         None
     };
@@ -226,13 +218,7 @@ pub async fn resize(ctx: &Ctx, spec: &str, size: &str, allow_shrink: bool) -> Re
         return Err(invalid("image size must be greater than 0"));
     }
     let c = ctx.connect().await?;
-    let info = c
-        .image_resize(pb::ImageResizeRequest {
-            image: Some(image_ref(&spec.pool, &spec.image)),
-            size,
-            allow_shrink,
-        })
-        .await?;
+    let info = c.image().resize(&spec.head(), size, allow_shrink).await?;
     if ctx.json() {
         ctx.print_json(&image_json(&info));
     } else {
@@ -257,18 +243,14 @@ pub async fn rename(ctx: &Ctx, src: &str, dst: &str) -> Result<()> {
         )));
     }
     let c = ctx.connect().await?;
-    c.image_rename(pb::ImageRenameRequest {
-        image: Some(image_ref(&s.pool, &s.image)),
-        new_name: d.image,
-    })
-    .await?;
+    c.image().rename(&s.head(), &d.image).await?;
     Ok(())
 }
 
 pub async fn rm(ctx: &Ctx, spec: &str) -> Result<()> {
     let spec = image_spec(spec)?;
     let c = ctx.connect().await?;
-    c.image_remove(image_ref(&spec.pool, &spec.image)).await?;
+    c.image().remove(&spec.head()).await?;
     if !ctx.json() {
         eprintln!("Removing image: 100% complete...done.");
     }

@@ -2,9 +2,10 @@ use super::image_spec;
 use crate::cli::ImportArgs;
 use crate::ctx::{Ctx, Result, invalid};
 use serde_json::json;
+use tern_client::ClientError;
 use tern_client::transfer::{self, ExportSink, ImportTarget};
-use tern_client::{ClientError, pb};
 use tern_types::ErrorKind;
+use tern_types::api::ImageCreate;
 
 fn io_error(what: &str, path: &str, e: std::io::Error) -> ClientError {
     ClientError::new(
@@ -26,7 +27,7 @@ pub async fn import(ctx: &Ctx, a: ImportArgs) -> Result<()> {
             .to_string(),
     };
     let spec = image_spec(&spec_text)?;
-    let mut req = pb::ImageCreateRequest {
+    let mut req = ImageCreate {
         pool: spec.pool.clone(),
         image: spec.image.clone(),
         ..Default::default()
@@ -134,8 +135,7 @@ pub async fn import(ctx: &Ctx, a: ImportArgs) -> Result<()> {
 pub async fn export(ctx: &Ctx, spec: &str, path: &str) -> Result<()> {
     let spec = tern_types::ImageSpec::parse(spec)?;
     let c = ctx.connect().await?;
-    let r = tern_client::snap_ref(&spec.pool, &spec.image, spec.snap.as_deref());
-    let info = c.image_get(r.clone()).await?;
+    let info = c.image().info(&spec).await?;
     let bar = if path == "-" {
         None
     } else {
@@ -147,7 +147,7 @@ pub async fn export(ctx: &Ctx, spec: &str, path: &str) -> Result<()> {
         }
     };
     let res = if path == "-" {
-        transfer::export(&c, r, ExportSink::Stream(tokio::io::stdout()), &p).await
+        transfer::export(&c, &spec, ExportSink::Stream(tokio::io::stdout()), &p).await
     } else {
         if std::path::Path::new(path).exists() {
             return Err(ClientError::new(
@@ -158,7 +158,7 @@ pub async fn export(ctx: &Ctx, spec: &str, path: &str) -> Result<()> {
         let f = tokio::fs::File::create(path)
             .await
             .map_err(|e| io_error("cannot create", path, e))?;
-        let r = transfer::export(&c, r, ExportSink::<tokio::io::Stdout>::File(f), &p).await;
+        let r = transfer::export(&c, &spec, ExportSink::<tokio::io::Stdout>::File(f), &p).await;
         if r.is_err() {
             let _ = std::fs::remove_file(path);
         }

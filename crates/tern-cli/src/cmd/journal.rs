@@ -4,10 +4,13 @@ use super::image_spec;
 use crate::cli::{ConfigImageCmd, FeatureCmd, JournalCmd};
 use crate::ctx::{Ctx, Result};
 use crate::out::table;
+use futures::StreamExt;
 use serde_json::json;
 use std::io::Write;
-use tern_client::{ClientError, image_ref, pb};
+use tern_client::ClientError;
 use tern_store::journal::{JournalEntry, JournalOp};
+use tern_types::ImageSpec;
+use tern_types::api::JournalClientInfo;
 use tern_types::error::ErrorKind;
 use tern_types::format_size;
 
@@ -23,13 +26,7 @@ pub async fn feature(ctx: &Ctx, cmd: FeatureCmd) -> Result<()> {
     } else {
         (vec![], features)
     };
-    let info = c
-        .image_features(pb::ImageFeaturesRequest {
-            image: Some(image_ref(&s.pool, &s.image)),
-            enable: en,
-            disable: dis,
-        })
-        .await?;
+    let info = c.image().features(&s.head(), en, dis).await?;
     if ctx.json() {
         ctx.print_json(&json!({"features": info.feature_names}));
     }
@@ -44,32 +41,14 @@ pub async fn config_image(ctx: &Ctx, cmd: ConfigImageCmd) -> Result<()> {
     let c = ctx.connect().await?;
     match cmd {
         ConfigImageCmd::Set { spec, key, value } => {
-            c.config_set(pb::ConfigSetRequest {
-                who: who(&spec)?,
-                key,
-                value,
-            })
-            .await?;
+            c.config().set(&who(&spec)?, &key, &value).await?;
         }
         ConfigImageCmd::Rm { spec, key } => {
-            c.config_remove(pb::ConfigGetRequest {
-                who: who(&spec)?,
-                key,
-            })
-            .await?;
+            c.config().remove(&who(&spec)?, &key).await?;
         }
         ConfigImageCmd::Get { spec, key } => {
-            let r = c
-                .config_get(pb::ConfigGetRequest {
-                    who: who(&spec)?,
-                    key,
-                })
-                .await?;
-            let v = r
-                .entries
-                .first()
-                .map(|e| e.value.clone())
-                .unwrap_or_default();
+            let r = c.config().get(&who(&spec)?, &key).await?;
+            let v = r.first().map(|e| e.value.clone()).unwrap_or_default();
             if ctx.json() {
                 ctx.print_json(&json!(v));
             } else {
@@ -77,17 +56,8 @@ pub async fn config_image(ctx: &Ctx, cmd: ConfigImageCmd) -> Result<()> {
             }
         }
         ConfigImageCmd::Ls { spec } => {
-            let r = c
-                .config_get(pb::ConfigGetRequest {
-                    who: who(&spec)?,
-                    key: String::new(),
-                })
-                .await?;
-            let rbd: Vec<_> = r
-                .entries
-                .iter()
-                .filter(|e| e.key.starts_with("rbd_"))
-                .collect();
+            let r = c.config().get(&who(&spec)?, "").await?;
+            let rbd: Vec<_> = r.iter().filter(|e| e.key.starts_with("rbd_")).collect();
             if ctx.json() {
                 let v: Vec<_> = rbd
                     .iter()
@@ -106,7 +76,7 @@ pub async fn config_image(ctx: &Ctx, cmd: ConfigImageCmd) -> Result<()> {
     Ok(())
 }
 
-fn client_json(c: &pb::JournalClientInfo) -> serde_json::Value {
+fn client_json(c: &JournalClientInfo) -> serde_json::Value {
     json!({
         "id": c.id,
         "commit_tid": c.commit_tid,
@@ -154,7 +124,7 @@ pub async fn run(ctx: &Ctx, cmd: JournalCmd) -> Result<()> {
     match cmd {
         JournalCmd::Info { spec } => {
             let s = image_spec(&spec)?;
-            let i = c.journal_info(image_ref(&s.pool, &s.image)).await?;
+            let i = c.journal().info(&s.head()).await?;
             if ctx.json() {
                 let segs: Vec<_> = i
                     .segments
@@ -172,7 +142,7 @@ pub async fn run(ctx: &Ctx, cmd: JournalCmd) -> Result<()> {
                     "object_size": i.segment_size,
                     "max_size": i.max_size,
                     "splay_width": i.splay_width,
-                    "durability": i.durability,
+                    "durability": i.durability.as_str(),
                     "commit_age": i.commit_age,
                     "syncs": i.syncs,
                     "clients": i.clients.iter().map(client_json).collect::<Vec<_>>(),
@@ -202,7 +172,7 @@ pub async fn run(ctx: &Ctx, cmd: JournalCmd) -> Result<()> {
         }
         JournalCmd::Status { spec } => {
             let s = image_spec(&spec)?;
-            let i = c.journal_info(image_ref(&s.pool, &s.image)).await?;
+            let i = c.journal().info(&s.head()).await?;
             if ctx.json() {
                 ctx.print_json(&json!({
                     "minimum_set": i.segments.first().map(|g| g.segno).unwrap_or(0),
@@ -239,10 +209,10 @@ pub async fn run(ctx: &Ctx, cmd: JournalCmd) -> Result<()> {
         }
         JournalCmd::Inspect { spec, verbose } => {
             let s = image_spec(&spec)?;
-            let r = c.journal_inspect(image_ref(&s.pool, &s.image)).await?;
+            let r = c.journal().inspect(&s.head()).await?;
             let entries = if verbose {
                 let mut v = Vec::new();
-                read_entries(&c, &s.pool, &s.image, None, |e| {
+                read_entries(&c, &s.head(), None, |e| {
                     v.push(op_json(&e));
                     Ok(())
                 })
@@ -310,7 +280,7 @@ pub async fn run(ctx: &Ctx, cmd: JournalCmd) -> Result<()> {
             };
             let json = ctx.json();
             let mut n = 0u64;
-            read_entries(&c, &s.pool, &s.image, from_tid, |e| {
+            read_entries(&c, &s.head(), from_tid, |e| {
                 if json {
                     writeln!(out, "{}", op_json(&e))?;
                 } else {
@@ -334,23 +304,12 @@ pub async fn run(ctx: &Ctx, cmd: JournalCmd) -> Result<()> {
 /// hands each, crc-checked, to `f`.
 async fn read_entries(
     c: &tern_client::SiteClient,
-    pool: &str,
-    image: &str,
+    image: &ImageSpec,
     from: Option<u64>,
     mut f: impl FnMut(JournalEntry) -> std::io::Result<()>,
 ) -> Result<()> {
-    let mut stream = c
-        .journal()
-        .journal_read(pb::JournalReadRequest {
-            image: Some(image_ref(pool, image)),
-            from_tid: from.unwrap_or(0),
-            follow: false,
-            max_bytes: 0,
-        })
-        .await
-        .map_err(|s| c.err(s))?
-        .into_inner();
-    while let Some(chunk) = stream.message().await.map_err(|s| c.err(s))? {
+    let mut stream = c.journal().read(image, from.unwrap_or(0), false, 0).await?;
+    while let Some(chunk) = stream.next().await.transpose()? {
         let mut b = &chunk.entries[..];
         while !b.is_empty() {
             let (e, used) = JournalEntry::decode(b).map_err(|e| {

@@ -8,7 +8,10 @@ use crate::cli::{
 };
 use crate::ctx::{Ctx, Result, invalid};
 use serde_json::{Value, json};
-use tern_client::{ClientError, SiteClient, image_ref, pb};
+use tern_client::{ClientError, SiteClient};
+use tern_types::ImageSpec;
+use tern_types::api::{BootstrapImport, MirrorImageStatus, MirrorPeer, MirrorSiteStatus, Schedule};
+use tern_types::mirror::{ImageMirrorMode, PoolMirrorMode};
 use tern_types::time::datetime;
 
 pub async fn run(ctx: &Ctx, cmd: MirrorCmd) -> Result<()> {
@@ -42,14 +45,14 @@ async fn schedule(ctx: &Ctx, c: &SiteClient, cmd: ScheduleCmd) -> Result<()> {
         } => {
             let (pool, image) = level(&l)?;
             let start_time = start_time_opt.or(start_time).unwrap_or_default();
-            c.mirror_schedule_add(pb::MirrorScheduleRequest {
-                pool,
-                image,
-                interval,
-                start_time,
-                recursive: false,
-            })
-            .await?;
+            c.mirror()
+                .schedule_add(Schedule {
+                    pool,
+                    image,
+                    interval,
+                    start_time,
+                })
+                .await?;
         }
         ScheduleCmd::Rm {
             level: l,
@@ -59,14 +62,14 @@ async fn schedule(ctx: &Ctx, c: &SiteClient, cmd: ScheduleCmd) -> Result<()> {
         } => {
             let (pool, image) = level(&l)?;
             let start_time = start_time_opt.or(start_time).unwrap_or_default();
-            c.mirror_schedule_remove(pb::MirrorScheduleRequest {
-                pool,
-                image,
-                interval: interval.unwrap_or_default(),
-                start_time,
-                recursive: false,
-            })
-            .await?;
+            c.mirror()
+                .schedule_remove(Schedule {
+                    pool,
+                    image,
+                    interval: interval.unwrap_or_default(),
+                    start_time,
+                })
+                .await?;
         }
         ScheduleCmd::Ls {
             level: l,
@@ -78,17 +81,20 @@ async fn schedule(ctx: &Ctx, c: &SiteClient, cmd: ScheduleCmd) -> Result<()> {
             } else {
                 pool
             };
-            let r = c
-                .mirror_schedule_list(pb::MirrorScheduleRequest {
-                    pool,
-                    image,
+            let schedules = c
+                .mirror()
+                .schedule_list(
+                    Schedule {
+                        pool,
+                        image,
+                        ..Default::default()
+                    },
                     recursive,
-                    ..Default::default()
-                })
+                )
                 .await?;
             if ctx.json() {
                 ctx.print_json(&json!(
-                    r.schedules
+                    schedules
                         .iter()
                         .map(
                             |s| json!({"pool": s.pool, "namespace": "", "image": s.image,
@@ -97,8 +103,7 @@ async fn schedule(ctx: &Ctx, c: &SiteClient, cmd: ScheduleCmd) -> Result<()> {
                         .collect::<Vec<_>>()
                 ));
             } else if recursive {
-                let rows: Vec<Vec<String>> = r
-                    .schedules
+                let rows: Vec<Vec<String>> = schedules
                     .iter()
                     .map(|s| {
                         let when = if s.start_time.is_empty() {
@@ -123,7 +128,7 @@ async fn schedule(ctx: &Ctx, c: &SiteClient, cmd: ScheduleCmd) -> Result<()> {
                     crate::out::table(&["POOL", "NAMESPACE", "IMAGE", "SCHEDULE"], &rows)
                 );
             } else {
-                for s in &r.schedules {
+                for s in &schedules {
                     if s.start_time.is_empty() {
                         println!("every {}", s.interval);
                     } else {
@@ -134,8 +139,9 @@ async fn schedule(ctx: &Ctx, c: &SiteClient, cmd: ScheduleCmd) -> Result<()> {
         }
         ScheduleCmd::Status { level: l } => {
             let (pool, image) = level(&l)?;
-            let r = c
-                .mirror_schedule_status(pb::MirrorScheduleRequest {
+            let scheduled = c
+                .mirror()
+                .schedule_status(Schedule {
                     pool,
                     image,
                     ..Default::default()
@@ -143,12 +149,11 @@ async fn schedule(ctx: &Ctx, c: &SiteClient, cmd: ScheduleCmd) -> Result<()> {
                 .await?;
             if ctx.json() {
                 ctx.print_json(
-                    &json!({"scheduled": r.scheduled.iter().map(|s| json!({"image": s.image,
+                    &json!({"scheduled": scheduled.iter().map(|s| json!({"image": s.image,
                     "schedule_time": datetime(s.time)})).collect::<Vec<_>>()}),
                 );
             } else {
-                let rows: Vec<Vec<String>> = r
-                    .scheduled
+                let rows: Vec<Vec<String>> = scheduled
                     .iter()
                     .map(|s| vec![datetime(s.time), s.image.clone()])
                     .collect();
@@ -159,17 +164,17 @@ async fn schedule(ctx: &Ctx, c: &SiteClient, cmd: ScheduleCmd) -> Result<()> {
     Ok(())
 }
 
-fn peer_json(p: &pb::MirrorPeer) -> Value {
+fn peer_json(p: &MirrorPeer) -> Value {
     json!({"uuid": p.uuid, "direction": p.direction, "site_name": p.site_name,
            "mirror_uuid": p.mirror_uuid, "client_name": p.client_name,
            "fsid": p.fsid, "mon_host": p.mon_host.join(","), "remote_pool": p.remote_pool})
 }
 
-fn site_json(s: &pb::MirrorSiteStatus) -> Value {
+fn site_json(s: &MirrorSiteStatus) -> Value {
     json!({
         "site_name": s.site_name,
         "mirror_uuids": s.mirror_uuids,
-        "state": s.state,
+        "state": s.state_label(),
         "description": s.description,
         "last_update": datetime(s.last_update),
         // Typed fields beside Ceph's, so nobody has to parse descriptions.
@@ -182,12 +187,12 @@ fn site_json(s: &pb::MirrorSiteStatus) -> Value {
     })
 }
 
-fn image_status_json(st: &pb::MirrorImageStatus) -> Value {
-    let local = st.local.clone().unwrap_or_default();
+fn image_status_json(st: &MirrorImageStatus) -> Value {
+    let local = &st.local;
     json!({
         "name": st.name,
         "global_id": st.global_id,
-        "state": local.state,
+        "state": local.state_label(),
         "description": local.description,
         "daemon_service": {"service_id": st.daemon_id, "instance_id": st.daemon_id, "daemon_id": "rbd-mirror", "hostname": hostname()},
         "last_update": datetime(local.last_update),
@@ -206,11 +211,11 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-fn print_image_status(st: &pb::MirrorImageStatus) {
-    let local = st.local.clone().unwrap_or_default();
+fn print_image_status(st: &MirrorImageStatus) {
+    let local = &st.local;
     println!("{}:", st.name);
     println!("  global_id:   {}", st.global_id);
-    println!("  state:       {}", local.state);
+    println!("  state:       {}", local.state_label());
     println!("  description: {}", local.description);
     if !st.daemon_id.is_empty() {
         println!("  service:     {} on {}", st.daemon_id, hostname());
@@ -220,7 +225,7 @@ fn print_image_status(st: &pb::MirrorImageStatus) {
         println!("  peer_sites:");
         for p in &st.peer_sites {
             println!("    name: {}", p.site_name);
-            println!("    state: {}", p.state);
+            println!("    state: {}", p.state_label());
             println!("    description: {}", p.description);
             println!("    last_update: {}", datetime(p.last_update));
         }
@@ -234,23 +239,16 @@ async fn pool(ctx: &Ctx, c: &SiteClient, cmd: MirrorPoolCmd) -> Result<()> {
             mode,
             site_name,
         } => {
-            c.mirror_pool_enable(pb::MirrorPoolEnableRequest {
-                pool,
-                mode,
-                site_name: site_name.unwrap_or_default(),
-            })
-            .await?;
+            let mode = PoolMirrorMode::enabling(&mode)?;
+            c.mirror()
+                .pool_enable(&pool, mode, &site_name.unwrap_or_default())
+                .await?;
         }
         MirrorPoolCmd::Disable { pool } => {
-            c.mirror_pool_disable(pb::PoolRequest { pool }).await?;
+            c.mirror().pool_disable(&pool).await?;
         }
         MirrorPoolCmd::Info { pool, all } => {
-            let i = c
-                .mirror_pool_get(pb::MirrorPoolInfoRequest {
-                    pool,
-                    with_keys: false,
-                })
-                .await?;
+            let i = c.mirror().pool_info(&pool, false).await?;
             if ctx.json() {
                 let mut v = json!({"mode": i.mode, "site_name": i.site_name,
                     "peers": i.peers.iter().map(peer_json).collect::<Vec<_>>()});
@@ -282,9 +280,7 @@ async fn pool(ctx: &Ctx, c: &SiteClient, cmd: MirrorPoolCmd) -> Result<()> {
             }
         }
         MirrorPoolCmd::Status { pool, verbose } => {
-            let s = c
-                .mirror_pool_status(pb::MirrorPoolStatusRequest { pool, verbose })
-                .await?;
+            let s = c.mirror().pool_status(&pool, verbose).await?;
             if ctx.json() {
                 let mut v = json!({"summary": {"health": s.health, "daemon_health": s.daemon_health,
                     "image_health": s.image_health, "states": s.states}});
@@ -331,16 +327,12 @@ async fn pool(ctx: &Ctx, c: &SiteClient, cmd: MirrorPoolCmd) -> Result<()> {
         }
         MirrorPoolCmd::Peer(p) => peer(ctx, c, p).await?,
         MirrorPoolCmd::Promote { pool, force } => {
-            let list = c
-                .mirror_image_list(pb::PoolRequest { pool: pool.clone() })
-                .await?;
+            let list = c.mirror().image_list(&pool).await?;
             let mut failed = 0;
             for i in list.images.iter().filter(|i| !i.primary) {
                 let r = c
-                    .mirror_image_promote(pb::MirrorImagePromoteRequest {
-                        image: Some(image_ref(&pool, &i.name)),
-                        force,
-                    })
+                    .mirror()
+                    .image_promote(&ImageSpec::new(&pool, &i.name), force)
                     .await;
                 report(ctx, &pool, &i.name, "promoted", r.map(|_| ()), &mut failed);
             }
@@ -352,12 +344,13 @@ async fn pool(ctx: &Ctx, c: &SiteClient, cmd: MirrorPoolCmd) -> Result<()> {
             }
         }
         MirrorPoolCmd::Demote { pool } => {
-            let list = c
-                .mirror_image_list(pb::PoolRequest { pool: pool.clone() })
-                .await?;
+            let list = c.mirror().image_list(&pool).await?;
             let mut failed = 0;
             for i in list.images.iter().filter(|i| i.primary) {
-                let r = c.mirror_image_demote(image_ref(&pool, &i.name)).await;
+                let r = c
+                    .mirror()
+                    .image_demote(&ImageSpec::new(&pool, &i.name))
+                    .await;
                 report(ctx, &pool, &i.name, "demoted", r.map(|_| ()), &mut failed);
             }
             if failed > 0 {
@@ -404,30 +397,23 @@ async fn peer(ctx: &Ctx, c: &SiteClient, cmd: MirrorPeerCmd) -> Result<()> {
                     .to_string(),
                 None => return Err(invalid("--remote-key-file is required")),
             };
-            let p = c
-                .mirror_peer_add(pb::MirrorPeerAddRequest {
-                    pool: pool.clone(),
-                    peer: Some(pb::MirrorPeer {
-                        uuid: String::new(),
-                        site_name: site.into(),
-                        client_name: client.into(),
-                        direction,
-                        mirror_uuid: String::new(),
-                        fsid: remote_fsid,
-                        mon_host: remote_mon_host.split(',').map(String::from).collect(),
-                        tls_fingerprint: tern_client::config::normalize_fingerprint(
-                            &remote_fingerprint,
-                        ),
-                        remote_pool: remote_pool.unwrap_or(pool),
-                        key,
-                    }),
-                })
-                .await?;
+            let peer = MirrorPeer {
+                uuid: String::new(),
+                site_name: site.into(),
+                client_name: client.into(),
+                direction: direction.parse()?,
+                mirror_uuid: String::new(),
+                fsid: remote_fsid,
+                mon_host: remote_mon_host.split(',').map(String::from).collect(),
+                tls_fingerprint: tern_client::config::normalize_fingerprint(&remote_fingerprint),
+                remote_pool: remote_pool.unwrap_or_else(|| pool.clone()),
+                key,
+            };
+            let p = c.mirror().peer_add(&pool, peer).await?;
             println!("{}", p.uuid);
         }
         MirrorPeerCmd::Remove { pool, uuid } => {
-            c.mirror_peer_remove(pb::MirrorPeerRemoveRequest { pool, uuid })
-                .await?;
+            c.mirror().peer_remove(&pool, &uuid).await?;
         }
         MirrorPeerCmd::Set {
             pool,
@@ -435,22 +421,14 @@ async fn peer(ctx: &Ctx, c: &SiteClient, cmd: MirrorPeerCmd) -> Result<()> {
             key,
             value,
         } => {
-            c.mirror_peer_set(pb::MirrorPeerSetRequest {
-                pool,
-                uuid,
-                key,
-                value,
-            })
-            .await?;
+            c.mirror().peer_set(&pool, &uuid, &key, &value).await?;
         }
         MirrorPeerCmd::Bootstrap(MirrorBootstrapCmd::Create { pool, site_name }) => {
-            let t = c
-                .mirror_bootstrap_create(pb::MirrorBootstrapCreateRequest {
-                    pool,
-                    site_name: site_name.unwrap_or_default(),
-                })
+            let token = c
+                .mirror()
+                .bootstrap_create(&pool, &site_name.unwrap_or_default())
                 .await?;
-            println!("{}", t.token);
+            println!("{token}");
         }
         MirrorPeerCmd::Bootstrap(MirrorBootstrapCmd::Import {
             pool,
@@ -469,10 +447,11 @@ async fn peer(ctx: &Ctx, c: &SiteClient, cmd: MirrorPeerCmd) -> Result<()> {
                     .map_err(|e| invalid(format!("cannot read token file '{path}': {e}")))?
             };
             let p = c
-                .mirror_bootstrap_import(pb::MirrorBootstrapImportRequest {
+                .mirror()
+                .bootstrap_import(BootstrapImport {
                     pool,
                     site_name: site_name.unwrap_or_default(),
-                    direction,
+                    direction: direction.parse()?,
                     token: token.trim().to_string(),
                     remote_pool: remote_pool.unwrap_or_default(),
                 })
@@ -489,51 +468,36 @@ async fn image(ctx: &Ctx, c: &SiteClient, cmd: MirrorImageCmd) -> Result<()> {
     match cmd {
         MirrorImageCmd::Enable { spec, mode } => {
             let s = image_spec(&spec)?;
-            c.mirror_image_enable(pb::MirrorImageEnableRequest {
-                image: Some(image_ref(&s.pool, &s.image)),
-                mode,
-            })
-            .await?;
+            let mode: ImageMirrorMode = mode.parse()?;
+            c.mirror().image_enable(&s.head(), mode).await?;
             if !ctx.json() {
                 eprintln!("Mirroring enabled");
             }
         }
         MirrorImageCmd::Disable { spec, force } => {
             let s = image_spec(&spec)?;
-            c.mirror_image_disable(pb::MirrorImageDisableRequest {
-                image: Some(image_ref(&s.pool, &s.image)),
-                force,
-            })
-            .await?;
+            c.mirror().image_disable(&s.head(), force).await?;
             if !ctx.json() {
                 eprintln!("Mirroring disabled");
             }
         }
         MirrorImageCmd::Promote { spec, force } => {
             let s = image_spec(&spec)?;
-            c.mirror_image_promote(pb::MirrorImagePromoteRequest {
-                image: Some(image_ref(&s.pool, &s.image)),
-                force,
-            })
-            .await?;
+            c.mirror().image_promote(&s.head(), force).await?;
             if !ctx.json() {
                 eprintln!("Image promoted to primary");
             }
         }
         MirrorImageCmd::Demote { spec } => {
             let s = image_spec(&spec)?;
-            c.mirror_image_demote(image_ref(&s.pool, &s.image)).await?;
+            c.mirror().image_demote(&s.head()).await?;
             if !ctx.json() {
                 eprintln!("Image demoted to non-primary");
             }
         }
         MirrorImageCmd::Resync { spec, full } => {
             let s = image_spec(&spec)?;
-            c.mirror_image_resync(pb::MirrorImageResyncRequest {
-                image: Some(image_ref(&s.pool, &s.image)),
-                full,
-            })
-            .await?;
+            c.mirror().image_resync(&s.head(), full).await?;
             if !ctx.json() {
                 eprintln!(
                     "Flagged image for {} resync from primary",
@@ -543,9 +507,7 @@ async fn image(ctx: &Ctx, c: &SiteClient, cmd: MirrorImageCmd) -> Result<()> {
         }
         MirrorImageCmd::Snapshot { spec } => {
             let s = image_spec(&spec)?;
-            let snap = c
-                .mirror_image_snapshot(image_ref(&s.pool, &s.image))
-                .await?;
+            let snap = c.mirror().image_snapshot(&s.head()).await?;
             if ctx.json() {
                 ctx.print_json(&json!({"snap_id": snap.id, "snap_name": snap.name}));
             } else {
@@ -555,9 +517,7 @@ async fn image(ctx: &Ctx, c: &SiteClient, cmd: MirrorImageCmd) -> Result<()> {
         MirrorImageCmd::Verify { spec, chunk } => verify(ctx, c, &spec, &chunk).await?,
         MirrorImageCmd::Status { spec } => {
             let s = image_spec(&spec)?;
-            let st = c
-                .mirror_image_status_get(image_ref(&s.pool, &s.image))
-                .await?;
+            let st = c.mirror().image_status(&s.head()).await?;
             if ctx.json() {
                 ctx.print_json(&image_status_json(&st));
             } else {
@@ -572,7 +532,7 @@ async fn verify(ctx: &Ctx, c: &SiteClient, spec: &str, chunk: &str) -> Result<()
     use tern_types::ErrorKind;
     let s = image_spec(spec)?;
     let chunk = tern_types::size::parse_size_default_unit(chunk, 1)?;
-    let local = c.mirror_image_get(image_ref(&s.pool, &s.image)).await?;
+    let local = c.mirror().image_info(&s.head()).await?;
     if local.primary {
         return Err(invalid(format!(
             "{spec} is primary here: run verify on a site that holds a non-primary copy"
@@ -581,7 +541,7 @@ async fn verify(ctx: &Ctx, c: &SiteClient, spec: &str, chunk: &str) -> Result<()
     let copy = local
         .mirror_snaps
         .iter()
-        .filter(|x| x.mirror_state.starts_with("non-primary") && x.mirror_complete)
+        .filter(|x| x.is_complete_mirror(|m| !m.is_primary()))
         .max_by_key(|x| x.id)
         .ok_or_else(|| {
             ClientError::new(
@@ -589,12 +549,7 @@ async fn verify(ctx: &Ctx, c: &SiteClient, spec: &str, chunk: &str) -> Result<()
                 format!("{spec} has no complete copy yet: wait for the first sync"),
             )
         })?;
-    let pool = c
-        .mirror_pool_get(pb::MirrorPoolInfoRequest {
-            pool: s.pool.clone(),
-            with_keys: true,
-        })
-        .await?;
+    let pool = c.mirror().pool_info(&s.pool, true).await?;
     let peer = pool
         .peers
         .iter()
@@ -608,11 +563,7 @@ async fn verify(ctx: &Ctx, c: &SiteClient, spec: &str, chunk: &str) -> Result<()
     let ep = peer.mon_host.first().cloned().unwrap_or_default();
     let tls = tern_client::config::TlsMode::Pinned(peer.tls_fingerprint.clone());
     let remote = SiteClient::connect_with(&ep, &tls, &peer.client_name, &peer.key)?;
-    let rlist = remote
-        .mirror_image_list(pb::PoolRequest {
-            pool: peer.remote_pool.clone(),
-        })
-        .await?;
+    let rlist = remote.mirror().image_list(&peer.remote_pool).await?;
     let rimg = rlist
         .images
         .iter()
@@ -629,13 +580,17 @@ async fn verify(ctx: &Ctx, c: &SiteClient, spec: &str, chunk: &str) -> Result<()
             format!("{} no longer has the snapshot this copy was synced to: verify after the next sync", peer.site_name),
         )
     })?;
-    let req = |pool: &str, name: &str, snap: &str| pb::ChecksumRequest {
-        image: Some(tern_client::snap_ref(pool, name, Some(snap))),
-        chunk_size: chunk,
+    let at = |pool: &str, name: &str, snap: &str| ImageSpec {
+        snap: Some(snap.to_string()),
+        ..ImageSpec::new(pool, name)
     };
+    let (mine_at, theirs_at) = (
+        at(&s.pool, &s.image, &copy.name),
+        at(&peer.remote_pool, &rimg.name, &rsnap.name),
+    );
     let (mine, theirs) = tokio::join!(
-        c.image_checksum(req(&s.pool, &s.image, &copy.name)),
-        remote.image_checksum(req(&peer.remote_pool, &rimg.name, &rsnap.name))
+        c.image().checksum(&mine_at, chunk),
+        remote.image().checksum(&theirs_at, chunk)
     );
     let (mine, theirs) = (mine?, theirs?);
     let mut bad: Vec<(u64, u64)> = Vec::new();

@@ -2,7 +2,6 @@ use crate::cli::PoolCmd;
 use crate::ctx::{Ctx, Result, invalid};
 use crate::out::table;
 use serde_json::json;
-use tern_client::pb;
 use tern_types::{format_size, validate_name};
 
 pub async fn run(ctx: &Ctx, cmd: PoolCmd) -> Result<()> {
@@ -10,8 +9,7 @@ pub async fn run(ctx: &Ctx, cmd: PoolCmd) -> Result<()> {
     match cmd {
         PoolCmd::Create { pool, .. } => {
             validate_name("pool", &pool)?;
-            c.pool_create(pb::PoolRequest { pool: pool.clone() })
-                .await?;
+            c.pool().create(&pool).await?;
             if ctx.json() {
                 ctx.print_json(&json!({"pool": pool, "created": true}));
             } else {
@@ -19,11 +17,10 @@ pub async fn run(ctx: &Ctx, cmd: PoolCmd) -> Result<()> {
             }
         }
         PoolCmd::Init { pool, application } => {
-            c.pool_init(pb::PoolInitRequest { pool, application })
-                .await?;
+            c.pool().init(&pool, &application).await?;
         }
         PoolCmd::Ls { detail } => {
-            let pools = c.pool_list(pb::Empty {}).await?.pools;
+            let pools = c.pool().list().await?;
             if ctx.json() {
                 let v: Vec<_> = pools
                     .iter()
@@ -53,17 +50,11 @@ pub async fn run(ctx: &Ctx, cmd: PoolCmd) -> Result<()> {
         PoolCmd::Stats { pool } => {
             let pools = match pool {
                 Some(p) => vec![p],
-                None => c
-                    .pool_list(pb::Empty {})
-                    .await?
-                    .pools
-                    .into_iter()
-                    .map(|p| p.name)
-                    .collect(),
+                None => c.pool().list().await?.into_iter().map(|p| p.name).collect(),
             };
             let mut all = Vec::new();
             for p in pools {
-                all.push(c.pool_stats(pb::PoolRequest { pool: p }).await?);
+                all.push(c.pool().stats(&p).await?);
             }
             if ctx.json() {
                 let v: Vec<_> = all
@@ -125,11 +116,7 @@ pub async fn run(ctx: &Ctx, cmd: PoolCmd) -> Result<()> {
                     "pool names differ ('{pool}' vs '{again}'): repeat the same name to confirm"
                 )));
             }
-            c.pool_remove(pb::PoolRemoveRequest {
-                pool: pool.clone(),
-                force,
-            })
-            .await?;
+            c.pool().remove(&pool, force).await?;
             if !ctx.json() {
                 eprintln!("pool '{pool}' removed");
             }

@@ -3,23 +3,17 @@ use crate::cli::{LockCmd, SnapCmd};
 use crate::ctx::{Ctx, Result, invalid};
 use crate::out::table;
 use serde_json::json;
-use tern_client::{image_ref, pb};
+use tern_types::api::SnapInfo;
 use tern_types::format_size;
+use tern_types::mirror::SnapNamespaceType;
 use tern_types::time::ctime;
-
-fn snap_req(pool: &str, image: &str, snap: &str) -> pb::SnapRequest {
-    pb::SnapRequest {
-        image: Some(image_ref(pool, image)),
-        snap: snap.to_string(),
-    }
-}
 
 pub async fn run(ctx: &Ctx, cmd: SnapCmd) -> Result<()> {
     let c = ctx.connect().await?;
     match cmd {
         SnapCmd::Create { spec } => {
             let (s, snap) = snap_spec(&spec)?;
-            let info = c.snap_create(snap_req(&s.pool, &s.image, &snap)).await?;
+            let info = c.snap().create(&s.head(), &snap).await?;
             if ctx.json() {
                 ctx.print_json(&json!({"id": info.id, "name": info.name, "size": info.size}));
             } else {
@@ -28,18 +22,12 @@ pub async fn run(ctx: &Ctx, cmd: SnapCmd) -> Result<()> {
         }
         SnapCmd::Ls { spec, all } => {
             let s = image_spec(&spec)?;
-            let snaps = c
-                .snap_list(pb::SnapListRequest {
-                    image: Some(image_ref(&s.pool, &s.image)),
-                    all,
-                })
-                .await?
-                .snaps;
-            let ns = |x: &pb::SnapInfo| {
-                if x.namespace == "mirror" {
+            let snaps = c.snap().list(&s.head(), all).await?;
+            let ns = |x: &SnapInfo| {
+                if x.namespace == SnapNamespaceType::Mirror {
                     format!(
                         "mirror ({} peer_uuids:[{}]{})",
-                        x.mirror_state,
+                        x.mirror_state_word(),
                         x.mirror_peer_uuids.join(", "),
                         if x.mirror_complete { "" } else { " incomplete" }
                     )
@@ -54,7 +42,7 @@ pub async fn run(ctx: &Ctx, cmd: SnapCmd) -> Result<()> {
                         let mut j = json!({"id": x.id, "name": x.name, "size": x.size,
                             "protected": if x.protected { "true" } else { "false" }, "timestamp": ctime(x.created)});
                         if all {
-                            j["namespace"] = json!({"type": x.namespace, "state": x.mirror_state,
+                            j["namespace"] = json!({"type": x.namespace, "state": x.mirror_state_word(),
                                 "complete": x.mirror_complete, "mirror_peer_uuids": x.mirror_peer_uuids,
                                 "primary_snap_id": x.primary_snap_id});
                         }
@@ -92,7 +80,7 @@ pub async fn run(ctx: &Ctx, cmd: SnapCmd) -> Result<()> {
         }
         SnapCmd::Rm { spec } => {
             let (s, snap) = snap_spec(&spec)?;
-            c.snap_remove(snap_req(&s.pool, &s.image, &snap)).await?;
+            c.snap().remove(&s.head(), &snap).await?;
             if !ctx.json() {
                 eprintln!("Removing snap: 100% complete...done.");
             }
@@ -109,48 +97,30 @@ pub async fn run(ctx: &Ctx, cmd: SnapCmd) -> Result<()> {
                 }
                 None => dst.clone(),
             };
-            c.snap_rename(pb::SnapRenameRequest {
-                image: Some(image_ref(&s.pool, &s.image)),
-                snap,
-                new_name: new,
-            })
-            .await?;
+            c.snap().rename(&s.head(), &snap, &new).await?;
         }
         SnapCmd::Rollback { spec } => {
             let (s, snap) = snap_spec(&spec)?;
-            c.snap_rollback(snap_req(&s.pool, &s.image, &snap)).await?;
+            c.snap().rollback(&s.head(), &snap).await?;
             if !ctx.json() {
                 eprintln!("Rolling back to snapshot: 100% complete...done.");
             }
         }
         SnapCmd::Protect { spec } => {
             let (s, snap) = snap_spec(&spec)?;
-            c.snap_protect(pb::SnapProtectRequest {
-                image: Some(image_ref(&s.pool, &s.image)),
-                snap,
-                protect: true,
-            })
-            .await?;
+            c.snap().protect(&s.head(), &snap, true).await?;
         }
         SnapCmd::Unprotect { spec } => {
             let (s, snap) = snap_spec(&spec)?;
-            c.snap_protect(pb::SnapProtectRequest {
-                image: Some(image_ref(&s.pool, &s.image)),
-                snap,
-                protect: false,
-            })
-            .await?;
+            c.snap().protect(&s.head(), &snap, false).await?;
         }
         SnapCmd::Purge { spec } => {
             let s = image_spec(&spec)?;
-            let r = c.snap_purge(image_ref(&s.pool, &s.image)).await?;
+            let removed = c.snap().purge(&s.head()).await?;
             if ctx.json() {
-                ctx.print_json(&json!({"removed": r.removed}));
+                ctx.print_json(&json!({"removed": removed}));
             } else {
-                eprintln!(
-                    "Removing all snapshots: 100% complete...done. ({} removed)",
-                    r.removed
-                );
+                eprintln!("Removing all snapshots: 100% complete...done. ({removed} removed)");
             }
         }
     }
@@ -162,7 +132,7 @@ pub async fn lock(ctx: &Ctx, cmd: LockCmd) -> Result<()> {
     match cmd {
         LockCmd::Ls { spec } => {
             let s = image_spec(&spec)?;
-            let locks = c.lock_list(image_ref(&s.pool, &s.image)).await?.locks;
+            let locks = c.lock().list(&s.head()).await?;
             if ctx.json() {
                 let v: Vec<_> = locks
                     .iter()
@@ -200,12 +170,7 @@ pub async fn lock(ctx: &Ctx, cmd: LockCmd) -> Result<()> {
             locker,
         } => {
             let s = image_spec(&spec)?;
-            c.lock_break(pb::LockBreakRequest {
-                image: Some(image_ref(&s.pool, &s.image)),
-                id: lock_id,
-                locker,
-            })
-            .await?;
+            c.lock().break_lock(&s.head(), &lock_id, &locker).await?;
         }
     }
     Ok(())

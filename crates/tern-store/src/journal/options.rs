@@ -17,19 +17,7 @@ pub const MIN_SEGMENT_SIZE: u64 = 64 << 10;
 /// Smallest [`JournalOptions::max_size`] a site accepts.
 pub const MIN_MAX_SIZE: u64 = 1 << 20;
 
-/// When an appended entry is durable.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum JournalDurability {
-    /// Before the mutation is acknowledged (group-committed fdatasync).
-    #[default]
-    Strict,
-    /// At the next flush or FUA write, like a disk's volatile write cache.
-    /// Entries still reach the segment file (page cache) before the object
-    /// files, so a process crash loses nothing; a power cut may lose the
-    /// unflushed tail of the journal while the object files kept some of
-    /// those writes, as a disk's cache may.
-    OnFlush,
-}
+pub use tern_types::journal::JournalDurability;
 
 /// Journal tunables (`rbd_journal_object_size` maps to `segment_size`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,6 +3,7 @@
 use super::{Api, Reply, image};
 use crate::auth::Need;
 use crate::convert::image_info_pb;
+use crate::mirror::{ImageMirrorMode, PoolMirrorMode};
 use tern_proto::v1 as pb;
 use tern_types::error::Error;
 use tern_types::{Features, validate_name};
@@ -16,8 +17,8 @@ impl pb::image_server::Image for Api {
             let info = c.site.store.image_create(&r.pool, &r.image, &opts)?;
             // In pool mode every image is mirrored, as with rbd.
             let m = c.mirror();
-            if m.pool(&r.pool)?.is_some_and(|p| p.mode == "pool") {
-                m.image_enable(&r.pool, &r.image, "snapshot")?;
+            if m.pool(&r.pool)?.is_some_and(|p| p.mode == PoolMirrorMode::Pool) {
+                m.image_enable(&r.pool, &r.image, ImageMirrorMode::Snapshot)?;
             }
             tracing::info!(image = %format!("{}/{}", info.pool, info.name), size = info.size, "image created");
             Ok(image_info_pb(&info, Some(0)))

@@ -4,9 +4,11 @@ use super::{Api, Reply, image, status_of};
 use crate::auth::Need;
 use crate::convert::{journal_client_pb, journal_info_pb};
 use crate::work::blocking;
+use tern_proto::convert::FromWire;
 use tern_proto::v1 as pb;
 use tern_types::ErrorKind;
 use tern_types::error::Error;
+use tern_types::journal::JournalClientAction as Action;
 use tonic::{Request, Response};
 
 #[tonic::async_trait]
@@ -191,7 +193,8 @@ impl pb::journal_server::Journal for Api {
         // Reading positions is reading; holding back trimming is what a
         // peer's replayer (or an image writer) may do.
         let pool = image(&req.get_ref().image)?.pool.clone();
-        let c = if req.get_ref().action == "get" {
+        let action: Action = FromWire::from_wire(req.get_ref().action).map_err(status_of)?;
+        let c = if action == Action::Get {
             self.call(&req, Need::Read(&pool))?
         } else {
             match self.call(&req, Need::MirrorPeer(&pool)) {
@@ -204,23 +207,18 @@ impl pb::journal_server::Journal for Api {
             .run(move |c| {
                 let r = q.image.unwrap_or_default();
                 let j = c.site.store.journal(&r.pool, &r.image)?;
-                Ok(match q.action.as_str() {
-                    "register" => j.register_client(&q.client)?,
-                    "unregister" => {
+                Ok(match action {
+                    Action::Register => j.register_client(&q.client)?,
+                    Action::Unregister => {
                         let info = j.client(&q.client)?;
                         j.unregister_client(&q.client)?;
                         info
                     }
-                    "commit" => {
+                    Action::Commit => {
                         j.commit(&q.client, q.tid)?;
                         j.client(&q.client)?
                     }
-                    "get" => j.client(&q.client)?,
-                    other => {
-                        return Err(Error::invalid(format!(
-                            "unknown journal client action '{other}': use register, unregister, commit or get"
-                        )));
-                    }
+                    Action::Get => j.client(&q.client)?,
                 })
             })
             .await?;

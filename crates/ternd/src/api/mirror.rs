@@ -4,7 +4,9 @@
 use super::{Api, Ctx, Reply, image, status_of};
 use crate::auth::{Need, Profile};
 use crate::convert::{mirror_info_pb, peer_pb, peer_rec, pool_mirror_pb, snap_pb};
+use crate::mirror::ImageMirrorMode;
 use crate::{bootstrap, mirror, schedule};
+use tern_proto::convert::{FromWire, IntoWire};
 use tern_proto::v1 as pb;
 use tern_types::ErrorKind;
 use tern_types::error::Error;
@@ -34,7 +36,9 @@ impl pb::mirror_server::Mirror for Api {
             req,
             |_| Ok(Need::Admin),
             |c, r| {
-                let p = c.mirror().pool_enable(&r.pool, &r.mode, &r.site_name)?;
+                let p =
+                    c.mirror()
+                        .pool_enable(&r.pool, FromWire::from_wire(r.mode)?, &r.site_name)?;
                 Ok(pool_mirror_pb(&c.site.site_id, &r.pool, &p, false))
             },
         )
@@ -63,13 +67,7 @@ impl pb::mirror_server::Mirror for Api {
             |c, r| {
                 let with_keys =
                     r.with_keys && matches!(c.who.profile, Profile::Admin | Profile::RbdMirror);
-                let p = c
-                    .mirror()
-                    .pool(&r.pool)?
-                    .unwrap_or_else(|| mirror::PoolMirror {
-                        mode: "disabled".into(),
-                        ..Default::default()
-                    });
+                let p = c.mirror().pool(&r.pool)?.unwrap_or_default();
                 Ok(pool_mirror_pb(&c.site.site_id, &r.pool, &p, with_keys))
             },
         )
@@ -85,7 +83,7 @@ impl pb::mirror_server::Mirror for Api {
             |_| Ok(Need::Admin),
             |c, r| {
                 let peer = r.peer.ok_or_else(|| Error::invalid("no peer given"))?;
-                let rec = c.mirror().peer_upsert(&r.pool, peer_rec(peer))?;
+                let rec = c.mirror().peer_upsert(&r.pool, peer_rec(peer)?)?;
                 Ok(peer_pb(&rec, false))
             },
         )
@@ -154,12 +152,8 @@ impl pb::mirror_server::Mirror for Api {
             |q| Ok(Need::Write(&image(&q.image)?.pool)),
             |c, q| {
                 let r = q.image.unwrap_or_default();
-                let mode = if q.mode.is_empty() {
-                    "snapshot"
-                } else {
-                    &q.mode
-                };
-                c.mirror().image_enable(&r.pool, &r.image, mode)?;
+                c.mirror()
+                    .image_enable(&r.pool, &r.image, FromWire::from_wire(q.mode)?)?;
                 image_info(c, &r)
             },
         )
@@ -260,7 +254,7 @@ impl pb::mirror_server::Mirror for Api {
                 let m = c.mirror();
                 if !c.who.allows(Need::Write(&r.pool)) {
                     let (_, im) = m.image_of(&r.pool, &r.image)?;
-                    if im.is_some_and(|im| im.mode != "journal") {
+                    if im.is_some_and(|im| im.mode != ImageMirrorMode::Journal) {
                         return Err(Error::new(
                             ErrorKind::PermissionDenied,
                             format!(
@@ -316,7 +310,7 @@ impl pb::mirror_server::Mirror for Api {
         self.run(
             req,
             |r| Ok(Need::Read(&r.pool)),
-            |c, r| crate::status::image(&c.mirror(), &r.pool, &r.image),
+            |c, r| crate::status::image(&c.mirror(), &r.pool, &r.image).map(IntoWire::into_wire),
         )
         .await
     }
@@ -328,7 +322,7 @@ impl pb::mirror_server::Mirror for Api {
         self.run(
             req,
             |r| Ok(Need::Read(&r.pool)),
-            |c, r| crate::status::pool(&c.mirror(), &r.pool),
+            |c, r| crate::status::pool(&c.mirror(), &r.pool).map(IntoWire::into_wire),
         )
         .await
     }
@@ -478,7 +472,7 @@ async fn ask_peer(
     peer: &mirror::PeerRec,
     name: String,
     gid: String,
-) -> Result<Option<pb::MirrorImageInfo>, tern_client::ClientError> {
+) -> Result<Option<tern_types::api::MirrorImageInfo>, tern_client::ClientError> {
     let ep = peer
         .mon_host
         .first()
@@ -486,11 +480,8 @@ async fn ask_peer(
     let tls = tern_client::config::TlsMode::Pinned(peer.tls_fingerprint.clone());
     let c = tern_client::SiteClient::connect_with(ep, &tls, &peer.client_name, &peer.key)?;
     let by_name = c
-        .mirror_image_get(pb::ImageRef {
-            pool: peer.remote_pool.clone(),
-            image: name,
-            snap: String::new(),
-        })
+        .mirror()
+        .image_info(&tern_types::ImageSpec::new(&peer.remote_pool, &name))
         .await;
     match by_name {
         Ok(i) if i.global_id == gid => return Ok(Some(i)),
@@ -499,10 +490,6 @@ async fn ask_peer(
         Err(e) => return Err(e),
     }
     // Renamed there, or not mirrored under this name.
-    let list = c
-        .mirror_image_list(pb::PoolRequest {
-            pool: peer.remote_pool.clone(),
-        })
-        .await?;
+    let list = c.mirror().image_list(&peer.remote_pool).await?;
     Ok(list.images.into_iter().find(|i| i.global_id == gid))
 }

@@ -6,6 +6,7 @@ use super::{Api, Reply, image};
 use crate::auth::Need;
 use crate::convert::{applied_pb, daemon_rec, peer_pb, peer_rec, site_status_rec, snap_pb};
 use crate::mirror;
+use tern_proto::convert::FromWire;
 use tern_proto::v1 as pb;
 use tern_store::CreateOpts;
 use tern_types::error::Error;
@@ -22,7 +23,7 @@ impl pb::mirror_daemon_server::MirrorDaemon for Api {
             req,
             |r| Ok(Need::MirrorPeer(&r.pool)),
             |c, r| {
-                let peer = peer_rec(r.peer.ok_or_else(|| Error::invalid("no peer given"))?);
+                let peer = peer_rec(r.peer.ok_or_else(|| Error::invalid("no peer given"))?)?;
                 let m = c.mirror();
                 let stored = m.peer_upsert(&r.pool, peer)?;
                 let p = m.pool_enabled(&r.pool)?;
@@ -46,7 +47,7 @@ impl pb::mirror_daemon_server::MirrorDaemon for Api {
             |c, r| {
                 let s = r.status.ok_or_else(|| Error::invalid("no status given"))?;
                 let m = c.mirror();
-                m.store_status(&r.global_id, site_status_rec(s))?;
+                m.store_status(&r.global_id, site_status_rec(s)?)?;
                 if let Some(d) = r.daemon {
                     m.heartbeat(daemon_rec(d))?;
                 }
@@ -91,7 +92,7 @@ impl pb::mirror_daemon_server::MirrorDaemon for Api {
                     &r.pool,
                     &r.name,
                     &r.global_id,
-                    &r.mode,
+                    FromWire::from_wire(r.mode)?,
                     &opts,
                     &r.primary_mirror_uuid,
                 )?;

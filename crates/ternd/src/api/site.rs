@@ -2,6 +2,7 @@
 
 use super::{Api, Reply};
 use crate::auth::Need;
+use tern_proto::convert::IntoWire;
 use tern_proto::v1 as pb;
 use tern_types::API_VERSION;
 use tonic::Request;
@@ -19,7 +20,7 @@ impl pb::site_server::Site for Api {
                     site_name: c.site.site_name.clone(),
                     version: env!("CARGO_PKG_VERSION").to_string(),
                     entity: c.who.entity.clone(),
-                    profile: c.who.profile.as_str().to_string(),
+                    profile: c.who.profile.into_wire(),
                 })
             },
         )
@@ -30,7 +31,7 @@ impl pb::site_server::Site for Api {
         self.run(
             req,
             |_| Ok(Need::SiteRead),
-            |c, _| crate::status::site(&c.site),
+            |c, _| crate::status::site(&c.site).map(IntoWire::into_wire),
         )
         .await
     }

@@ -30,6 +30,10 @@ use std::sync::Arc;
 use tern_store::{KvTable, MirrorSnap, MirrorSnapState, SnapInfo, SnapNamespace, Store};
 use tern_types::ErrorKind;
 use tern_types::error::Error;
+pub use tern_types::mirror::{
+    ImageMirrorMode, ImageMirrorState, MirrorStatusState, PeerDirection, PoolMirrorMode,
+    StatusReason,
+};
 
 /// The mirroring state of one site, over its store.
 pub struct Mirror {
@@ -49,7 +53,7 @@ impl Mirror {
     /// The pool's mirroring config, or an error saying mirroring is off.
     pub fn pool_enabled(&self, pool: &str) -> Result<PoolMirror, Error> {
         match self.pool(pool)? {
-            Some(p) if p.mode != "disabled" => Ok(p),
+            Some(p) if p.mode != PoolMirrorMode::Disabled => Ok(p),
             _ => Err(Error::invalid(format!(
                 "mirroring is not enabled on pool '{pool}': run `tern mirror pool enable {pool} image` first"
             ))),
@@ -63,19 +67,15 @@ impl Mirror {
     pub fn pool_enable(
         &self,
         pool: &str,
-        mode: &str,
+        mode: PoolMirrorMode,
         site_name: &str,
     ) -> Result<PoolMirror, Error> {
-        if !matches!(mode, "image" | "pool") {
-            return Err(Error::invalid(format!(
-                "mirror mode '{mode}' must be 'image' or 'pool'"
-            )));
-        }
+        let mode = PoolMirrorMode::enabling(mode.as_str())?;
         let mut p = self.pool(pool)?.unwrap_or_default();
         if p.mirror_uuid.is_empty() {
             p.mirror_uuid = uuid::Uuid::new_v4().to_string();
         }
-        p.mode = mode.to_string();
+        p.mode = mode;
         if !site_name.is_empty() {
             valid_site_name(site_name)?;
             p.site_name = site_name.to_string();
@@ -83,14 +83,14 @@ impl Mirror {
             p.site_name = self.site.site_name.clone();
         }
         self.save_pool(pool, &p)?;
-        if mode == "pool" {
+        if mode == PoolMirrorMode::Pool {
             for img in self.store().image_list(pool)? {
                 if self.image(&img.id.to_string())?.is_none() {
                     // As rbd: journal mode for journaled images.
                     let mode = if img.features.has(tern_types::Features::JOURNALING) {
-                        "journal"
+                        ImageMirrorMode::Journal
                     } else {
-                        "snapshot"
+                        ImageMirrorMode::Snapshot
                     };
                     self.image_enable(pool, &img.name, mode)?;
                 }
@@ -112,13 +112,12 @@ impl Mirror {
             }
         }
         let mut p = self.pool(pool)?.unwrap_or_default();
-        p.mode = "disabled".into();
+        p.mode = PoolMirrorMode::Disabled;
         self.save_pool(pool, &p)
     }
 
     /// Adds or (same fsid) updates a peer; returns it.
     pub fn peer_upsert(&self, pool: &str, mut peer: PeerRec) -> Result<PeerRec, Error> {
-        valid_direction(&peer.direction)?;
         valid_site_name(&peer.site_name)?;
         let mut p = self.pool_enabled(pool)?;
         if peer.fsid == self.site.site_id {
@@ -181,10 +180,7 @@ impl Mirror {
             }
             "mon-host" | "mon_host" => peer.mon_host = value.split(',').map(String::from).collect(),
             "key" => peer.key = value.into(),
-            "direction" => {
-                valid_direction(value)?;
-                peer.direction = value.into()
-            }
+            "direction" => peer.direction = value.parse()?,
             "tls-fingerprint" | "tls_fingerprint" => peer.tls_fingerprint = value.into(),
             _ => {
                 return Err(Error::invalid(format!(
@@ -233,11 +229,16 @@ impl Mirror {
             .collect())
     }
 
-    pub fn image_enable(&self, pool: &str, name: &str, mode: &str) -> Result<ImageMirror, Error> {
+    pub fn image_enable(
+        &self,
+        pool: &str,
+        name: &str,
+        mode: ImageMirrorMode,
+    ) -> Result<ImageMirror, Error> {
         let p = self.pool_enabled(pool)?;
         match mode {
-            "snapshot" => {}
-            "journal" => {
+            ImageMirrorMode::Snapshot => {}
+            ImageMirrorMode::Journal => {
                 let info = self.store().image_info(pool, name)?;
                 if !info.features.has(tern_types::Features::JOURNALING) {
                     return Err(Error::invalid(format!(
@@ -245,11 +246,6 @@ impl Mirror {
                          `tern feature enable {pool}/{name} journaling` first, or use snapshot mode"
                     )));
                 }
-            }
-            _ => {
-                return Err(Error::invalid(format!(
-                    "mirror image mode '{mode}' must be snapshot or journal"
-                )));
             }
         }
         let (info, existing) = self.image_of(pool, name)?;
@@ -259,8 +255,8 @@ impl Mirror {
         }
         let m = ImageMirror {
             global_id: uuid::Uuid::new_v4().to_string(),
-            mode: mode.into(),
-            state: "enabled".into(),
+            mode,
+            state: ImageMirrorState::Enabled,
             primary: true,
             epoch: 1,
             demoted: false,
@@ -313,7 +309,7 @@ impl Mirror {
             .pool_enabled(pool)?
             .peers
             .into_iter()
-            .filter(|p| p.direction != "tx-only")
+            .filter(|p| p.direction != PeerDirection::TxOnly)
             .collect())
     }
 }
@@ -322,13 +318,13 @@ impl Mirror {
     pub fn store_status(&self, global_id: &str, mut s: SiteStatus) -> Result<(), Error> {
         // Reports come from peers' keys too: the name keys the record and
         // is shown in status and metrics.
-        if !s.site_name.is_empty() {
-            valid_site_name(&s.site_name)?;
+        if !s.report.site_name.is_empty() {
+            valid_site_name(&s.report.site_name)?;
         }
         s.received = now_ms();
         put(
             self.store(),
-            &format!("status/{global_id}/{}", s.site_name),
+            &format!("status/{global_id}/{}", s.report.site_name),
             &s,
         )
     }

@@ -6,24 +6,12 @@ use super::*;
 
 pub const PEER_CLIENT: &str = "client.rbd-mirror-peer";
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub struct PeerRec {
-    pub uuid: String,
-    pub site_name: String,
-    pub client_name: String,
-    pub direction: String,
-    #[serde(default)]
-    pub mirror_uuid: String,
-    pub fsid: String,
-    pub mon_host: Vec<String>,
-    pub tls_fingerprint: String,
-    pub remote_pool: String,
-    pub key: String,
-}
+/// A peer of a pool, as the site keeps it.
+pub type PeerRec = tern_types::api::MirrorPeer;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct PoolMirror {
-    pub mode: String,
+    pub mode: PoolMirrorMode,
     pub site_name: String,
     pub mirror_uuid: String,
     #[serde(default)]
@@ -33,8 +21,8 @@ pub struct PoolMirror {
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct ImageMirror {
     pub global_id: String,
-    pub mode: String,
-    pub state: String,
+    pub mode: ImageMirrorMode,
+    pub state: ImageMirrorState,
     pub primary: bool,
     pub epoch: u64,
     #[serde(default)]
@@ -145,19 +133,11 @@ pub struct SyncState {
     pub started: u64,
 }
 
+/// What a site's mirror daemon last reported of an image.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct SiteStatus {
-    pub site_name: String,
-    pub mirror_uuids: String,
-    pub state: String,
-    pub description: String,
-    pub last_update: u64,
-    pub reason: String,
-    pub lag_seconds: f64,
-    pub last_sync: u64,
-    pub progress: f64,
-    pub daemon_id: String,
-    pub bytes_synced: u64,
+    #[serde(flatten)]
+    pub report: tern_types::api::MirrorSiteStatus,
     /// Set by the site when it stored the report (its own clock).
     #[serde(default)]
     pub received: u64,
@@ -254,15 +234,6 @@ pub(super) fn put<T: Serialize>(store: &Store, key: &str, v: &T) -> Result<(), E
             &serde_json::to_string(v).expect("serialisable"),
         )
         .map_err(Error::from)
-}
-
-pub fn valid_direction(d: &str) -> Result<(), Error> {
-    match d {
-        "rx-only" | "rx-tx" | "tx-only" => Ok(()),
-        _ => Err(Error::invalid(format!(
-            "direction '{d}' must be rx-only, rx-tx or tx-only"
-        ))),
-    }
 }
 
 /// A peer that the snapshot cap overtook (see `Mirror::prune`).

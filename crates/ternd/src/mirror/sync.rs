@@ -11,7 +11,7 @@ impl Mirror {
         pool: &str,
         name: &str,
         global_id: &str,
-        mode: &str,
+        mode: ImageMirrorMode,
         opts: &tern_store::CreateOpts,
         primary_mirror_uuid: &str,
     ) -> Result<ImageMirror, Error> {
@@ -35,8 +35,8 @@ impl Mirror {
         let info = self.store().image_create(pool, name, opts)?;
         let m = ImageMirror {
             global_id: global_id.into(),
-            mode: mode.into(),
-            state: "enabled".into(),
+            mode,
+            state: ImageMirrorState::Enabled,
             primary: false,
             epoch: 0,
             demoted: false,
