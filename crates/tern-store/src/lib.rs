@@ -68,6 +68,7 @@ mod object;
 mod replay;
 mod snap;
 mod store;
+pub mod testpoint;
 mod types;
 
 pub use diff::DiffExtent;

@@ -26,6 +26,7 @@ impl Store {
         let mut n = 0;
         for e in j.entries(j.applied_tid() + 1) {
             let e = e?;
+            crate::testpoint::reached("journal-replay");
             self.replay_op(img, &e.op)?;
             n += 1;
         }

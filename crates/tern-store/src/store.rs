@@ -547,7 +547,13 @@ impl Store {
         }
         let j = Journal::open(img.data_dir(), &spec, &id, self.journal_options_for(&id))?;
         img.set_journal(&mut img.state_write(), Some(Arc::new(j)));
-        self.replay_journal(&img)?;
+        let t = std::time::Instant::now();
+        let n = self.replay_journal(&img)?;
+        if n > 0 {
+            // Only an unclean stop leaves entries past the checkpoint.
+            tracing::info!(image = %spec, entries = n, ms = t.elapsed().as_millis() as u64,
+                "replayed the journal entries an unclean stop left unapplied");
+        }
         let mut map = self.shared.images.lock();
         // A removal may have committed while the replay ran.
         match self.meta.image_get(pool, name) {

@@ -203,6 +203,15 @@ impl Site {
         std::fs::write(self.hold_dir().join(format!("{point}.abort")), b"").expect("arm");
     }
 
+    /// Arms `point` to abort ternd the `nth` time it gets there.
+    pub fn arm_abort_at(&self, point: &str, nth: u64) {
+        std::fs::write(
+            self.hold_dir().join(format!("{point}.abort")),
+            nth.to_string(),
+        )
+        .expect("arm");
+    }
+
     /// Whether ternd has exited (within `timeout`), as after an armed abort.
     pub fn wait_exited(&mut self, timeout: Duration) -> bool {
         let Some(c) = self.child.as_mut() else {

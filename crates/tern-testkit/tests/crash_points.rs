@@ -1,4 +1,4 @@
-//! Named crash points (`ternd/src/testpoint.rs`, debug builds): ternd
+//! Named crash points (`tern-store/src/testpoint.rs`, debug builds): ternd
 //! aborts at a step of an operation, as a power cut of the process would;
 //! after a restart the image and its snapshots are exactly as before the
 //! operation or exactly as after it, and the next operation works.
@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
+use tern_testkit::nbd::NbdClient;
 use tern_testkit::{Site, random_bytes};
 
 const MIB: usize = 1 << 20;
@@ -159,4 +160,75 @@ fn an_import_cut_by_a_crash_leaves_nothing() {
     );
     s.tern_ok(&["import", raw.to_str().unwrap(), "rbd/new"]);
     assert_eq!(s.export_sha256("rbd/new"), tern_testkit::sha256_file(&raw));
+}
+
+/// Issue 18 item 3: a journal replay cut by a crash part-way (the kill
+/// lands during the open, with thousands of entries to go) runs again at
+/// the next open and the image is exactly what was acknowledged.
+#[test]
+fn a_journal_replay_cut_by_a_crash_runs_again() {
+    const IMAGE: usize = 64 * MIB;
+    const WRITES: u64 = 3000;
+    let mut s = tern_testkit::journaled_site("jreplay", "64M");
+    // The apply stage stops at its first batch: every write after it is
+    // acknowledged (in the journal) and not in the object files.
+    s.arm("journal-apply");
+    let mut model = vec![0u8; IMAGE];
+    let mut c = NbdClient::connect(&s.nbd_addr, "rbd/j").expect("nbd connect");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let mut inflight = 0;
+    for i in 0..WRITES {
+        let off = rng.random_range(0..IMAGE / 4096) * 4096;
+        let data = random_bytes(100 + i, 4096);
+        model[off..off + 4096].copy_from_slice(&data);
+        c.send_write(off as u64, &data, false).unwrap();
+        inflight += 1;
+        while inflight >= 16 {
+            let r = c.replies.recv_timeout(Duration::from_secs(20)).unwrap();
+            assert_eq!(r.error, 0);
+            inflight -= 1;
+        }
+    }
+    c.send_flush().unwrap();
+    while inflight >= 0 {
+        let r = c.replies.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(r.error, 0);
+        inflight -= 1;
+    }
+    assert!(s.wait_held("journal-apply", Duration::from_secs(5)));
+    let info = s.tern_json(&["journal", "info", "rbd/j"]);
+    let backlog = info["last_tid"].as_u64().unwrap() - info["applied_tid"].as_u64().unwrap();
+    assert!(
+        backlog >= WRITES - 16,
+        "only {backlog} entries unapplied: {info}"
+    );
+    drop(c);
+    s.kill9();
+    s.restart();
+
+    // The first open replays; the site dies at its 1,000th entry.
+    s.arm_abort_at("journal-replay", 1000);
+    let _ = NbdClient::connect(&s.nbd_addr, "rbd/j");
+    assert!(
+        s.wait_exited(Duration::from_secs(30)),
+        "ternd did not crash in the replay"
+    );
+    assert!(
+        s.log().contains("test fault point: aborting"),
+        "{}",
+        s.log()
+    );
+    s.restart();
+    assert_eq!(s.export_sha256("rbd/j"), sha(&model));
+    assert!(
+        s.log()
+            .contains("replayed the journal entries an unclean stop left unapplied"),
+        "{}",
+        s.log()
+    );
+    let info = s.tern_json(&["journal", "info", "rbd/j"]);
+    assert_eq!(info["applied_tid"], info["last_tid"], "{info}");
+    let v = s.tern_json(&["journal", "inspect", "rbd/j"]);
+    assert_eq!(v["errors"], serde_json::json!([]), "{v}");
+    eprintln!("{backlog} unapplied entries; the replay was cut at its 1,000th and ran again whole");
 }

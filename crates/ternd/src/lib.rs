@@ -18,7 +18,7 @@ pub mod options;
 pub mod schedule;
 pub mod site;
 pub mod status;
-pub mod testpoint;
+pub use tern_store::testpoint;
 pub mod tls;
 pub mod work;
 

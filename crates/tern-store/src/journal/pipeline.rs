@@ -204,6 +204,9 @@ impl Pipeline {
     /// so the next sync runs while this one's writes land.
     fn apply_loop(&self, target: &dyn Target) {
         while self.wait_ready() {
+            // Holding here (no lock held) lets a test pile up acknowledged,
+            // unapplied entries for a crash to leave behind.
+            crate::testpoint::reached("journal-apply");
             let mut due = false;
             let held = target.hold(&mut |img| {
                 {
