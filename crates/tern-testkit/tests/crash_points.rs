@@ -232,3 +232,135 @@ fn a_journal_replay_cut_by_a_crash_runs_again() {
     assert_eq!(v["errors"], serde_json::json!([]), "{v}");
     eprintln!("{backlog} unapplied entries; the replay was cut at its 1,000th and ran again whole");
 }
+
+fn mirror_info(s: &Site, spec: &str) -> serde_json::Value {
+    s.tern_json(&["info", spec])["mirroring"].clone()
+}
+
+/// Demote and promote aborted at each step (journal mode, where the
+/// demotion also writes a marker the peer stops at). The commit point of
+/// each is its mirror snapshot: a crash before it leaves the role as it
+/// was, from it on the step is finished at restart — never a primary
+/// without its promotion snapshot and fork, nor a demotion the peer cannot
+/// see. After each, the opposite switch works and the images end equal.
+#[test]
+fn promote_and_demote_are_exactly_done_or_not_after_a_crash() {
+    let mut p = tern_testkit::Pair::new();
+    let _ma = p.a.start_mirror();
+    let _mb = p.b.start_mirror();
+    let vol = "rbd/vol";
+    tern_testkit::create_mirrored(&p.a, "vol", "32M", "journal");
+    let mut n = 0u64;
+    // 1 MiB of new data somewhere in the image, flushed.
+    let mut write = |s: &Site| {
+        n += 1;
+        let mut c = NbdClient::connect(&s.nbd_addr, vol).expect("nbd connect");
+        c.send_write((n % 24) * MIB as u64, &random_bytes(1000 + n, MIB), false)
+            .unwrap();
+        assert_eq!(c.replies.recv().unwrap().error, 0, "write on {}", s.name);
+        c.send_flush().unwrap();
+        assert_eq!(c.replies.recv().unwrap().error, 0, "flush on {}", s.name);
+        c.disconnect();
+    };
+    write(&p.a);
+    let same = |a: &Site, b: &Site| {
+        tern_testkit::wait_until(Duration::from_secs(60), || {
+            a.export_sha256(vol) == b.export_sha256(vol)
+        })
+    };
+    assert!(
+        tern_testkit::wait_until(Duration::from_secs(30), || p
+            .b
+            .tern(&["info", vol])
+            .status
+            .success()),
+        "B never created its copy"
+    );
+    assert!(same(&p.a, &p.b), "initial copy");
+    // A plain promote, retried while refused (B replays A's demotion);
+    // true once ternd died at an armed point instead of answering.
+    let promote = |s: &mut Site| -> bool {
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_secs(60) {
+            let ok = s
+                .tern(&["mirror", "image", "promote", vol])
+                .status
+                .success();
+            if s.wait_exited(Duration::from_millis(200)) {
+                assert!(!ok, "promote succeeded through a crash");
+                return true;
+            }
+            if ok {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        panic!("promote neither succeeded nor crashed within 60 s");
+    };
+
+    for point in ["demote-marker", "demote-commit"] {
+        p.a.arm_abort(point);
+        assert!(
+            !p.a.tern(&["mirror", "image", "demote", vol])
+                .status
+                .success()
+        );
+        assert!(p.a.wait_exited(Duration::from_secs(20)), "{point}");
+        p.a.restart();
+        assert!(p.a.log().contains("finishing a demotion"), "{point}");
+        let m = mirror_info(&p.a, vol);
+        assert_eq!(m["primary"], false, "{point}: {m}");
+        // The peer sees the demotion (in journal mode, its marker) and a
+        // plain promote there goes through.
+        assert!(!promote(&mut p.b), "{point}: B crashed");
+        write(&p.b);
+        assert!(same(&p.b, &p.a), "{point}: A did not follow B");
+        p.b.tern_ok(&["mirror", "image", "demote", vol]);
+        assert!(!promote(&mut p.a), "{point}: A crashed");
+        write(&p.a);
+        assert!(same(&p.a, &p.b), "{point}: B did not follow A");
+    }
+
+    for (point, done) in [("promote-snap", false), ("promote-commit", true)] {
+        p.a.tern_ok(&["mirror", "image", "demote", vol]);
+        let epoch = mirror_info(&p.b, vol)["promotion_epoch"].as_u64().unwrap();
+        p.b.arm_abort(point);
+        assert!(
+            promote(&mut p.b),
+            "{point}: B did not reach its crash point"
+        );
+        p.b.restart();
+        let m = mirror_info(&p.b, vol);
+        assert_eq!(m["primary"], done, "{point}: {m}");
+        if done {
+            assert!(p.b.log().contains("finishing a promotion"), "{point}");
+            assert!(
+                m["promotion_epoch"].as_u64().unwrap() > epoch,
+                "{point}: {m}"
+            );
+            let snap = m["promoted_from"]["snap_id"].as_u64().unwrap();
+            let snaps = p.b.tern_json(&["snap", "ls", vol, "--all"]);
+            assert!(
+                snaps
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s["id"].as_u64() == Some(snap)),
+                "{point}: the fork names snapshot {snap}, which B lacks: {snaps}"
+            );
+        } else {
+            assert!(
+                p.b.log()
+                    .contains("a promotion a crash interrupted before its snapshot did not happen"),
+                "{point}"
+            );
+            assert!(!promote(&mut p.b), "{point}: B crashed again");
+        }
+        write(&p.b);
+        assert!(same(&p.b, &p.a), "{point}: A did not follow B");
+        p.b.tern_ok(&["mirror", "image", "demote", vol]);
+        assert!(!promote(&mut p.a), "{point}: A crashed");
+        write(&p.a);
+        assert!(same(&p.a, &p.b), "{point}: B did not follow A");
+    }
+}

@@ -92,6 +92,7 @@ pub async fn run(opts: Options) -> Result<(), Error> {
         tracing::warn!(stored = %site.site_name, asked = %n, "--site-name differs from the name this site was created with; keeping the stored one");
     }
     import::clean_interrupted_imports(&site);
+    mirror::Mirror { site: site.clone() }.settle_interrupted();
     site.apply_journal_config()?;
 
     let (listener, addr) = http::bind(opts.listen, "").await?;

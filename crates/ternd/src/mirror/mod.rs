@@ -266,6 +266,7 @@ impl Mirror {
             sync: None,
             journal_pos: None,
             fork: None,
+            promoting: None,
             last_resync: String::new(),
             primary_epoch: 0,
         };

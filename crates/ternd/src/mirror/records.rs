@@ -55,6 +55,22 @@ pub struct ImageMirror {
     /// new epoch is one past it, and no site may have passed it.
     #[serde(default)]
     pub primary_epoch: u64,
+    /// A promotion under way (see [`Promotion`]).
+    #[serde(default)]
+    pub promoting: Option<Promotion>,
+}
+
+/// A promotion, recorded before its primary snapshot is taken: the
+/// snapshot is the promotion's commit point, so a crash between the two is
+/// settled at the next start — finished if the snapshot exists, forgotten
+/// if not — and never leaves a primary without its snapshot or fork.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Promotion {
+    pub epoch: u64,
+    /// The image's newest snapshot id before the promotion snapshot.
+    pub after_snap: u64,
+    /// The fork to record (its `snap_id` is the promotion snapshot's).
+    pub fork: Option<Fork>,
 }
 
 /// What this site learnt from its peers, just before a promotion, of their

@@ -20,17 +20,120 @@ impl Mirror {
         self.store()
             .open_image(pool, name)
             .and_then(|i| i.flush())?;
+        // The demotion snapshot is the commit point: from it on, a crash
+        // is settled by finishing the demotion (`settle_interrupted`).
         self.primary_snapshot(pool, name, MirrorSnapState::PrimaryDemoted)?;
+        crate::testpoint::reached("demote-marker");
+        self.finish_demotion(pool, name, &info.id.to_string(), &mut m)?;
+        Ok(m)
+    }
+
+    fn finish_demotion(
+        &self,
+        pool: &str,
+        name: &str,
+        id: &str,
+        m: &mut ImageMirror,
+    ) -> Result<(), Error> {
         // Journal mode: the marker after the demotion snapshot tells the
         // peer's replayer to stop there.
         let img = self.store().open_image(pool, name)?;
-        if img.journal().is_some() {
-            img.journal_marker("demote", m.epoch.to_string().as_bytes())?;
+        if let Some(j) = img.journal() {
+            let last = j.last_tid();
+            let marked = j.entries(last).next().and_then(|e| e.ok()).is_some_and(|e| {
+                matches!(&e.op, tern_store::journal::JournalOp::Marker { kind, .. } if kind == "demote")
+            });
+            if !marked {
+                img.journal_marker("demote", m.epoch.to_string().as_bytes())?;
+            }
         }
+        crate::testpoint::reached("demote-commit");
         m.primary = false;
         m.demoted = true;
-        self.save_image(&info.id.to_string(), &m)?;
-        Ok(m)
+        self.save_image(id, m)
+    }
+
+    /// Settles the promotions and demotions a crash interrupted, at start
+    /// before anything is served: each is exactly done or exactly not.
+    pub fn settle_interrupted(&self) {
+        let Ok(pools) = self.store().pool_list() else {
+            return;
+        };
+        for p in pools {
+            let Ok(images) = self.store().image_list(&p.name) else {
+                continue;
+            };
+            for img in images {
+                let (pool, name) = (p.name.as_str(), img.name.as_str());
+                if let Err(e) = self.settle_one(pool, name) {
+                    tracing::error!(pool, image = name, error = %e.chain(), "cannot settle a promotion or demotion a crash interrupted");
+                }
+            }
+        }
+    }
+
+    fn settle_one(&self, pool: &str, name: &str) -> Result<(), Error> {
+        let (info, Some(mut m)) = self.image_of(pool, name)? else {
+            return Ok(());
+        };
+        let id = info.id.to_string();
+        let snaps = self.mirror_snaps(pool, name)?;
+        if let Some(p) = m.promoting.clone() {
+            let snap = snaps.iter().find(|(s, ms)| {
+                s.id > p.after_snap
+                    && ms.state == MirrorSnapState::Primary
+                    && ms.primary_mirror_uuid.is_empty()
+            });
+            match snap {
+                Some((s, _)) => {
+                    tracing::warn!(
+                        pool,
+                        image = name,
+                        epoch = p.epoch,
+                        "finishing a promotion a crash interrupted after its snapshot"
+                    );
+                    let own = self.pool_enabled(pool)?.mirror_uuid;
+                    self.finish_promotion(&mut m, s.id, own);
+                }
+                None => {
+                    tracing::warn!(
+                        pool,
+                        image = name,
+                        "a promotion a crash interrupted before its snapshot did not happen"
+                    );
+                    m.promoting = None;
+                }
+            }
+            return self.save_image(&id, &m);
+        }
+        let demoted_snap = matches!(snaps.last(), Some((_, ms)) if ms.state == MirrorSnapState::PrimaryDemoted && ms.primary_mirror_uuid.is_empty());
+        if m.primary && demoted_snap {
+            tracing::warn!(
+                pool,
+                image = name,
+                "finishing a demotion a crash interrupted after its snapshot"
+            );
+            self.finish_demotion(pool, name, &id, &mut m)?;
+        }
+        Ok(())
+    }
+
+    fn finish_promotion(&self, m: &mut ImageMirror, snap_id: u64, own: String) {
+        let Some(p) = m.promoting.take() else {
+            return;
+        };
+        m.primary = true;
+        m.demoted = false;
+        m.epoch = p.epoch;
+        // Once primary, this image's history is its own: if it ever
+        // follows a peer's journal again, it starts from a sync point (a
+        // delta), never from an old place that would replay, out of their
+        // order, writes it already holds.
+        m.journal_pos = None;
+        m.primary_mirror_uuid = own;
+        if let Some(f) = p.fork {
+            m.fork = Some(Fork { snap_id, ..f });
+        }
     }
 
     /// Promote. Plain: only once this site holds the demotion of the newest
@@ -176,29 +279,41 @@ impl Mirror {
                     .map_or(0, |(s, _)| s.created * 1_000_000),
             ),
         };
-        m.primary = true;
-        m.demoted = false;
-        m.epoch = new_epoch;
-        // Once primary, this image's history is its own: if it ever
-        // follows a peer's journal again, it starts from a sync point (a
-        // delta), never from an old place that would replay, out of their
-        // order, writes it already holds.
-        m.journal_pos = None;
-        m.primary_mirror_uuid = self.pool_enabled(pool)?.mirror_uuid;
-        let was_demoted_here = from_uuid == m.primary_mirror_uuid;
-        self.save_image(&info.id.to_string(), &m)?;
-        let snap = self.primary_snapshot(pool, name, MirrorSnapState::Primary)?;
-        if !was_demoted_here {
-            m.fork = Some(Fork {
+        let own = self.pool_enabled(pool)?.mirror_uuid;
+        let was_demoted_here = from_uuid == own;
+        let after_snap = self
+            .store()
+            .snap_list(pool, name)?
+            .iter()
+            .map(|s| s.id)
+            .max()
+            .unwrap_or(0);
+        m.promoting = Some(Promotion {
+            epoch: new_epoch,
+            after_snap,
+            fork: (!was_demoted_here).then(|| Fork {
                 from_mirror_uuid: from_uuid,
                 journal_tid,
-                snap_id: snap.id,
+                snap_id: 0,
                 forced: force,
                 data_as_of_us,
                 at: now_secs(),
-            });
-            self.save_image(&info.id.to_string(), &m)?;
-        }
+            }),
+        });
+        let id = info.id.to_string();
+        self.save_image(&id, &m)?;
+        crate::testpoint::reached("promote-snap");
+        let snap = match self.snapshot_as_primary(pool, name, &m, MirrorSnapState::Primary) {
+            Ok(s) => s,
+            Err(e) => {
+                m.promoting = None;
+                self.save_image(&id, &m)?;
+                return Err(e);
+            }
+        };
+        crate::testpoint::reached("promote-commit");
+        self.finish_promotion(&mut m, snap.id, own);
+        self.save_image(&id, &m)?;
         drop(hw);
         Ok(m)
     }

@@ -23,6 +23,18 @@ impl Mirror {
                 ),
             ));
         }
+        self.snapshot_as_primary(pool, name, &m, state)
+    }
+
+    /// A primary mirror snapshot of an image `m` describes, primary or
+    /// being promoted.
+    pub(super) fn snapshot_as_primary(
+        &self,
+        pool: &str,
+        name: &str,
+        m: &ImageMirror,
+        state: MirrorSnapState,
+    ) -> Result<SnapInfo, Error> {
         let peers = self.peers_tx(pool)?;
         let snap_name = format!(
             ".mirror.primary.{}.{}",
@@ -40,7 +52,7 @@ impl Mirror {
         let snap = self
             .store()
             .snap_create(pool, name, &snap_name, SnapNamespace::Mirror(ms))?;
-        self.prune(pool, name, &m)?;
+        self.prune(pool, name, m)?;
         Ok(snap)
     }
 

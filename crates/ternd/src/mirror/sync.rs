@@ -46,6 +46,7 @@ impl Mirror {
             sync: None,
             journal_pos: None,
             fork: None,
+            promoting: None,
             last_resync: String::new(),
             primary_epoch: 0,
         };
