@@ -8,7 +8,7 @@
 //!
 //! Status: every image's local state is reported to the local site and to
 //! every peer site, on each change and on every heartbeat, so a site shows a
-//! silent peer as down within two heartbeats instead of its last good state.
+//! silent peer as down 2.5 s after its last report instead of its last good state.
 
 mod journal;
 mod limit;
