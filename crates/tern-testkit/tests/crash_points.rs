@@ -364,3 +364,95 @@ fn promote_and_demote_are_exactly_done_or_not_after_a_crash() {
         assert!(same(&p.a, &p.b), "{point}: B did not follow A");
     }
 }
+
+/// A sync (snapshot mode) and a resync aborted at completion, before and
+/// after the snapshot that marks the copy whole: after the restart the copy
+/// is not left "syncing" over a complete snapshot (which refused a plain
+/// promote for ever), a resync is recorded as done once, and the images end
+/// equal.
+#[test]
+fn sync_and_resync_completion_are_settled_after_a_crash() {
+    let mut p = tern_testkit::Pair::new();
+    let _ma = p.a.start_mirror();
+    let _mb = p.b.start_mirror();
+    let vol = "rbd/vol";
+    tern_testkit::create_mirrored(&p.a, "vol", "32M", "snapshot");
+    let mut n = 0u64;
+    let mut write_and_snap = |s: &Site| {
+        n += 1;
+        let mut c = NbdClient::connect(&s.nbd_addr, vol).expect("nbd connect");
+        c.send_write((n % 24) * MIB as u64, &random_bytes(2000 + n, MIB), false)
+            .unwrap();
+        assert_eq!(c.replies.recv().unwrap().error, 0, "write on {}", s.name);
+        c.send_flush().unwrap();
+        assert_eq!(c.replies.recv().unwrap().error, 0, "flush on {}", s.name);
+        c.disconnect();
+        s.tern_ok(&["mirror", "image", "snapshot", vol]);
+    };
+    let same = |a: &Site, b: &Site| {
+        tern_testkit::wait_until(Duration::from_secs(60), || {
+            b.tern(&["info", vol]).status.success() && a.export_sha256(vol) == b.export_sha256(vol)
+        })
+    };
+    let settled = |s: &Site| {
+        tern_testkit::wait_until(Duration::from_secs(30), || {
+            s.tern_json(&["mirror", "image", "status", vol])["description"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("replaying"))
+        })
+    };
+    write_and_snap(&p.a);
+    assert!(same(&p.a, &p.b), "initial copy");
+
+    for point in ["sync-complete-snap", "sync-complete"] {
+        p.b.arm_abort(point);
+        write_and_snap(&p.a);
+        assert!(
+            p.b.wait_exited(Duration::from_secs(30)),
+            "{point}: B never got there"
+        );
+        p.b.restart();
+        if point == "sync-complete" {
+            assert!(p.b.log().contains("finishing a sync"), "{point}");
+        }
+        assert!(same(&p.a, &p.b), "{point}: B did not catch up");
+        assert!(
+            settled(&p.b),
+            "{point}: {}",
+            p.b.tern_json(&["mirror", "image", "status", vol])
+        );
+    }
+    // The copy is whole and not syncing: a plain switch goes through.
+    p.a.tern_ok(&["mirror", "image", "demote", vol]);
+    assert!(
+        tern_testkit::wait_until(Duration::from_secs(60), || p
+            .b
+            .tern(&["mirror", "image", "promote", vol])
+            .status
+            .success()),
+        "B's plain promote refused: {}",
+        p.b.tern_json(&["mirror", "image", "status", vol])
+    );
+    write_and_snap(&p.b);
+    assert!(same(&p.b, &p.a), "A did not follow B");
+
+    // A resync of A (now the copy) cut after its snapshot is recorded done.
+    p.a.arm_abort("sync-complete");
+    p.a.tern_ok(&["mirror", "image", "resync", vol]);
+    assert!(
+        p.a.wait_exited(Duration::from_secs(30)),
+        "A's resync never completed"
+    );
+    p.a.restart();
+    assert!(p.a.log().contains("finishing a sync"));
+    let m = mirror_info(&p.a, vol);
+    assert_eq!(m["resync_requested"], false, "{m}");
+    assert!(
+        m["last_resync"].as_str().is_some_and(|s| !s.is_empty()),
+        "{m}"
+    );
+    assert!(same(&p.b, &p.a), "A's resync left it unequal");
+    assert!(settled(&p.a));
+    write_and_snap(&p.b);
+    assert!(same(&p.b, &p.a), "A did not follow B after its resync");
+}

@@ -147,6 +147,11 @@ pub struct SyncState {
     pub size: u64,
     pub last_copied_object_number: u64,
     pub started: u64,
+    /// Set once the copy is whole, before its snapshot is taken: the
+    /// resync summary to record. A crash after the snapshot is settled at
+    /// start by finishing the sync with it (see `Mirror::settle_interrupted`).
+    #[serde(default)]
+    pub finishing: Option<String>,
 }
 
 /// What a site's mirror daemon last reported of an image.

@@ -53,8 +53,9 @@ impl Mirror {
         self.save_image(id, m)
     }
 
-    /// Settles the promotions and demotions a crash interrupted, at start
-    /// before anything is served: each is exactly done or exactly not.
+    /// Settles the promotions, demotions and sync completions a crash
+    /// interrupted, at start before anything is served: each is exactly
+    /// done or exactly not.
     pub fn settle_interrupted(&self) {
         let Ok(pools) = self.store().pool_list() else {
             return;
@@ -66,7 +67,7 @@ impl Mirror {
             for img in images {
                 let (pool, name) = (p.name.as_str(), img.name.as_str());
                 if let Err(e) = self.settle_one(pool, name) {
-                    tracing::error!(pool, image = name, error = %e.chain(), "cannot settle a promotion or demotion a crash interrupted");
+                    tracing::error!(pool, image = name, error = %e.chain(), "cannot settle a promotion, demotion or sync a crash interrupted");
                 }
             }
         }
@@ -104,6 +105,19 @@ impl Mirror {
                     m.promoting = None;
                 }
             }
+            return self.save_image(&id, &m);
+        }
+        if let Some(s) = m.sync.clone()
+            && s.finishing.is_some()
+            && self.sync_snapshot_taken(pool, name, &s)?
+        {
+            tracing::warn!(
+                pool,
+                image = name,
+                snap = s.primary_snap_id,
+                "finishing a sync a crash interrupted after its snapshot"
+            );
+            super::sync::finish_sync(&mut m);
             return self.save_image(&id, &m);
         }
         let demoted_snap = matches!(snaps.last(), Some((_, ms)) if ms.state == MirrorSnapState::PrimaryDemoted && ms.primary_mirror_uuid.is_empty());

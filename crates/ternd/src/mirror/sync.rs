@@ -99,6 +99,7 @@ impl Mirror {
             size: q.size,
             last_copied_object_number: 0,
             started: now_secs(),
+            finishing: None,
         };
         if q.size != info.size {
             self.store().image_resize(pool, name, q.size, true)?;
@@ -163,6 +164,12 @@ impl Mirror {
                 protected: false,
             });
         }
+        // The snapshot is the sync's commit point: what to record after it
+        // is written first.
+        s.finishing = Some(resync_summary.to_string());
+        m.sync = Some(s.clone());
+        self.save_image(&info.id.to_string(), &m)?;
+        crate::testpoint::reached("sync-complete-snap");
         let snap = self.non_primary_snapshot(
             pool,
             name,
@@ -172,14 +179,28 @@ impl Mirror {
             s.demoted,
             last,
         )?;
-        m.sync = None;
-        if !resync_summary.is_empty() {
-            m.resync_requested = false;
-            m.resync_full = false;
-            m.last_resync = format!("{resync_summary} (finished {})", now_secs());
-        }
+        crate::testpoint::reached("sync-complete");
+        finish_sync(&mut m);
         self.save_image(&info.id.to_string(), &m)?;
         Ok(snap)
+    }
+
+    /// Whether the non-primary snapshot that completes sync `s` exists.
+    pub(super) fn sync_snapshot_taken(
+        &self,
+        pool: &str,
+        name: &str,
+        s: &SyncState,
+    ) -> Result<bool, Error> {
+        Ok(self.mirror_snaps(pool, name)?.iter().any(|(_, ms)| {
+            ms.complete
+                && matches!(
+                    ms.state,
+                    MirrorSnapState::NonPrimary | MirrorSnapState::NonPrimaryDemoted
+                )
+                && ms.primary_snap_id == s.primary_snap_id
+                && ms.primary_mirror_uuid == s.primary_mirror_uuid
+        }))
     }
 
     /// Takes the local copy's snapshot of the primary's snapshot
@@ -284,5 +305,17 @@ impl Mirror {
                 ),
             )),
         }
+    }
+}
+
+/// Ends a sync whose snapshot is taken, recording its resync summary.
+pub(super) fn finish_sync(m: &mut ImageMirror) {
+    let Some(summary) = m.sync.take().and_then(|s| s.finishing) else {
+        return;
+    };
+    if !summary.is_empty() {
+        m.resync_requested = false;
+        m.resync_full = false;
+        m.last_resync = format!("{summary} (finished {})", now_secs());
     }
 }
