@@ -3,6 +3,7 @@
 //! after a restart the image and its snapshots are exactly as before the
 //! operation or exactly as after it, and the next operation works.
 
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 use std::io::Write;
@@ -174,27 +175,7 @@ fn a_journal_replay_cut_by_a_crash_runs_again() {
     // acknowledged (in the journal) and not in the object files.
     s.arm("journal-apply");
     let mut model = vec![0u8; IMAGE];
-    let mut c = NbdClient::connect(&s.nbd_addr, "rbd/j").expect("nbd connect");
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-    let mut inflight = 0;
-    for i in 0..WRITES {
-        let off = rng.random_range(0..IMAGE / 4096) * 4096;
-        let data = random_bytes(100 + i, 4096);
-        model[off..off + 4096].copy_from_slice(&data);
-        c.send_write(off as u64, &data, false).unwrap();
-        inflight += 1;
-        while inflight >= 16 {
-            let r = c.replies.recv_timeout(Duration::from_secs(20)).unwrap();
-            assert_eq!(r.error, 0);
-            inflight -= 1;
-        }
-    }
-    c.send_flush().unwrap();
-    while inflight >= 0 {
-        let r = c.replies.recv_timeout(Duration::from_secs(20)).unwrap();
-        assert_eq!(r.error, 0);
-        inflight -= 1;
-    }
+    nbd_random_writes(&s, "rbd/j", &mut model, WRITES, 11);
     assert!(s.wait_held("journal-apply", Duration::from_secs(5)));
     let info = s.tern_json(&["journal", "info", "rbd/j"]);
     let backlog = info["last_tid"].as_u64().unwrap() - info["applied_tid"].as_u64().unwrap();
@@ -202,7 +183,6 @@ fn a_journal_replay_cut_by_a_crash_runs_again() {
         backlog >= WRITES - 16,
         "only {backlog} entries unapplied: {info}"
     );
-    drop(c);
     s.kill9();
     s.restart();
 
@@ -455,4 +435,121 @@ fn sync_and_resync_completion_are_settled_after_a_crash() {
     assert!(settled(&p.a));
     write_and_snap(&p.b);
     assert!(same(&p.b, &p.a), "A did not follow B after its resync");
+}
+
+/// 4 KiB random writes through NBD, pipelined, then a flush; `model`
+/// follows them.
+fn nbd_random_writes(s: &Site, spec: &str, model: &mut [u8], n: u64, seed: u64) {
+    let mut c = NbdClient::connect(&s.nbd_addr, spec).expect("nbd connect");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    // Distinct blocks: two writes in flight to one block may land in
+    // either order.
+    let mut blocks: Vec<usize> = (0..model.len() / 4096).collect();
+    let (picked, _) = blocks.partial_shuffle(&mut rng, n as usize);
+    let picked = picked.to_vec();
+    let mut inflight = 0;
+    for (i, b) in picked.into_iter().enumerate() {
+        let i = i as u64;
+        let off = b * 4096;
+        let data = random_bytes(seed * 100_000 + i, 4096);
+        model[off..off + 4096].copy_from_slice(&data);
+        c.send_write(off as u64, &data, false).unwrap();
+        inflight += 1;
+        while inflight >= 16 {
+            assert_eq!(
+                c.replies
+                    .recv_timeout(Duration::from_secs(20))
+                    .unwrap()
+                    .error,
+                0
+            );
+            inflight -= 1;
+        }
+    }
+    c.send_flush().unwrap();
+    while inflight >= 0 {
+        assert_eq!(
+            c.replies
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap()
+                .error,
+            0
+        );
+        inflight -= 1;
+    }
+    c.disconnect();
+}
+
+/// A journal checkpoint (the one a stop takes) aborted after the object
+/// files are synced and before the checkpoint is recorded, then after it is
+/// recorded and before the journal is trimmed: the restart replays from
+/// whichever checkpoint is on disk and the image is exactly what was
+/// written; the journal is clean and a later clean stop leaves nothing to
+/// replay.
+#[test]
+fn a_journal_checkpoint_cut_by_a_crash_loses_nothing() {
+    let mut s = tern_testkit::journaled_site("jckpt", "64M");
+    let mut model = vec![0u8; 64 * MIB];
+    for (round, point) in ["journal-checkpoint-record", "journal-checkpoint-trim"]
+        .into_iter()
+        .enumerate()
+    {
+        nbd_random_writes(&s, "rbd/j", &mut model, 2000, 20 + round as u64);
+        let aborts = s.log().matches("test fault point: aborting").count();
+        s.arm_abort(point);
+        assert!(!s.stop(), "{point}: the stop's checkpoint did not crash");
+        assert_eq!(
+            s.log().matches("test fault point: aborting").count(),
+            aborts + 1,
+            "{point}"
+        );
+        s.restart();
+        assert_eq!(s.export_sha256("rbd/j"), sha(&model), "{point}");
+        let info = s.tern_json(&["journal", "info", "rbd/j"]);
+        assert_eq!(info["applied_tid"], info["last_tid"], "{point}: {info}");
+        let v = s.tern_json(&["journal", "inspect", "rbd/j"]);
+        assert_eq!(v["errors"], serde_json::json!([]), "{point}: {v}");
+    }
+    nbd_random_writes(&s, "rbd/j", &mut model, 500, 30);
+    assert!(s.stop(), "clean stop:\n{}", s.log());
+    s.restart();
+    assert_eq!(s.export_sha256("rbd/j"), sha(&model));
+}
+
+/// The peer's journal replay aborted after a batch is applied and flushed
+/// and before its position is saved: the restarted site is sent the batch
+/// again, applies it again (idempotently) and the copy ends equal.
+#[test]
+fn a_peer_journal_replay_cut_before_its_position_is_saved_resumes() {
+    let mut p = tern_testkit::Pair::new();
+    let _ma = p.a.start_mirror();
+    let _mb = p.b.start_mirror();
+    let vol = "rbd/vol";
+    tern_testkit::create_mirrored(&p.a, "vol", "32M", "journal");
+    let mut model = vec![0u8; 32 * MIB];
+    nbd_random_writes(&p.a, vol, &mut model, 200, 40);
+    let same = |b: &Site, model: &[u8]| {
+        tern_testkit::wait_until(Duration::from_secs(60), || {
+            b.tern(&["info", vol]).status.success() && b.export_sha256(vol) == sha(model)
+        })
+    };
+    assert!(same(&p.b, &model), "initial copy");
+    p.b.arm_abort_at("journal-apply-persist", 2);
+    for round in 0..8 {
+        nbd_random_writes(&p.a, vol, &mut model, 300, 50 + round);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        p.b.wait_exited(Duration::from_secs(30)),
+        "B never saved a replay position"
+    );
+    p.b.restart();
+    nbd_random_writes(&p.a, vol, &mut model, 200, 60);
+    assert!(same(&p.b, &model), "B did not catch up after the crash");
+    assert_eq!(p.a.export_sha256(vol), sha(&model));
+    assert!(tern_testkit::wait_until(Duration::from_secs(20), || {
+        p.b.tern_json(&["mirror", "image", "status", vol])["description"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("replaying"))
+    }));
 }

@@ -60,7 +60,9 @@ impl Checkpoint {
         // entry a crash could lose, or peers would miss it.
         log.sync_to(x)?;
         sync_objects()?;
+        crate::testpoint::reached("journal-checkpoint-record");
         clients.record_checkpoint(x)?;
+        crate::testpoint::reached("journal-checkpoint-trim");
         clients.trim()
     }
 }

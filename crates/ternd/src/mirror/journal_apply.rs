@@ -195,6 +195,7 @@ impl Mirror {
         drain(&mut tickets, &mut hw, &mut before_queued)?;
         if persist || done.demoted {
             img.flush()?;
+            crate::testpoint::reached("journal-apply-persist");
             if hw.1 > 0 {
                 m.journal_pos = Some(JournalPos {
                     primary_mirror_uuid: primary_mirror_uuid.to_string(),
