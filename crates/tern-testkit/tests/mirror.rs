@@ -364,6 +364,15 @@ fn status_tells_the_truth() {
         != "OK"));
     let (code, out) = run_check(&b);
     assert_eq!(code, Some(1), "{out}");
+    // So is the site's: `tern status` rolls the pool's health up.
+    let site = b.tern_json(&["status"]);
+    assert_ne!(site["health"]["status"], "HEALTH_OK", "{site}");
+    assert!(
+        site["health"]["checks"]
+            .to_string()
+            .contains("MIRROR_POOL_"),
+        "{site}"
+    );
 
     // Split-brain is an error on both sites, and nothing is overwritten.
     a.restart();
@@ -384,6 +393,23 @@ fn status_tells_the_truth() {
         "check-mirror-lag.sh with an image in error: {out}"
     );
     assert!(out.contains("Overall Health: ERROR"), "{out}");
+    // Both sites primary: HEALTH_ERR on both (it was HEALTH_OK).
+    for s in [&a, &b] {
+        assert!(
+            wait_until(
+                Duration::from_secs(10),
+                || s.tern_json(&["status"])["health"]["status"] == "HEALTH_ERR"
+            ),
+            "{}: {}",
+            s.name,
+            s.tern_json(&["status"])
+        );
+    }
+    let text = a.tern_ok(&["status"]);
+    assert!(
+        text.contains("HEALTH_ERR") && text.contains("MIRROR_POOL_ERROR"),
+        "{text}"
+    );
 }
 
 /// The mirror daemon killed mid initial sync resumes where it stopped.

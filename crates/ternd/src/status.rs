@@ -13,7 +13,7 @@ use tern_types::mirror::MirrorHealth;
 use tern_types::site::Health;
 
 /// The site's status and health.
-pub fn site(site: &Site) -> Result<SiteStatus, Error> {
+pub fn site(site: &std::sync::Arc<Site>) -> Result<SiteStatus, Error> {
     let pools = site.store.pool_list()?;
     let mut checks = Vec::new();
     let (mut images, mut provisioned) = (0, 0);
@@ -53,6 +53,30 @@ pub fn site(site: &Site) -> Result<SiteStatus, Error> {
             tern_types::format_size(avail)
         ));
         health = Health::Warn;
+    }
+    // A mirrored pool's health is the site's too: a DR copy that is not
+    // replaying, or two primaries, must not hide behind HEALTH_OK.
+    let m = Mirror { site: site.clone() };
+    for p in &pools {
+        if !m
+            .pool(&p.name)?
+            .is_some_and(|pm| pm.mode != mirror::PoolMirrorMode::Disabled)
+        {
+            continue;
+        }
+        let st = pool(&m, &p.name)?;
+        let (word, level) = match st.health {
+            MirrorHealth::Ok => continue,
+            MirrorHealth::Warning => ("MIRROR_POOL_WARNING", Health::Warn),
+            MirrorHealth::Error => ("MIRROR_POOL_ERROR", Health::Err),
+        };
+        checks.push(format!(
+            "{word}: pool '{}' mirroring health {} (daemons {}, images {}): see `tern mirror pool status {} --verbose`",
+            p.name, st.health, st.daemon_health, st.image_health, p.name
+        ));
+        if health != Health::Err {
+            health = level;
+        }
     }
     Ok(SiteStatus {
         site_id: site.site_id.clone(),
