@@ -88,7 +88,12 @@ pub enum Cmd {
     Rename { src: String, dst: String },
     /// Remove an image and its data.
     #[command(visible_alias = "remove")]
-    Rm { spec: String },
+    Rm {
+        spec: String,
+        /// Also a non-primary mirror copy (the DR copy of another site's image).
+        #[arg(long)]
+        force: bool,
+    },
     /// Import a raw file (or - for stdin) as a new image.
     Import(ImportArgs),
     /// Export an image or snapshot to a raw file (or - for stdout); holes stay holes.

@@ -126,7 +126,9 @@ api! {
             image: image(spec),
             new_name: new_name.into(),
         });
-        fn remove(spec: &ImageSpec) -> () = image_remove(at(spec));
+        /// `force`: also a non-primary mirror copy.
+        fn remove(spec: &ImageSpec, force: bool) -> () =
+            image_remove(pb::ImageRemoveRequest { image: image(spec), force });
         /// rbd feature enable|disable, by rbd's feature names.
         fn features(spec: &ImageSpec, enable: Vec<String>, disable: Vec<String>) -> ImageInfo =
             image_features(pb::ImageFeaturesRequest { image: image(spec), enable, disable });

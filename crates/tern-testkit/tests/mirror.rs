@@ -229,6 +229,17 @@ fn snapshot_mirroring_end_to_end() {
     let (code, err) = b.tern_err(&["bench", "rbd/vol", "--io-type", "write", "--io-total", "4K"]);
     assert_eq!(code, 30, "{err}");
     assert!(err.contains("non-primary"), "{err}");
+    // So is removing it without --force, and nothing is lost.
+    let (code, err) = b.tern_err(&["rm", "rbd/vol"]);
+    assert_eq!(code, 22, "{err}");
+    assert!(
+        err.contains("non-primary mirror copy") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(
+        export_sum(&b, &format!("rbd/vol@{copy}")),
+        export_sum(&a, &format!("rbd/vol@{prim}"))
+    );
 
     // Orderly switch: a promote before the demotion is replayed is refused in words.
     let (_, err) = b.tern_err(&["mirror", "image", "promote", "rbd/vol"]);
@@ -254,6 +265,9 @@ fn snapshot_mirroring_end_to_end() {
     );
     let (code, _) = a.tern_err(&["bench", "rbd/vol", "--io-type", "write", "--io-total", "4K"]);
     assert_eq!(code, 30);
+    // Asked twice, the copy goes.
+    a.tern_err(&["rm", "rbd/vol"]);
+    a.tern_ok(&["rm", "rbd/vol", "--force"]);
 }
 
 fn setup_image(a: &Site, image: &str, size: &str) {

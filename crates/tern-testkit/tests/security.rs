@@ -56,7 +56,7 @@ fn wrong_or_missing_keys_are_refused() {
     let _g = rt.enter();
     let c = SiteClient::connect_with(&s.addr, &conf.tls, "", "").unwrap();
     let e = rt
-        .block_on(c.image().remove(&ImageSpec::new("rbd", "img")))
+        .block_on(c.image().remove(&ImageSpec::new("rbd", "img"), false))
         .unwrap_err();
     assert_eq!(e.kind, tern_types::ErrorKind::Unauthenticated, "{e}");
     assert!(e.message.contains("no credentials"), "{e}");

@@ -395,7 +395,7 @@ pub async fn import_v2(ctx: &Ctx, a: ImportArgs) -> Result<()> {
                 }
             }
             let _ = c.snap().purge(&r).await;
-            let _ = c.image().remove(&r).await;
+            let _ = c.image().remove(&r, false).await;
         }
         return Err(e);
     }

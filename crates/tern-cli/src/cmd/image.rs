@@ -247,10 +247,10 @@ pub async fn rename(ctx: &Ctx, src: &str, dst: &str) -> Result<()> {
     Ok(())
 }
 
-pub async fn rm(ctx: &Ctx, spec: &str) -> Result<()> {
+pub async fn rm(ctx: &Ctx, spec: &str, force: bool) -> Result<()> {
     let spec = image_spec(spec)?;
     let c = ctx.connect().await?;
-    c.image().remove(&spec.head()).await?;
+    c.image().remove(&spec.head(), force).await?;
     if !ctx.json() {
         eprintln!("Removing image: 100% complete...done.");
     }

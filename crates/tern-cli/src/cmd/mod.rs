@@ -39,7 +39,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             allow_shrink,
         } => image::resize(&ctx, &spec, &size, allow_shrink).await,
         Cmd::Rename { src, dst } => image::rename(&ctx, &src, &dst).await,
-        Cmd::Rm { spec } => image::rm(&ctx, &spec).await,
+        Cmd::Rm { spec, force } => image::rm(&ctx, &spec, force).await,
         Cmd::Import(a) if a.export_format == 2 => diff::import_v2(&ctx, a).await,
         Cmd::Import(a) => io::import(&ctx, a).await,
         Cmd::Export {

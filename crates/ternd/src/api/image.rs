@@ -99,13 +99,28 @@ impl pb::image_server::Image for Api {
         .await
     }
 
-    async fn image_remove(&self, req: Request<pb::ImageRef>) -> Reply<pb::Empty> {
+    async fn image_remove(&self, req: Request<pb::ImageRemoveRequest>) -> Reply<pb::Empty> {
         self.run(
             req,
-            |r| Ok(Need::Write(&r.pool)),
-            |c, r| {
+            |q| Ok(Need::Write(&image(&q.image)?.pool)),
+            |c, q| {
+                let r = q.image.unwrap_or_default();
                 let id = c.site.store.image_info(&r.pool, &r.image)?.id.to_string();
                 let spec = format!("{}/{}", r.pool, r.image);
+                // A DR copy goes only when asked twice: rm of a copy by
+                // mistake loses the site's protection without a word.
+                let m = crate::mirror::Mirror {
+                    site: c.site.clone(),
+                };
+                if !q.force
+                    && let Some(im) = m.image(&id)?
+                    && !im.primary
+                {
+                    return Err(Error::invalid(format!(
+                        "'{spec}' is a non-primary mirror copy: removing it leaves its primary without this copy. \
+                         Disable mirroring of it on the primary site, or run `tern rm {spec} --force`"
+                    )));
+                }
                 c.locks.remove_unless_open(&id, &spec, || {
                     Ok(c.site.store.image_remove(&r.pool, &r.image)?)
                 })?;
