@@ -964,3 +964,47 @@ fn compression_and_bandwidth_limit() {
         export_sum(&a, &format!("rbd/c@{prim}"))
     );
 }
+
+/// Issue 17 case 1: in a pool-mode pool a journaled image is mirrored in
+/// journal mode (its RPO is the journal's, not a schedule's), and asking
+/// for another mode on an enabled image is refused in words, not a silent
+/// "Mirroring enabled" that changes nothing.
+#[test]
+fn pool_mode_mirrors_journaled_images_in_journal_mode() {
+    let s = Site::start("site-a");
+    s.tern_ok(&["pool", "create", "rbd"]);
+    s.tern_ok(&[
+        "mirror",
+        "pool",
+        "enable",
+        "rbd",
+        "pool",
+        "--site-name",
+        "site-a",
+    ]);
+    s.tern_ok(&["create", "rbd/plain", "--size", "8M"]);
+    s.tern_ok(&[
+        "create",
+        "rbd/j",
+        "--size",
+        "8M",
+        "--image-feature",
+        "layering,exclusive-lock,journaling",
+    ]);
+    let mode =
+        |img: &str| s.tern_json(&["info", &format!("rbd/{img}")])["mirroring"]["mode"].clone();
+    assert_eq!(mode("j"), "journal");
+    assert_eq!(mode("plain"), "snapshot");
+    let info = s.tern_ok(&["info", "rbd/j"]);
+    assert!(info.contains("mirroring mode: journal"), "{info}");
+    // The same mode again is idempotent; another is refused, and nothing changes.
+    s.tern_ok(&["mirror", "image", "enable", "rbd/j", "journal"]);
+    let (code, err) = s.tern_err(&["mirror", "image", "enable", "rbd/plain", "journal"]);
+    assert_eq!(code, 22, "{err}");
+    assert!(err.contains("already enabled in snapshot mode"), "{err}");
+    let (code, err) = s.tern_err(&["mirror", "image", "enable", "rbd/j", "snapshot"]);
+    assert_eq!(code, 22, "{err}");
+    assert!(err.contains("already enabled in journal mode"), "{err}");
+    assert_eq!(mode("j"), "journal");
+    assert_eq!(mode("plain"), "snapshot");
+}

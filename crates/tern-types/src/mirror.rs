@@ -44,6 +44,18 @@ named_enum! {
     }
 }
 
+impl ImageMirrorMode {
+    /// The mode a pool-mode pool mirrors an image in: journal mode for
+    /// journaled images (as rbd), snapshot mode for the rest.
+    pub fn for_features(f: crate::Features) -> Self {
+        if f.has(crate::Features::JOURNALING) {
+            ImageMirrorMode::Journal
+        } else {
+            ImageMirrorMode::Snapshot
+        }
+    }
+}
+
 named_enum! {
     /// Whether an image is mirrored (rbd's mirror image state).
     #[derive(Default, Serialize, Deserialize)]

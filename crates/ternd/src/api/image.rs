@@ -15,10 +15,12 @@ impl pb::image_server::Image for Api {
         self.run(req, |r| Ok(Need::Write(&r.pool)), |c, r| {
             let opts = c.default_create(&r)?;
             let info = c.site.store.image_create(&r.pool, &r.image, &opts)?;
-            // In pool mode every image is mirrored, as with rbd.
+            // In pool mode every image is mirrored, as with rbd: journaled
+            // ones in journal mode, so their RPO is the journal's, not a
+            // snapshot schedule's.
             let m = c.mirror();
             if m.pool(&r.pool)?.is_some_and(|p| p.mode == PoolMirrorMode::Pool) {
-                m.image_enable(&r.pool, &r.image, ImageMirrorMode::Snapshot)?;
+                m.image_enable(&r.pool, &r.image, ImageMirrorMode::for_features(info.features))?;
             }
             tracing::info!(image = %format!("{}/{}", info.pool, info.name), size = info.size, "image created");
             Ok(image_info_pb(&info, Some(0)))

@@ -86,12 +86,7 @@ impl Mirror {
         if mode == PoolMirrorMode::Pool {
             for img in self.store().image_list(pool)? {
                 if self.image(&img.id.to_string())?.is_none() {
-                    // As rbd: journal mode for journaled images.
-                    let mode = if img.features.has(tern_types::Features::JOURNALING) {
-                        ImageMirrorMode::Journal
-                    } else {
-                        ImageMirrorMode::Snapshot
-                    };
+                    let mode = ImageMirrorMode::for_features(img.features);
                     self.image_enable(pool, &img.name, mode)?;
                 }
             }
@@ -236,10 +231,22 @@ impl Mirror {
         mode: ImageMirrorMode,
     ) -> Result<ImageMirror, Error> {
         let p = self.pool_enabled(pool)?;
+        let (info, existing) = self.image_of(pool, name)?;
+        if let Some(m) = existing {
+            // Idempotent, like rbd; another mode is refused, never a
+            // silent no-op that leaves the RPO other than asked.
+            if m.mode != mode {
+                return Err(Error::invalid(format!(
+                    "mirroring of '{pool}/{name}' is already enabled in {} mode: switching an enabled image \
+                     to {mode} mode is not supported; disable its mirroring and enable it again in {mode} mode",
+                    m.mode
+                )));
+            }
+            return Ok(m);
+        }
         match mode {
             ImageMirrorMode::Snapshot => {}
             ImageMirrorMode::Journal => {
-                let info = self.store().image_info(pool, name)?;
                 if !info.features.has(tern_types::Features::JOURNALING) {
                     return Err(Error::invalid(format!(
                         "journal-based mirroring of '{pool}/{name}' needs the journaling feature: \
@@ -247,11 +254,6 @@ impl Mirror {
                     )));
                 }
             }
-        }
-        let (info, existing) = self.image_of(pool, name)?;
-        if let Some(m) = existing {
-            // Idempotent, like rbd.
-            return Ok(m);
         }
         let m = ImageMirror {
             global_id: uuid::Uuid::new_v4().to_string(),
