@@ -856,9 +856,100 @@ impl Drop for Proxy {
     }
 }
 
-/// Sites A and B, pool `rbd` mirrored in image mode and peered rx-tx, B
-/// reaching A through a [`Proxy`] the caller can cut or slow down.
-pub fn linked_sites() -> (Site, Site, Proxy) {
+/// Both links between two sites: every cross-site connection (mirror
+/// daemons, peer status queries, bootstrap) goes through one of these
+/// counting proxies, so a test can measure all the traffic, cut it or slow
+/// it.
+pub struct Links {
+    /// Site B (its daemon, its `ternd`) reaches A through this.
+    pub to_a: Proxy,
+    /// Site A reaches B through this.
+    pub to_b: Proxy,
+}
+
+impl Links {
+    /// Takes both links down, or brings them back.
+    pub fn set_cut(&self, down: bool) {
+        self.to_a.set_cut(down);
+        self.to_b.set_cut(down);
+    }
+
+    /// Adds `one_way` of latency in each direction on both links.
+    pub fn set_delay(&self, one_way: Duration) {
+        self.to_a.set_delay(one_way);
+        self.to_b.set_delay(one_way);
+    }
+
+    /// Bytes that went from A to B so far, over either link.
+    pub fn a_to_b(&self) -> u64 {
+        self.to_a.down_bytes() + self.to_b.up_bytes()
+    }
+
+    /// Bytes that went from B to A so far, over either link.
+    pub fn b_to_a(&self) -> u64 {
+        self.to_b.down_bytes() + self.to_a.up_bytes()
+    }
+
+    /// Every byte that crossed between the sites so far, both ways.
+    pub fn bytes(&self) -> u64 {
+        self.a_to_b() + self.b_to_a()
+    }
+
+    /// Counts from here on: `stop()` on the result gives what crossed since.
+    pub fn meter(&self) -> Meter<'_> {
+        Meter {
+            links: self,
+            a_to_b: self.a_to_b(),
+            b_to_a: self.b_to_a(),
+        }
+    }
+}
+
+/// The traffic between two sites since a [`Links::meter`] call.
+pub struct Meter<'a> {
+    links: &'a Links,
+    a_to_b: u64,
+    b_to_a: u64,
+}
+
+/// What crossed between two sites in a measured stretch, by direction.
+#[derive(Debug, Clone, Copy)]
+pub struct Crossed {
+    pub a_to_b: u64,
+    pub b_to_a: u64,
+}
+
+impl Crossed {
+    pub fn total(&self) -> u64 {
+        self.a_to_b + self.b_to_a
+    }
+}
+
+impl std::fmt::Display for Crossed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} bytes ({} A→B, {} B→A)",
+            self.total(),
+            self.a_to_b,
+            self.b_to_a
+        )
+    }
+}
+
+impl Meter<'_> {
+    pub fn stop(&self) -> Crossed {
+        Crossed {
+            a_to_b: self.links.a_to_b() - self.a_to_b,
+            b_to_a: self.links.b_to_a() - self.b_to_a,
+        }
+    }
+}
+
+/// Sites A and B, pool `rbd` mirrored in image mode and peered rx-tx, each
+/// reaching the other only through [`Links`] the caller can count, cut or
+/// slow down.
+pub fn linked_sites() -> (Site, Site, Links) {
     let a = Site::start("site-a");
     let b = Site::start("site-b");
     for (s, name) in [(&a, "site-a"), (&b, "site-b")] {
@@ -873,39 +964,51 @@ pub fn linked_sites() -> (Site, Site, Proxy) {
             name,
         ]);
     }
-    let link = Proxy::start(&a.addr);
+    let to_a = Proxy::start(&a.addr);
+    let to_b = Proxy::start(&b.addr);
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD;
     let token = a.tern_ok(&["mirror", "pool", "peer", "bootstrap", "create", "rbd"]);
     let mut j: serde_json::Value =
         serde_json::from_slice(&b64.decode(token.trim()).unwrap()).unwrap();
-    j["mon_host"] = serde_json::json!(link.addr);
+    j["mon_host"] = serde_json::json!(to_a.addr);
     b.import_token(&b64.encode(j.to_string()), "site-b");
-    (a, b, link)
+    // The rx-tx import registered B on A under B's own address: A's side
+    // would bypass the proxy, and its traffic go uncounted.
+    let info = a.tern_json(&["mirror", "pool", "info", "rbd"]);
+    let uuid = info["peers"][0]["uuid"]
+        .as_str()
+        .expect("peer uuid")
+        .to_string();
+    a.tern_ok(&[
+        "mirror", "pool", "peer", "set", "rbd", &uuid, "mon-host", &to_b.addr,
+    ]);
+    for (s, via) in [(&a, &to_b.addr), (&b, &to_a.addr)] {
+        let info = s.tern_json(&["mirror", "pool", "info", "rbd"]);
+        let peers = info["peers"].as_array().expect("peers");
+        assert_eq!(peers.len(), 1, "{info}");
+        assert!(
+            peers[0].to_string().contains(via.as_str()),
+            "{} reaches its peer other than through the proxy {via}: {info}",
+            s.name
+        );
+    }
+    (a, b, Links { to_a, to_b })
 }
 
-/// Sites A and B peered both ways, each mirror daemon reaching the other
-/// site through a counting [`Proxy`] the test can cut or slow.
+/// Sites A and B peered both ways, each reaching the other through a
+/// counting [`Proxy`] the test can cut or slow.
 pub struct Pair {
     pub a: Site,
     pub b: Site,
-    /// B's daemon reaches A through this, A's daemon reaches B through `to_b`.
+    /// B reaches A through this, A reaches B through `to_b`.
     pub to_a: Proxy,
     pub to_b: Proxy,
 }
 
 impl Pair {
     pub fn new() -> Pair {
-        let (a, b, to_a) = linked_sites();
-        let to_b = Proxy::start(&b.addr);
-        let info = a.tern_json(&["mirror", "pool", "info", "rbd"]);
-        let uuid = info["peers"][0]["uuid"]
-            .as_str()
-            .expect("peer uuid")
-            .to_string();
-        a.tern_ok(&[
-            "mirror", "pool", "peer", "set", "rbd", &uuid, "mon-host", &to_b.addr,
-        ]);
+        let (a, b, Links { to_a, to_b }) = linked_sites();
         Pair { a, b, to_a, to_b }
     }
 

@@ -13,6 +13,11 @@ use tern_types::ImageSpec;
 const GIB: u64 = 1 << 30;
 const DIVERGE: u64 = 8 << 20;
 const PIECE: u64 = 128 << 10;
+const BLOCK: u64 = 4096;
+const OBJECT: u64 = 4 << 20;
+/// Data the image holds before the disaster, which no delta may send again:
+/// a full copy moves it all, so a full copy cannot pass for a delta.
+const BASE: u64 = 192 << 20;
 
 fn spec(name: &str) -> String {
     format!("rbd/{name}")
@@ -74,8 +79,9 @@ fn is_split_brain(s: &Site, name: &str) -> bool {
             .is_some_and(|d| d.contains("split-brain"))
 }
 
-/// `count` writes of PIECE bytes at random PIECE-aligned offsets.
-fn scatter(s: &Site, name: &str, seed: u64, total: u64) {
+/// Writes of PIECE bytes at random PIECE-aligned offsets, `total` bytes in
+/// all; returns their offsets.
+fn scatter(s: &Site, name: &str, seed: u64, total: u64) -> Vec<u64> {
     use rand::{Rng, SeedableRng};
     let rt = rt();
     let c = s.client(&rt);
@@ -84,9 +90,11 @@ fn scatter(s: &Site, name: &str, seed: u64, total: u64) {
         .block_on(c.image().info(&ImageSpec::new("rbd", name)))
         .unwrap()
         .size;
+    let mut offs = Vec::new();
     rt.block_on(async {
         for i in 0..total / PIECE {
             let off = rng.random_range(0..size / PIECE) * PIECE;
+            offs.push(off);
             c.io()
                 .write(
                     &ImageSpec::new("rbd", name),
@@ -100,6 +108,66 @@ fn scatter(s: &Site, name: &str, seed: u64, total: u64) {
         }
         c.io().flush(&ImageSpec::new("rbd", name)).await.unwrap();
     });
+    offs
+}
+
+/// `len` bytes of random data from `from`, in 4 MiB writes.
+fn fill(s: &Site, name: &str, from: u64, len: u64) {
+    let rt = rt();
+    let c = s.client(&rt);
+    rt.block_on(async {
+        for (i, off) in (from..from + len).step_by(4 << 20).enumerate() {
+            let n = (from + len - off).min(4 << 20);
+            c.io()
+                .write(
+                    &ImageSpec::new("rbd", name),
+                    off,
+                    random_bytes(90_000 + i as u64, n as usize),
+                    false,
+                    "",
+                )
+                .await
+                .unwrap();
+        }
+        c.io().flush(&ImageSpec::new("rbd", name)).await.unwrap();
+    });
+}
+
+/// The 4 KiB blocks among `blocks` (block numbers) whose content differs
+/// between the two sites: what a resync must move at the least.
+fn differing(a: &Site, b: &Site, name: &str, blocks: &std::collections::BTreeSet<u64>) -> u64 {
+    let rt = rt();
+    let (ca, cb) = (a.client(&rt), b.client(&rt));
+    let img = ImageSpec::new("rbd", name);
+    // Adjacent blocks are read together: a few hundred reads, not thousands.
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &blk in blocks {
+        match runs.last_mut() {
+            Some((start, n)) if *start + *n == blk && *n < 256 => *n += 1,
+            _ => runs.push((blk, 1)),
+        }
+    }
+    rt.block_on(async {
+        let mut differ = 0;
+        for (start, n) in runs {
+            let (off, len) = (start * BLOCK, n * BLOCK);
+            let x = ca.io().read(&img, off, len).await.unwrap();
+            let y = cb.io().read(&img, off, len).await.unwrap();
+            differ += x
+                .chunks(BLOCK as usize)
+                .zip(y.chunks(BLOCK as usize))
+                .filter(|(p, q)| p != q)
+                .count() as u64;
+        }
+        differ
+    })
+}
+
+/// The 4 KiB block numbers that writes of `len` bytes at `offs` touch.
+fn blocks_of(offs: &[(u64, u64)]) -> std::collections::BTreeSet<u64> {
+    offs.iter()
+        .flat_map(|&(off, len)| off / BLOCK..(off + len).div_ceil(BLOCK))
+        .collect()
 }
 
 /// What the application on a site does through its NBD connection.
@@ -109,6 +177,8 @@ struct App {
     /// Set: write DIVERGE bytes in PIECE writes scattered over the image
     /// (between load writes), then clear it.
     scatter: AtomicBool,
+    /// Every write acknowledged: (offset, length).
+    written: std::sync::Mutex<Vec<(u64, u64)>>,
 }
 
 /// 4 KiB NBD writes to the first 256 MiB at about `rate`/s until stopped
@@ -123,11 +193,21 @@ fn load(s: &Site, name: &str, rate: u64, app: Arc<App>) -> std::thread::JoinHand
             return 0;
         };
         let t0 = Instant::now();
-        let mut n = 0u64;
+        let (mut n, mut last) = (0u64, 0u64);
         while !app.stop.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(120) {
             if app.scatter.load(Ordering::Relaxed) {
+                // Whole objects: once A is killed, a snapshot-mode resync
+                // must count every object A touched since its last
+                // snapshot as wholly changed (its write intents outlive its
+                // dirty maps), so 4 MiB is the unit of what diverged there.
                 for i in 0..DIVERGE / PIECE {
-                    let off = rng.random_range(0..GIB / PIECE) * PIECE;
+                    let off = if i % (OBJECT / PIECE) == 0 {
+                        rng.random_range(0..GIB / OBJECT) * OBJECT
+                    } else {
+                        last + PIECE
+                    };
+                    last = off;
+                    app.written.lock().unwrap().push((off, PIECE));
                     c.send_write(off, &random_bytes(7_000_000 + i, PIECE as usize), false)
                         .unwrap();
                     assert_eq!(c.replies.recv().unwrap().error, 0);
@@ -141,6 +221,9 @@ fn load(s: &Site, name: &str, rate: u64, app: Arc<App>) -> std::thread::JoinHand
                 std::thread::sleep(d);
             }
             let off = rng.random_range(0..65536u64) * 4096;
+            // Before the send: a write in flight when the site dies may
+            // have landed.
+            app.written.lock().unwrap().push((off, 4096));
             if c.send_write(off, &random_bytes(n, 4096), false).is_err() {
                 break;
             }
@@ -168,19 +251,69 @@ fn snap_if(s: &Site, name: &str, mode: &str) {
     }
 }
 
+/// `resync [args]` on `site`, until the daemon records it done and the
+/// copy equals `primary`; returns the summary it recorded.
+fn resync(
+    site: &Site,
+    primary: &Site,
+    name: &str,
+    args: &[&str],
+    log: impl Fn() -> String,
+) -> String {
+    let mirroring = || site.tern_json(&["info", &spec(name)])["mirroring"].clone();
+    let before = mirroring()["last_resync"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let mut cmd = vec!["mirror", "image", "resync"];
+    cmd.extend_from_slice(args);
+    let s = spec(name);
+    cmd.push(&s);
+    site.tern_ok(&cmd);
+    let done = || {
+        let m = mirroring();
+        m["resync_requested"] == false
+            && m["last_resync"]
+                .as_str()
+                .is_some_and(|r| !r.is_empty() && r != before)
+    };
+    if !wait_until(Duration::from_secs(180), done) {
+        panic!(
+            "resync {args:?} on {} never finished: {} / {}\n--- its daemon ---\n{}",
+            site.name,
+            mirroring(),
+            status(site, name),
+            log()
+        );
+    }
+    wait_same(primary, site, name, Duration::from_secs(60));
+    mirroring()["last_resync"].as_str().unwrap().to_string()
+}
+
 fn unplanned_failover(mode: &str) {
-    let Pair {
-        mut a,
-        b,
-        to_a,
-        to_b,
-    } = pair();
+    let (mut a, b, link) = tern_testkit::linked_sites();
     let mut ma = a.start_mirror();
     let _mb = b.start_mirror();
-    create(&a, "vol", "1G", mode);
+    let features = if mode == "journal" {
+        "layering,exclusive-lock,journaling"
+    } else {
+        "layering,exclusive-lock"
+    };
+    a.tern_ok(&[
+        "create",
+        &spec("vol"),
+        "--size",
+        "1G",
+        "--image-feature",
+        features,
+    ]);
+    fill(&a, "vol", 512 << 20, BASE);
+    let initial = link.meter();
+    a.tern_ok(&["mirror", "image", "enable", &spec("vol"), mode]);
     scatter(&a, "vol", 1, 16 << 20);
     snap_if(&a, "vol", mode);
-    wait_same(&a, &b, "vol", Duration::from_secs(120));
+    wait_same(&a, &b, "vol", Duration::from_secs(180));
+    let initial = initial.stop();
 
     // Site A under load; its links go, it writes on alone, then it dies.
     let app = Arc::new(App::default());
@@ -188,8 +321,7 @@ fn unplanned_failover(mode: &str) {
     std::thread::sleep(Duration::from_secs(2));
     snap_if(&a, "vol", mode);
     std::thread::sleep(Duration::from_secs(2));
-    to_a.set_cut(true);
-    to_b.set_cut(true);
+    link.set_cut(true);
     app.scatter.store(true, Ordering::Relaxed);
     let ok = wait_until(Duration::from_secs(60), || {
         !app.scatter.load(Ordering::Relaxed)
@@ -216,13 +348,15 @@ fn unplanned_failover(mode: &str) {
     let rto = t.elapsed();
     let info = b.tern_json(&["info", &spec("vol")]);
     eprintln!("[{mode}] forced promote of one image: {rto:?} ({out}) {info}");
-    scatter(&b, "vol", 3, DIVERGE);
+    let on_b = scatter(&b, "vol", 3, DIVERGE);
     snap_if(&b, "vol", mode);
 
     // A comes back, still primary: split-brain on both sides, nothing overwritten.
     a.restart();
-    to_a.set_cut(false);
-    to_b.set_cut(false);
+    // Counted from the links' return: whatever A's daemon fetches while
+    // split-brain is part of what the resync costs.
+    let m = link.meter();
+    link.set_cut(false);
     let mut ma = a.start_mirror();
     let (sa, sb) = (sums(&a, "vol"), sums(&b, "vol"));
     assert_ne!(sa, sb);
@@ -261,43 +395,83 @@ fn unplanned_failover(mode: &str) {
         "A was overwritten before a resync was asked for"
     );
 
-    // Delta resync: only what diverged crosses the link.
-    let before = to_b.down_bytes();
+    // What diverged, from the test's own writes: every block A wrote after
+    // the sites were last equal and every block B wrote after its
+    // promotion, less those both sides hold alike (A's writes that reached
+    // B before the cut).
+    let mut written = app.written.lock().unwrap().clone();
+    written.extend(on_b.iter().map(|&off| (off, PIECE)));
+    let candidates = blocks_of(&written);
+    let diverged = differing(&a, &b, "vol", &candidates) * BLOCK;
+    assert!(
+        diverged >= DIVERGE,
+        "only {diverged} bytes differ: the divergent writes are missing"
+    );
+
+    // Delta resync: only what diverged crosses the links, either way.
+    let before = m.stop();
     let t = Instant::now();
-    a.tern_ok(&["mirror", "image", "resync", &spec("vol")]);
-    let want = sums(&b, "vol");
-    if !wait_until(Duration::from_secs(180), || sums(&a, "vol") == want) {
-        panic!(
-            "A did not become equal to B after the resync: {}\n--- A's daemon ---\n{}",
-            status(&a, "vol"),
-            ma.log()
-        );
-    }
+    let summary = resync(&a, &b, "vol", &[], || ma.log());
+    let delta = m.stop();
     let took = t.elapsed();
-    let moved = to_b.down_bytes() - before;
-    let ok = wait_until(Duration::from_secs(10), || {
-        a.tern_json(&["info", &spec("vol")])["last_resync"]
-            .as_str()
-            .is_some_and(|s| !s.is_empty())
-    });
-    let info = a.tern_json(&["info", &spec("vol")]);
-    assert!(ok, "no resync summary recorded: {info}");
-    let summary = info["last_resync"].as_str().unwrap().to_string();
+    assert_identical(&a, &b, "vol");
     eprintln!(
-        "[{mode}] delta resync of a 1 GiB image with {} MiB diverged on each side: {moved} bytes \
-         moved ({:.2}% of the image) in {took:?}; {summary}",
-        DIVERGE >> 20,
-        moved as f64 * 100.0 / GIB as f64
+        "[{mode}] delta resync of a 1 GiB image ({} MiB allocated): {} bytes differed \
+         ({} blocks written on either side), {delta} moved ({:.2}× the divergence) in \
+         {took:?} ({before} of it before the resync was asked for); {summary}",
+        (BASE + (16 << 20)) >> 20,
+        diverged,
+        candidates.len(),
+        delta.total() as f64 / diverged as f64
     );
     assert!(
         summary.starts_with("delta"),
         "not a delta resync: {summary}"
     );
+    // Snapshot mode finds A's writes in its dirty maps: an 8 KiB chunk per
+    // 4 KiB write at best, and A was killed, so each object the load
+    // touched after A's last snapshot goes whole (with data that never
+    // diverged). Journal mode reads A's writes from its journal.
+    let (factor, fx) = if mode == "journal" {
+        (3, "1.5")
+    } else {
+        (4, "2")
+    };
     assert!(
-        moved < 64 << 20,
-        "resync moved {moved} bytes: about the diverged data (2 × 8 MiB) was expected"
+        delta.total() * 2 <= diverged * factor,
+        "the delta resync moved {delta}, over {fx}× the {diverged} bytes that diverged"
     );
+
+    // A resync of a copy that is already equal has nothing to move.
+    let m = link.meter();
+    let summary = resync(&a, &b, "vol", &[], || ma.log());
+    let healthy = m.stop();
     assert_identical(&a, &b, "vol");
+    eprintln!("[{mode}] resync of the healthy copy: {healthy} moved; {summary}");
+    assert!(
+        healthy.total() <= 1 << 20,
+        "a resync of a healthy copy moved {healthy}: {summary}"
+    );
+
+    // A full copy of the same image, for scale: the delta must be a small
+    // part of it.
+    let m = link.meter();
+    let summary = resync(&a, &b, "vol", &["--full"], || ma.log());
+    let full = m.stop();
+    assert_identical(&a, &b, "vol");
+    eprintln!(
+        "[{mode}] resync --full of the same image: {full} moved ({summary}); the first sync \
+         moved {initial}; the delta was {:.3}× the full copy",
+        delta.total() as f64 / full.total() as f64
+    );
+    assert!(
+        summary.starts_with("full copy"),
+        "not a full copy: {summary}"
+    );
+    assert!(
+        delta.total() * 4 < full.total(),
+        "the delta resync moved {delta}, not under a quarter of a full copy's {full}"
+    );
 
     // Fail back to A with no data loss: B writes, hands over, A promotes.
     let app = Arc::new(App::default());

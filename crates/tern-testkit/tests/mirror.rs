@@ -880,10 +880,10 @@ fn compression_and_bandwidth_limit() {
     };
     let sync_bytes = |off: u64, data: &[u8]| {
         write_at(off, data);
-        let before = link.down_bytes();
+        let before = link.to_a.down_bytes();
         a.tern_ok(&["mirror", "image", "snapshot", "rbd/c"]);
         wait_synced(&b, &a, "c", Duration::from_secs(120));
-        link.down_bytes() - before
+        link.to_a.down_bytes() - before
     };
     let data = &text[..64 << 20];
     let plain = sync_bytes(0, data);
@@ -925,7 +925,7 @@ fn compression_and_bandwidth_limit() {
     let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(Instant, u64)>::new()));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
-        let (s, st, d) = (samples.clone(), stop.clone(), link.down.clone());
+        let (s, st, d) = (samples.clone(), stop.clone(), link.to_a.down.clone());
         std::thread::spawn(move || {
             while !st.load(std::sync::atomic::Ordering::Relaxed) {
                 s.lock()
