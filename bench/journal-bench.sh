@@ -10,6 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
 out=${1:-$top/bench/results/journal-bench.txt}
+# The results file names the code that made it.
+echo "# commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates bench Cargo.lock 2>/dev/null || echo '+uncommitted'), $(date -u +%Y-%m-%d), $(basename "$0")" >"$out"
 RT=${RT:-6}
 command -v fio >/dev/null && command -v nbdcopy >/dev/null || bash scripts/deps.sh
 cargo build --release --bins --quiet
@@ -47,7 +49,7 @@ job() { # uri name rw bs qd -> prints "iops bw_bytes p99"
     jq -r '.jobs[0].write | "\(.iops) \(.bw_bytes) \(.clat_ns.percentile."99.000000" // 0)"'
 }
 
-printf '%-22s %14s %14s %7s   %s\n' case journaled plain ratio "p99 clat journaled/plain (us)" | tee "$out"
+printf '%-22s %14s %14s %7s   %s\n' case journaled plain ratio "p99 clat journaled/plain (us)" | tee -a "$out"
 run() { # name rw bs qd unit
   # Journaled, plain, plain, journaled: drift over the run (writeback,
   # other tenants) falls on both sides alike. Rates are the means of two.

@@ -9,7 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results/journal-mirror-bench.txt}
+# The results file names the code that made it.
+echo "# commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates bench Cargo.lock 2>/dev/null || echo '+uncommitted'), $(date -u +%Y-%m-%d), $(basename "$0")" >"$out"
 command -v fio >/dev/null || bash scripts/deps.sh
 cargo build --release --bins --quiet
 cargo build --release --quiet -p tern-testkit --example journal_lag
-target/release/examples/journal_lag | tee "$out"
+target/release/examples/journal_lag | tee -a "$out"

@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
 out=${1:-$top/bench/results/mirror-sync-bench.txt}
+# The results file names the code that made it.
+echo "# commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates bench Cargo.lock 2>/dev/null || echo '+uncommitted'), $(date -u +%Y-%m-%d), $(basename "$0")" >"$out"
 command -v fio >/dev/null && command -v nbdcopy >/dev/null || bash scripts/deps.sh
 cargo build --release --bins --quiet
 bin=$top/target/release
@@ -54,7 +56,7 @@ copy=$(echo "$c1 - $c0" | bc)
 {
   printf 'initial sync, 2 GiB image with 1 GiB written: tern %.2f s (%.0f MiB/s), nbdcopy site-a->site-b %.2f s (%.0f MiB/s), ratio %.2f\n' \
     "$sync" "$(echo "1024 / $sync" | bc -l)" "$copy" "$(echo "1024 / $copy" | bc -l)" "$(echo "$copy / $sync" | bc -l)"
-} | tee "$out"
+} | tee -a "$out"
 
 # Incremental: contiguous 16 MiB.
 head -c 16M /dev/urandom >"$work/16m.raw"

@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
 out=${1:-$top/bench/results/nbd-bench.txt}
+# The results file names the code that made it.
+echo "# commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates bench Cargo.lock 2>/dev/null || echo '+uncommitted'), $(date -u +%Y-%m-%d), $(basename "$0")" >"$out"
 RT=${RT:-8}
 command -v fio >/dev/null && command -v qemu-nbd >/dev/null && command -v nbdcopy >/dev/null || bash scripts/deps.sh
 cargo build --release --bins --quiet
@@ -47,7 +49,7 @@ job() { # uri name rw bs qd -> prints "iops bw_bytes"
     jq -r '.jobs[0] | (if .write.io_bytes > 0 then .write else .read end) | "\(.iops) \(.bw_bytes) \(.clat_ns.percentile."99.000000" // 0)"'
 }
 
-printf '%-22s %12s %12s %7s   %s\n' case tern qemu-nbd ratio "p99 clat tern/qemu (us)" | tee "$out"
+printf '%-22s %12s %12s %7s   %s\n' case tern qemu-nbd ratio "p99 clat tern/qemu (us)" | tee -a "$out"
 run() { # name rw bs qd unit
   read -r ti tb tp <<<"$(job "$tern_uri" "$1" "$2" "$3" "$4")"
   read -r qi qb qp <<<"$(job "$qemu_uri" "$1" "$2" "$3" "$4")"

@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
 out=${1:-$top/bench/results/site-bench.txt}
+# The results file names the code that made it.
+echo "# commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates bench Cargo.lock 2>/dev/null || echo '+uncommitted'), $(date -u +%Y-%m-%d), $(basename "$0")" >"$out"
 command -v fio >/dev/null || bash scripts/deps.sh
 cargo build --release --bins --quiet
 work=$(mktemp -d "$top/target/bench.XXXXXX")
@@ -35,7 +37,7 @@ run_fio() { # rw bs threads
     --ioengine=psync --size=$size --time_based --runtime=8 --output-format=json 2>/dev/null
 }
 
-printf '%-28s %14s %14s %8s\n' case tern fio ratio | tee "$out"
+printf '%-28s %14s %14s %8s\n' case tern fio ratio | tee -a "$out"
 line() { # name tern_value fio_value unit
   ratio=$(awk -v a="$2" -v b="$3" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
   printf '%-28s %12.0f%s %12.0f%s %8s\n' "$1" "$2" "$4" "$3" "$4" "$ratio" | tee -a "$out"

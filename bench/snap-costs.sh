@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results/snap-costs.txt}
-TMPDIR=${TMPDIR:-$PWD/target} cargo bench -q -p tern-store --bench snap_costs 2>/dev/null | tee "$out"
+# The results file names the code that made it.
+echo "# commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates bench Cargo.lock 2>/dev/null || echo '+uncommitted'), $(date -u +%Y-%m-%d), $(basename "$0")" >"$out"
+TMPDIR=${TMPDIR:-$PWD/target} cargo bench -q -p tern-store --bench snap_costs 2>/dev/null | tee -a "$out"
