@@ -341,12 +341,15 @@ impl IoApi<'_> {
 impl JournalApi<'_> {
     /// Entries from `from_tid` on (0: the oldest held), `max_bytes` per
     /// chunk (0: 4 MiB); with `follow`, waits for new ones instead of ending.
+    /// With `skip_to_snap`, entries before that snapshot's creation are
+    /// left out by the site (the snapshot's own entry is sent).
     pub async fn read(
         self,
         spec: &ImageSpec,
         from_tid: u64,
         follow: bool,
         max_bytes: u64,
+        skip_to_snap: &str,
     ) -> Result<BoxStream<'static, Result<JournalChunk, ClientError>>, ClientError> {
         let c = self.0;
         let req = pb::JournalReadRequest {
@@ -354,6 +357,7 @@ impl JournalApi<'_> {
             from_tid,
             follow,
             max_bytes,
+            skip_to_snap: skip_to_snap.to_string(),
         };
         c.stream(c.wire().journal().journal_read(req)).await
     }

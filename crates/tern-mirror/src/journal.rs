@@ -232,7 +232,13 @@ pub(crate) async fn run(
     let mut stream = job
         .remote
         .journal()
-        .read(&remote_ref, next, true, max_bytes)
+        .read(
+            &remote_ref,
+            next,
+            true,
+            max_bytes,
+            skip_to.as_deref().unwrap_or(""),
+        )
         .await?;
     let mut rates = Rates::new();
     let (mut last_commit, mut last_report) = (Instant::now(), Instant::now() - REPORT_EVERY);

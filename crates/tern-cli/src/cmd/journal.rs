@@ -308,7 +308,10 @@ async fn read_entries(
     from: Option<u64>,
     mut f: impl FnMut(JournalEntry) -> std::io::Result<()>,
 ) -> Result<()> {
-    let mut stream = c.journal().read(image, from.unwrap_or(0), false, 0).await?;
+    let mut stream = c
+        .journal()
+        .read(image, from.unwrap_or(0), false, 0, "")
+        .await?;
     while let Some(chunk) = stream.next().await.transpose()? {
         let mut b = &chunk.entries[..];
         while !b.is_empty() {

@@ -74,6 +74,7 @@ impl pb::journal_server::Journal for Api {
         // A following reader never ends by itself: a stop drops it, which
         // ends its stream and lets the server finish.
         self.tasks.spawn_until_stop(async move {
+            let mut skip = q.skip_to_snap.clone();
             let mut next = if q.from_tid == 0 {
                 j.info().first_tid
             } else {
@@ -107,13 +108,26 @@ impl pb::journal_server::Journal for Api {
                     }
                     continue;
                 }
-                let first_tid = entries[0].tid;
                 let last_tid = entries[entries.len() - 1].tid;
+                next = last_tid + 1;
+                let mut entries = &entries[..];
+                if !skip.is_empty() {
+                    use tern_store::journal::JournalOp;
+                    match entries.iter().position(
+                        |e| matches!(&e.op, JournalOp::SnapCreate { name, .. } if *name == skip),
+                    ) {
+                        Some(i) => {
+                            entries = &entries[i..];
+                            skip.clear();
+                        }
+                        None => continue,
+                    }
+                }
+                let first_tid = entries[0].tid;
                 let mut buf = Vec::new();
-                for e in &entries {
+                for e in entries {
                     e.encode_into(&mut buf);
                 }
-                next = last_tid + 1;
                 let chunk = pb::JournalChunk {
                     entries: buf,
                     first_tid,
