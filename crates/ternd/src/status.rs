@@ -58,9 +58,8 @@ pub fn site(site: &std::sync::Arc<Site>) -> Result<SiteStatus, Error> {
     // replaying, or two primaries, must not hide behind HEALTH_OK.
     let m = Mirror { site: site.clone() };
     for p in &pools {
-        if !m
-            .pool(&p.name)?
-            .is_some_and(|pm| pm.mode != mirror::PoolMirrorMode::Disabled)
+        if m.pool(&p.name)?
+            .is_none_or(|pm| pm.mode == mirror::PoolMirrorMode::Disabled)
         {
             continue;
         }
