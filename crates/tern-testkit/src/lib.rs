@@ -3,6 +3,7 @@
 //! in its own process group, killed when the test ends (also on panic).
 
 pub mod nbd;
+pub mod slots;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
