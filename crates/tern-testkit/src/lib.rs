@@ -306,12 +306,22 @@ impl Site {
     /// group), every change it had not synced dropped, then ternd started
     /// again on what is left. Only for sites from [`Self::start_power_cut`].
     pub fn power_cut(&mut self) -> powerfs::CutReport {
+        self.power_cut_with(None)
+    }
+
+    /// [`Self::power_cut`]; with `Some(seed)` a random part of what was
+    /// unsynced survives ([`powerfs::PowerFs::cut_keeping_some`]).
+    pub fn power_cut_with(&mut self, keep_seed: Option<u64>) -> powerfs::CutReport {
         self.kill_group();
         let fs = self
             .power
             .as_mut()
             .expect("site not started with start_power_cut");
-        let r = fs.cut().expect("power cut");
+        let r = match keep_seed {
+            None => fs.cut(),
+            Some(seed) => fs.cut_keeping_some(seed),
+        }
+        .expect("power cut");
         self.spawn();
         r
     }

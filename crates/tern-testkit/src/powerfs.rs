@@ -58,6 +58,8 @@ pub struct CutReport {
     pub pages: u64,
     /// Files whose unsynced size differed from their synced one.
     pub resized: u64,
+    /// Unsynced pages written back anyway (by [`PowerFs::cut_keeping_some`]).
+    pub kept: u64,
 }
 
 /// One file's unsynced state over its backing file.
@@ -198,6 +200,35 @@ impl FileData {
         }
         self.size = len;
         Ok(())
+    }
+
+    /// Writes back a random part of what is unsynced, as the kernel's
+    /// writeback may have before the power went: the truncation and the
+    /// size change each with even odds, then each page with even odds.
+    /// Returns the pages written.
+    fn write_back_some(&mut self, rng: &mut impl rand::Rng) -> io::Result<u64> {
+        if self.visible < self.backing_len && rng.random_bool(0.5) {
+            self.file.set_len(self.visible)?;
+            self.backing_len = self.visible;
+        }
+        if self.size > self.backing_len && rng.random_bool(0.5) {
+            self.file.set_len(self.size)?;
+            self.backing_len = self.size;
+        }
+        let mut kept = 0;
+        for (p, page) in &self.pages {
+            let off = p * PAGE;
+            if off >= self.size || !rng.random_bool(0.5) {
+                continue;
+            }
+            let n = (self.size - off).min(PAGE) as usize;
+            match page {
+                Some(d) => self.file.write_all_at(&d[..n], off)?,
+                None => punch_backing(&self.file, off, n as u64)?,
+            }
+            kept += 1;
+        }
+        Ok(kept)
     }
 
     /// Makes the file as the application sees it durable: the backing file
@@ -969,21 +1000,40 @@ impl PowerFs {
     /// be dead already (its requests would fail with EIO, or find the
     /// mount gone).
     pub fn cut(&mut self) -> io::Result<CutReport> {
-        let report = self.drop_all();
+        let report = self.drop_all(None);
         self.unmount()?;
         self.mount_again()?;
         Ok(report)
     }
 
-    fn drop_all(&mut self) -> CutReport {
+    /// [`Self::cut`], but first a random part (seeded by `seed`) of the
+    /// unsynced pages is written back, in no particular order, as the
+    /// kernel may have done on its own: unsynced writes may survive in part
+    /// (a journal's tail with holes, a header without its data).
+    pub fn cut_keeping_some(&mut self, seed: u64) -> io::Result<CutReport> {
+        let report = self.drop_all(Some(seed));
+        self.unmount()?;
+        self.mount_again()?;
+        Ok(report)
+    }
+
+    fn drop_all(&mut self, keep_seed: Option<u64>) -> CutReport {
+        use rand::SeedableRng;
+        let mut rng = keep_seed.map(rand_chacha::ChaCha8Rng::seed_from_u64);
         self.state.cut.store(true, Ordering::SeqCst);
         let mut report = CutReport::default();
         let mut n = self.state.nodes.lock().expect("nodes");
         for (_, f) in n.files.drain() {
             // Taking each lock waits for a sync in progress to finish; the
             // flag set above stops any later one.
-            let f = f.lock().expect("file");
+            let mut f = f.lock().expect("file");
             if !f.clean() {
+                if let Some(rng) = rng.as_mut() {
+                    match f.write_back_some(rng) {
+                        Ok(n) => report.kept += n,
+                        Err(e) => eprintln!("powerfs: partial write-back: {e}"),
+                    }
+                }
                 report.files += 1;
                 report.pages += f.pages.len() as u64;
                 if f.size != f.backing_len {
@@ -1027,7 +1077,7 @@ impl PowerFs {
 
 impl Drop for PowerFs {
     fn drop(&mut self) {
-        self.drop_all();
+        self.drop_all(None);
         if let Err(e) = self.unmount() {
             eprintln!("powerfs: unmount of {}: {e}", self.mountpoint.display());
         }
