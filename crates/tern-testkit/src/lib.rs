@@ -3,6 +3,8 @@
 //! in its own process group, killed when the test ends (also on panic).
 
 pub mod nbd;
+pub mod powerfs;
+pub mod slots;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -54,6 +56,8 @@ pub struct Site {
     extra: Vec<String>,
     /// RLIMIT_NOFILE (soft and hard) for ternd, kept across restarts.
     nofile: Option<u64>,
+    /// The power-loss filesystem `data` is mounted from, if any.
+    power: Option<powerfs::PowerFs>,
 }
 
 impl Site {
@@ -78,7 +82,24 @@ impl Site {
         Self::start_inner(parent, name, extra, None)
     }
 
+    /// [`Self::start_with`] with the data directory on a power-loss
+    /// filesystem ([`powerfs`]): what ternd never synced is lost at
+    /// [`Self::power_cut`].
+    pub fn start_power_cut(name: &str, extra: &[&str]) -> Site {
+        Self::start_inner_full(&std::env::temp_dir(), name, extra, None, true)
+    }
+
     fn start_inner(parent: &Path, name: &str, extra: &[&str], nofile: Option<u64>) -> Site {
+        Self::start_inner_full(parent, name, extra, nofile, false)
+    }
+
+    fn start_inner_full(
+        parent: &Path,
+        name: &str,
+        extra: &[&str],
+        nofile: Option<u64>,
+        power: bool,
+    ) -> Site {
         let root = tempfile::Builder::new()
             .prefix(&format!("tern-{name}-"))
             .tempdir_in(parent)
@@ -99,7 +120,18 @@ impl Site {
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             nofile,
+            power: None,
         };
+        if power {
+            // The data directory is a power-loss filesystem over `durable`.
+            let durable = s.root.path().join("durable");
+            std::fs::create_dir_all(&durable).expect("durable dir");
+            std::fs::create_dir_all(&s.data).expect("data dir");
+            if let Err(e) = powerfs::fuse_available() {
+                panic!("power-loss mode needs FUSE: {e}");
+            }
+            s.power = Some(powerfs::PowerFs::mount(&durable, &s.data).expect("mount powerfs"));
+        }
         s.spawn();
         // Restarts reuse the ports so configs, tokens and NBD URIs stay valid.
         s.listen = s.addr.clone();
@@ -268,6 +300,43 @@ impl Site {
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
+    }
+
+    /// A power cut: `kill -9` of ternd (and anything in its process
+    /// group), every change it had not synced dropped, then ternd started
+    /// again on what is left. Only for sites from [`Self::start_power_cut`].
+    pub fn power_cut(&mut self) -> powerfs::CutReport {
+        self.power_cut_with(None)
+    }
+
+    /// [`Self::power_cut`]; with `Some(seed)` a random part of what was
+    /// unsynced survives ([`powerfs::PowerFs::cut_keeping_some`]).
+    pub fn power_cut_with(&mut self, keep_seed: Option<u64>) -> powerfs::CutReport {
+        self.kill_group();
+        let fs = self
+            .power
+            .as_mut()
+            .expect("site not started with start_power_cut");
+        let r = match keep_seed {
+            None => fs.cut(),
+            Some(seed) => fs.cut_keeping_some(seed),
+        }
+        .expect("power cut");
+        self.spawn();
+        r
+    }
+
+    /// The power-loss filesystem under `data`, if the site has one.
+    pub fn powerfs(&self) -> Option<&powerfs::PowerFs> {
+        self.power.as_ref()
+    }
+
+    fn kill_group(&mut self) {
+        if let Some(c) = &self.child {
+            // SAFETY: the child leads its own process group.
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+        }
+        self.kill9();
     }
 
     /// `nbd://host:port/EXPORT`
@@ -534,11 +603,10 @@ impl Drop for MirrorDaemon {
 
 impl Drop for Site {
     fn drop(&mut self) {
-        if let Some(c) = &self.child {
-            // SAFETY: the child leads its own process group.
-            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
-        }
-        self.kill9();
+        self.kill_group();
+        // Unmounted before `root` is removed, which would otherwise reach
+        // through the mount.
+        self.power.take();
         if std::thread::panicking() {
             eprintln!("---- ternd log of site {} ----\n{}", self.name, self.log());
         }
