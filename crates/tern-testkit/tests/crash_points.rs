@@ -213,6 +213,18 @@ fn a_journal_replay_cut_by_a_crash_runs_again() {
     eprintln!("{backlog} unapplied entries; the replay was cut at its 1,000th and ran again whole");
 }
 
+/// The `n`th MiB of new data (seeded from `seed + n`) somewhere in the
+/// image, flushed.
+fn write_mib(s: &Site, spec: &str, n: u64, seed: u64) {
+    let mut c = NbdClient::connect(&s.nbd_addr, spec).expect("nbd connect");
+    c.send_write((n % 24) * MIB as u64, &random_bytes(seed + n, MIB), false)
+        .unwrap();
+    assert_eq!(c.replies.recv().unwrap().error, 0, "write on {}", s.name);
+    c.send_flush().unwrap();
+    assert_eq!(c.replies.recv().unwrap().error, 0, "flush on {}", s.name);
+    c.disconnect();
+}
+
 fn mirror_info(s: &Site, spec: &str) -> serde_json::Value {
     s.tern_json(&["info", spec])["mirroring"].clone()
 }
@@ -231,16 +243,9 @@ fn promote_and_demote_are_exactly_done_or_not_after_a_crash() {
     let vol = "rbd/vol";
     tern_testkit::create_mirrored(&p.a, "vol", "32M", "journal");
     let mut n = 0u64;
-    // 1 MiB of new data somewhere in the image, flushed.
     let mut write = |s: &Site| {
         n += 1;
-        let mut c = NbdClient::connect(&s.nbd_addr, vol).expect("nbd connect");
-        c.send_write((n % 24) * MIB as u64, &random_bytes(1000 + n, MIB), false)
-            .unwrap();
-        assert_eq!(c.replies.recv().unwrap().error, 0, "write on {}", s.name);
-        c.send_flush().unwrap();
-        assert_eq!(c.replies.recv().unwrap().error, 0, "flush on {}", s.name);
-        c.disconnect();
+        write_mib(s, vol, n, 1000);
     };
     write(&p.a);
     let same = |a: &Site, b: &Site| {
@@ -360,13 +365,7 @@ fn sync_and_resync_completion_are_settled_after_a_crash() {
     let mut n = 0u64;
     let mut write_and_snap = |s: &Site| {
         n += 1;
-        let mut c = NbdClient::connect(&s.nbd_addr, vol).expect("nbd connect");
-        c.send_write((n % 24) * MIB as u64, &random_bytes(2000 + n, MIB), false)
-            .unwrap();
-        assert_eq!(c.replies.recv().unwrap().error, 0, "write on {}", s.name);
-        c.send_flush().unwrap();
-        assert_eq!(c.replies.recv().unwrap().error, 0, "flush on {}", s.name);
-        c.disconnect();
+        write_mib(s, vol, n, 2000);
         s.tern_ok(&["mirror", "image", "snapshot", vol]);
     };
     let same = |a: &Site, b: &Site| {
