@@ -6,34 +6,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tern_testkit::nbd::NbdClient;
+use tern_testkit::slots::{SLOT, STRIDE, decode, pattern};
 use tern_testkit::{Crossed, Links, Site, linked_sites as sites_with_link, wait_until};
 
-const SLOT: u64 = 4096;
+/// Twice the slots of `slots::SLOTS`: a larger image for mirroring.
 const SLOTS: u64 = 1024;
-const STRIDE: u64 = 64 << 10;
-
-fn pattern(slot: u64, seq: u64) -> Vec<u8> {
-    let mut b = Vec::with_capacity(SLOT as usize);
-    b.extend_from_slice(&slot.to_le_bytes());
-    b.extend_from_slice(&seq.to_le_bytes());
-    let mut x = (slot << 40) ^ seq ^ 0x9E37_79B9_7F4A_7C15;
-    while b.len() < SLOT as usize {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        b.extend_from_slice(&x.to_le_bytes());
-    }
-    b
-}
-
-fn decode(slot: u64, b: &[u8]) -> Option<u64> {
-    if b.iter().all(|&x| x == 0) {
-        return Some(0);
-    }
-    let s = u64::from_le_bytes(b[..8].try_into().unwrap());
-    let seq = u64::from_le_bytes(b[8..16].try_into().unwrap());
-    (s == slot && pattern(slot, seq) == b).then_some(seq)
-}
 
 fn journaled_image(a: &Site, name: &str) {
     create_journaled(a, name);
