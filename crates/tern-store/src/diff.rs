@@ -7,7 +7,7 @@
 //! splits those by SEEK_DATA/SEEK_HOLE into data and zero extents.
 
 use crate::error::StoreError;
-use crate::extent::{ObjectSpan, ObjectSpans, merge_ranges, object_range_to_image, object_span};
+use crate::extent::{ObjectSpan, ObjectSpans, merge_ranges, object_range_to_image, spans_in};
 use crate::header::HEADER_SIZE;
 use crate::image::{Image, PROBE_LIMIT, State, spec_of};
 use crate::object::{self, ObjectFile};
@@ -163,14 +163,7 @@ impl Image {
                     .into_iter()
                     .chain(self.cloned_objects(spec)?)
                     .collect();
-                let end = off + len;
-                return Ok(all
-                    .into_iter()
-                    .filter_map(|o| {
-                        let (lo, hi) = object_span(&self.layout, o, off, end);
-                        (lo < hi).then_some((o, lo, hi))
-                    })
-                    .collect());
+                return Ok(spans_in(&self.layout, all, off, off + len));
             }
         }
         Ok(v)

@@ -36,6 +36,24 @@ pub fn object_span(l: &Layout, object_no: u64, off: u64, end: u64) -> (u64, u64)
 /// One object's share of an image range: `(object_no, lo, hi)` in object bytes.
 pub type ObjectSpan = (u64, u64, u64);
 
+/// The spans of image `[off, end)` in the given objects (those it does not
+/// touch left out): for callers that already know which objects exist,
+/// cheaper than walking every object a huge sparse range covers.
+pub fn spans_in(
+    l: &Layout,
+    objects: impl IntoIterator<Item = u64>,
+    off: u64,
+    end: u64,
+) -> Vec<ObjectSpan> {
+    objects
+        .into_iter()
+        .filter_map(|o| {
+            let (lo, hi) = object_span(l, o, off, end);
+            (lo < hi).then_some((o, lo, hi))
+        })
+        .collect()
+}
+
 /// Lazily yields every object touched by image `[off, end)` with its span,
 /// in object-number order. Costs O(objects touched + stripe_count).
 pub struct ObjectSpans {

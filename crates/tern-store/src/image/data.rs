@@ -3,7 +3,7 @@
 
 use super::{Image, PROBE_LIMIT, State, spec_of};
 use crate::error::{StoreError, data_io};
-use crate::extent::{ObjectSpan, ObjectSpans, merge_ranges, object_range_to_image, object_span};
+use crate::extent::{ObjectSpan, ObjectSpans, merge_ranges, object_range_to_image, spans_in};
 use crate::header::HEADER_SIZE;
 use crate::journal::{JournalOp, MAX_WRITE_ENTRY, Ticket};
 use crate::object::{self, ObjectFile};
@@ -32,14 +32,7 @@ impl Image {
                         path: self.dir.clone(),
                         source,
                     })?;
-                let end = off + len;
-                return Ok(existing
-                    .into_iter()
-                    .filter_map(|o| {
-                        let (lo, hi) = object_span(&self.layout, o, off, end);
-                        (lo < hi).then_some((o, lo, hi))
-                    })
-                    .collect());
+                return Ok(spans_in(&self.layout, existing, off, off + len));
             }
         }
         Ok(v)
